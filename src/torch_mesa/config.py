@@ -1,0 +1,240 @@
+"""MesaConfig: what to keep for backward, and how compactly.
+
+A config is a frozen, validated recipe that can be logged (``to_dict``), compared
+and reloaded (``MesaConfig.from_dict``). ``resolve(name)`` turns it into the
+:class:`QuantSpec` of one module: the base fields, then every ``policy`` entry
+whose pattern matches the module's qualified name, in the order given (a later
+match overrides an earlier one). A policy value of ``None`` keeps that module
+exact (not converted at all).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Tuple
+
+__all__ = ["MesaConfig", "QuantSpec"]
+
+_BITS = (8, 4, 2)
+_ROUNDING = ("nearest", "stochastic")
+_RANGES = ("dynamic", "running")
+_KERNELS = ("auto", "compiled", "reference")
+# Fields a policy entry may override (all but the policy itself).
+_OVERRIDABLE = (
+    "bits",
+    "group_size",
+    "head_wise",
+    "rounding",
+    "range_estimate",
+    "momentum",
+    "keep_once",
+    "kernel",
+)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """The resolved settings of one converted module (internal)."""
+
+    bits: int
+    group_size: Optional[int]
+    head_wise: bool
+    stochastic: bool
+    running: bool
+    momentum: float
+    keep_once: bool
+    kernel: str
+
+
+def _check_bits(value: Any, where: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{where}bits must be an int (8, 4 or 2) or None, got {type(value).__name__} {value!r}"
+        )
+    if value not in _BITS:
+        raise ValueError(
+            f"{where}bits={value!r} is not supported; use 8, 4 or 2 "
+            "(or None to keep the layer exact)"
+        )
+
+
+def _check_fields(values: Mapping[str, Any], where: str = "") -> None:
+    if "bits" in values:
+        _check_bits(values["bits"], where)
+    if "group_size" in values:
+        gs = values["group_size"]
+        if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int)):
+            raise TypeError(
+                f"{where}group_size must be a positive int or None (one range per tensor), "
+                f"got {type(gs).__name__} {gs!r}"
+            )
+        if gs is not None and gs < 1:
+            raise ValueError(
+                f"{where}group_size={gs!r} must be >= 1 (channels that share one range), "
+                "or None for one range per tensor"
+            )
+    if "head_wise" in values and not isinstance(values["head_wise"], bool):
+        raise TypeError(f"{where}head_wise must be True or False, got {values['head_wise']!r}")
+    if "rounding" in values:
+        r = values["rounding"]
+        if r is not None and r not in _ROUNDING:
+            raise ValueError(
+                f"{where}rounding={r!r} is not supported; use 'nearest', 'stochastic', "
+                "or None (nearest at 8 bits, stochastic below)"
+            )
+    if "range_estimate" in values and values["range_estimate"] not in _RANGES:
+        raise ValueError(
+            f"{where}range_estimate={values['range_estimate']!r} is not supported; use "
+            "'dynamic' (min/max of each tensor) or 'running' (moving average across steps)"
+        )
+    if "momentum" in values:
+        m = values["momentum"]
+        if isinstance(m, bool) or not isinstance(m, (int, float)):
+            raise TypeError(f"{where}momentum must be a float in [0, 1), got {m!r}")
+        if not 0.0 <= float(m) < 1.0:
+            raise ValueError(
+                f"{where}momentum={m!r} must be in [0, 1): the weight of the old running range "
+                "(0.9 keeps 90% of the previous estimate each step)"
+            )
+    if "keep_once" in values and not isinstance(values["keep_once"], bool):
+        raise TypeError(f"{where}keep_once must be True or False, got {values['keep_once']!r}")
+    if "kernel" in values and values["kernel"] not in _KERNELS:
+        raise ValueError(
+            f"{where}kernel={values['kernel']!r} is not supported; use 'auto' (compiled when "
+            "available), 'compiled' or 'reference' (eager PyTorch)"
+        )
+
+
+@dataclass(frozen=True)
+class MesaConfig:
+    """How converted layers keep their activations for backward.
+
+    Args:
+        bits: 8 (default), 4 or 2 bits per saved value; ``None`` keeps layers exact.
+        group_size: channels (along the last dimension) that share one
+            quantization range; ``None`` means one range per tensor.
+        head_wise: tensors with a head dimension (attention q, k, v, scores)
+            get one range per head (Mesa's head-wise quantization).
+        rounding: ``"nearest"`` or ``"stochastic"`` (unbiased); ``None`` picks
+            nearest at 8 bits and stochastic below.
+        range_estimate: ``"dynamic"`` (min/max of the current tensor, per group)
+            or ``"running"`` (exponential moving average of per-group min and
+            range across steps, as in Mesa). Values outside the range saturate.
+        momentum: weight of the previous running estimate (``"running"`` only).
+        keep_once: when a converted op's output is what the next converted op
+            keeps (LayerNorm -> Linear, GELU -> Linear, softmax -> matmul),
+            keep it once and recompute the cheap step in backward.
+        kernel: ``"auto"`` (compiled quantizer, falling back to the reference
+            with one warning), ``"compiled"`` or ``"reference"``.
+        policy: per-module overrides, ``{pattern: overrides}``; patterns are
+            :mod:`fnmatch` patterns on qualified module names (``"head"``,
+            ``"blocks.0.*"``, ``"*.mlp.*"``), overrides a dict of the fields
+            above, or ``None`` to keep matching modules exact.
+    """
+
+    bits: Optional[int] = 8
+    group_size: Optional[int] = 64
+    head_wise: bool = True
+    rounding: Optional[str] = None
+    range_estimate: str = "dynamic"
+    momentum: float = 0.9
+    keep_once: bool = True
+    kernel: str = "auto"
+    policy: Tuple[Tuple[str, Optional[Tuple[Tuple[str, Any], ...]]], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        _check_fields({f: getattr(self, f) for f in _OVERRIDABLE})
+        object.__setattr__(self, "momentum", float(self.momentum))
+        object.__setattr__(self, "policy", self._normalize_policy(self.policy))
+
+    @staticmethod
+    def _normalize_policy(policy: Any) -> Tuple:
+        if policy is None:
+            return ()
+        if isinstance(policy, Mapping):
+            items = list(policy.items())
+        elif isinstance(policy, (list, tuple)):
+            items = []
+            for entry in policy:
+                if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
+                    raise TypeError(
+                        "policy entries must be (pattern, overrides) pairs, got "
+                        f"{entry!r}; e.g. policy={{'head': None, '*.mlp.*': {{'bits': 4}}}}"
+                    )
+                items.append(tuple(entry))
+        else:
+            raise TypeError(
+                f"policy must be a mapping {{pattern: overrides or None}}, got {type(policy).__name__}"
+            )
+        out = []
+        for pattern, overrides in items:
+            if not isinstance(pattern, str) or not pattern:
+                raise TypeError(f"policy pattern must be a non-empty string, got {pattern!r}")
+            if overrides is None:
+                out.append((pattern, None))
+                continue
+            if isinstance(overrides, MesaConfig):
+                overrides = {f: getattr(overrides, f) for f in _OVERRIDABLE}
+            if isinstance(overrides, tuple):
+                overrides = dict(overrides)
+            if not isinstance(overrides, Mapping):
+                raise TypeError(
+                    f"policy[{pattern!r}] must be a dict of field overrides or None, "
+                    f"got {type(overrides).__name__}"
+                )
+            unknown = sorted(set(overrides) - set(_OVERRIDABLE))
+            if unknown:
+                raise ValueError(
+                    f"policy[{pattern!r}] has unknown field(s) {unknown}; allowed: {list(_OVERRIDABLE)}"
+                )
+            _check_fields(overrides, where=f"policy[{pattern!r}].")
+            out.append((pattern, tuple(sorted(overrides.items()))))
+        return tuple(out)
+
+    # ------------------------------------------------------------------ use
+    def matching_patterns(self, name: str) -> Tuple[str, ...]:
+        return tuple(p for p, _ in self.policy if fnmatch.fnmatchcase(name, p))
+
+    def resolve(self, name: str) -> Optional[QuantSpec]:
+        """The spec for the module called ``name``, or ``None`` to keep it exact."""
+        values = {f: getattr(self, f) for f in _OVERRIDABLE}
+        for pattern, overrides in self.policy:
+            if fnmatch.fnmatchcase(name, pattern):
+                if overrides is None:
+                    values["bits"] = None
+                else:
+                    values.update(dict(overrides))
+        if values["bits"] is None:
+            return None
+        rounding = values["rounding"] or ("nearest" if values["bits"] == 8 else "stochastic")
+        return QuantSpec(
+            bits=values["bits"],
+            group_size=values["group_size"],
+            head_wise=values["head_wise"],
+            stochastic=rounding == "stochastic",
+            running=values["range_estimate"] == "running",
+            momentum=values["momentum"],
+            keep_once=values["keep_once"],
+            kernel=values["kernel"],
+        )
+
+    # ------------------------------------------------------------ serialise
+    def to_dict(self) -> dict:
+        d = {f: getattr(self, f) for f in _OVERRIDABLE}
+        d["policy"] = {p: (None if o is None else dict(o)) for p, o in self.policy}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "MesaConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown MesaConfig field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**dict(d))
+
+    def replace(self, **changes: Any) -> "MesaConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,29 @@
+"""Functional ops: exact forward, compressed save, backward from the rebuilt inputs.
+
+Each function has the signature of its PyTorch counterpart plus keyword-only
+``config`` (a :class:`~torch_mesa.MesaConfig`; ``None`` for the default) and
+``states`` (running range estimates, held by converted modules). With
+``config.bits=None``, or when autograd is not recording (``no_grad``,
+``inference_mode``, inputs that need no gradient), each one simply calls the
+PyTorch op: no cost, identical results.
+"""
+
+from ._saved import RangeStates
+from .activation import dropout, gated, gelu, silu
+from .attention import matmul, scaled_dot_product_attention, softmax
+from .linear import linear
+from .norm import layer_norm, rms_norm
+
+__all__ = [
+    "RangeStates",
+    "dropout",
+    "gated",
+    "gelu",
+    "layer_norm",
+    "linear",
+    "matmul",
+    "rms_norm",
+    "scaled_dot_product_attention",
+    "silu",
+    "softmax",
+]

@@ -1,0 +1,194 @@
+"""Activations, gated products and dropout.
+
+GELU / SiLU keep their input as codes and use PyTorch's own backward kernels
+(``gelu_backward``, ``silu_backward``) on the rebuilt input. Their output is
+never kept: the Linear that consumes it recomputes it from the kept input.
+
+Gated products (SwiGLU ``silu(gate) * up``, GeGLU ``gelu(gate) * up``) keep
+``gate`` and ``up`` as codes; the product is rebuilt for the consumer.
+
+Dropout keeps no byte mask: the mask is kept as 1 bit per element (``keep``
+codes packed 8 per byte), and when its input is itself rebuildable (dropout
+after GELU or softmax) its output is rebuildable too, so the next Linear keeps
+nothing new. Forward calls ``torch.native_dropout``, which draws the same mask
+as ``F.dropout`` from the same generator state on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import quant
+from ..config import QuantSpec
+from ._saved import (
+    AutocastState,
+    RangeStates,
+    Saved,
+    as_spec,
+    derived,
+    keep,
+    load,
+    needs_saving,
+    run_with_kept,
+    save,
+)
+
+Tensor = torch.Tensor
+
+_GELU_APPROX = ("none", "tanh")
+
+
+def _act(x: Tensor, kind: str) -> Tensor:
+    if kind == "silu":
+        return F.silu(x)
+    return F.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none")
+
+
+def _act_backward(grad: Tensor, x: Tensor, kind: str) -> Tensor:
+    if kind == "silu":
+        return torch.ops.aten.silu_backward(grad, x)
+    return torch.ops.aten.gelu_backward(grad, x, approximate="tanh" if kind == "gelu_tanh" else "none")
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in ("gelu", "gelu_tanh", "silu"):
+        raise ValueError(f"activation={kind!r} is not supported; use 'gelu', 'gelu_tanh' or 'silu'")
+    return kind
+
+
+class _ActFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kind: str, spec: QuantSpec, states):
+        out = _act(x, kind)
+        running = states.get(spec, "input") if states is not None else None
+        kept = keep(x, spec, running=running)
+        save(ctx, kept)
+        ctx.kind = kind
+        step = functools.partial(_act, kind=kind)
+        ctx.mesa_out = derived(kept, step, (), AutocastState(x.device.type)) if spec.keep_once else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = load(ctx)
+        return _act_backward(grad_out, x, ctx.kind), None, None, None
+
+
+def _activation(x, kind, config, states):
+    spec = as_spec(config)
+    if spec is None or not needs_saving(x):
+        return _act(x, kind)
+    return run_with_kept(_ActFn, x, kind, spec, states)
+
+
+def gelu(x: Tensor, approximate: str = "none", *, config=None, states: Optional[RangeStates] = None) -> Tensor:
+    """``F.gelu`` that keeps its input compressed for backward."""
+    if approximate not in _GELU_APPROX:
+        raise ValueError(f"approximate={approximate!r} is not supported; use 'none' or 'tanh'")
+    return _activation(x, "gelu_tanh" if approximate == "tanh" else "gelu", config, states)
+
+
+def silu(x: Tensor, *, config=None, states: Optional[RangeStates] = None) -> Tensor:
+    """``F.silu`` that keeps its input compressed for backward."""
+    return _activation(x, "silu", config, states)
+
+
+def _gated(gate: Tensor, up: Tensor, *, kind: str) -> Tensor:
+    return _act(gate, kind) * up
+
+
+def _rebuild_gated(tensors, *, gate, n_gate, up, kind):
+    return _gated(gate(tensors[:n_gate]), up(tensors[n_gate:]), kind=kind)
+
+
+class _GatedFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, kind: str, spec: QuantSpec, states):
+        out = _gated(gate, up, kind=kind)
+        kept_gate = keep(gate, spec, running=states.get(spec, "gate") if states else None)
+        kept_up = keep(up, spec, running=states.get(spec, "up") if states else None)
+        save(ctx, kept_gate, kept_up)
+        ctx.kind = kind
+        if spec.keep_once:
+            rebuild = functools.partial(
+                _rebuild_gated,
+                gate=kept_gate.rebuild,
+                n_gate=len(kept_gate.tensors),
+                up=kept_up.rebuild,
+                kind=kind,
+            )
+            ctx.mesa_out = Saved(tuple(kept_gate.tensors) + tuple(kept_up.tensors), rebuild)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up = load(ctx)
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[1]:
+            grad_up = grad_out * _act(gate, ctx.kind)
+        if ctx.needs_input_grad[0]:
+            grad_gate = _act_backward(grad_out * up, gate, ctx.kind)
+        return grad_gate, grad_up, None, None, None
+
+
+def gated(
+    gate: Tensor,
+    up: Tensor,
+    activation: str = "silu",
+    *,
+    config=None,
+    states: Optional[RangeStates] = None,
+) -> Tensor:
+    """``act(gate) * up`` (SwiGLU with ``'silu'``, GeGLU with ``'gelu'``/``'gelu_tanh'``),
+    keeping ``gate`` and ``up`` compressed; the product is never kept."""
+    kind = _check_kind(activation)
+    spec = as_spec(config)
+    if spec is None or not needs_saving(gate, up):
+        return _gated(gate, up, kind=kind)
+    if gate.shape != up.shape:
+        raise ValueError(
+            f"gated(): gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}"
+        )
+    return run_with_kept(_GatedFn, gate, up, kind, spec, states)
+
+
+# ------------------------------------------------------------------ dropout
+def _apply_mask(x: Tensor, mask_packed: Tensor, *, shape, scale: float) -> Tensor:
+    mask = quant.reference.unpack(mask_packed, 1, x.numel()).reshape(shape).bool()
+    return torch.ops.aten.native_dropout_backward(x, mask, scale)
+
+
+class _DropoutFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p: float, spec: QuantSpec):
+        out, mask = torch.native_dropout(x, p, True)
+        mask_packed = quant.reference.pack(mask.to(torch.uint8), 1)
+        scale = 1.0 / (1.0 - p)
+        ctx.shape, ctx.scale = tuple(x.shape), scale
+        ctx.save_for_backward(mask_packed)
+        kept = getattr(x, "_mesa_kept", None) if spec.keep_once else None
+        if kept is not None and kept.version == x._version:
+            step = functools.partial(_apply_mask, shape=tuple(x.shape), scale=scale)
+            ctx.mesa_out = derived(kept.saved, step, (mask_packed,), AutocastState(x.device.type))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (mask_packed,) = ctx.saved_tensors
+        return _apply_mask(grad_out, mask_packed, shape=ctx.shape, scale=ctx.scale), None, None
+
+
+def dropout(x: Tensor, p: float = 0.5, training: bool = True, *, config=None) -> Tensor:
+    """``F.dropout`` keeping a 1-bit mask instead of a byte mask."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    spec = as_spec(config)
+    if not training or p == 0.0 or x.numel() == 0:
+        return x  # what F.dropout returns too (the same tensor)
+    if spec is None or p == 1.0 or not needs_saving(x):
+        return F.dropout(x, p, True)
+    return run_with_kept(_DropoutFn, x, p, spec)

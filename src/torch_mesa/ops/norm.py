@@ -1,0 +1,105 @@
+"""LayerNorm and RMSNorm with a compressed input kept for backward.
+
+Keeps: the input as codes (one range per channel group) and the affine
+parameters themselves. Not kept: mean and rstd, which are recomputed from the
+rebuilt input in backward (one cheap reduction), nor the output: a converted
+consumer (the Linear that follows) rebuilds the output from this op's kept
+input instead of keeping a second copy (``mark_kept``).
+
+Backward re-runs the norm on the rebuilt input under the forward's autocast
+state and lets autograd differentiate it, so dtype handling is exactly
+PyTorch's.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..config import QuantSpec
+from ._saved import (
+    AutocastState,
+    RangeStates,
+    as_spec,
+    derived,
+    exact,
+    grad_by_recompute,
+    keep,
+    load,
+    needs_saving,
+    run_with_kept,
+    save,
+)
+
+Tensor = torch.Tensor
+
+
+def _layer_norm(x, weight, bias, *, shape, eps):
+    return F.layer_norm(x, shape, weight, bias, eps)
+
+
+def _rms_norm(x, weight, *, shape, eps):
+    return F.rms_norm(x, shape, weight, eps)
+
+
+class _NormFn(torch.autograd.Function):
+    """``fn(x, *params)`` for a normalisation ``fn`` given as a partial."""
+
+    @staticmethod
+    def forward(ctx, x, spec: QuantSpec, states, fn, *params):
+        out = fn(x, *params)
+        autocast = AutocastState(x.device.type)
+        running = states.get(spec, "input") if states is not None else None
+        kept = keep(x, spec, running=running)
+        save(ctx, kept, *[exact(p) for p in params])
+        ctx.fn, ctx.autocast = fn, autocast
+        # How to rebuild `out`; attached to it by run_with_kept.
+        ctx.mesa_out = derived(kept, fn, params, autocast) if spec.keep_once else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, *params = load(ctx)
+        needs = [ctx.needs_input_grad[0]] + list(ctx.needs_input_grad[4:])
+        grads = grad_by_recompute(ctx.fn, [x, *params], needs, grad_out, ctx.autocast)
+        return (grads[0], None, None, None, *grads[1:])
+
+
+def layer_norm(
+    x: Tensor,
+    normalized_shape,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    config=None,
+    states: Optional[RangeStates] = None,
+) -> Tensor:
+    """``F.layer_norm`` that keeps its input compressed for backward."""
+    spec = as_spec(config)
+    shape = tuple(normalized_shape) if not isinstance(normalized_shape, int) else (normalized_shape,)
+    if spec is None or not needs_saving(x, weight, bias):
+        return F.layer_norm(x, shape, weight, bias, eps)
+    fn = functools.partial(_layer_norm, shape=shape, eps=eps)
+    return run_with_kept(_NormFn, x, spec, states, fn, weight, bias)
+
+
+def rms_norm(
+    x: Tensor,
+    normalized_shape,
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+    *,
+    config=None,
+    states: Optional[RangeStates] = None,
+) -> Tensor:
+    """``F.rms_norm`` that keeps its input compressed for backward."""
+    spec = as_spec(config)
+    shape = tuple(normalized_shape) if not isinstance(normalized_shape, int) else (normalized_shape,)
+    if spec is None or not needs_saving(x, weight):
+        return F.rms_norm(x, shape, weight, eps)
+    fn = functools.partial(_rms_norm, shape=shape, eps=eps)
+    return run_with_kept(_NormFn, x, spec, states, fn, weight)

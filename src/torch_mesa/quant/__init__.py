@@ -1,0 +1,130 @@
+"""Quantize activations for backward and expand them again.
+
+``compress(x, ...)`` returns the tensors to hand to ``ctx.save_for_backward``
+(packed codes, per-group ``lo`` and ``scale``) and a small :class:`Layout` with
+the metadata needed to undo it; ``expand(tensors, layout)`` gives back a tensor
+of ``x``'s shape and dtype. Which implementation runs is chosen per call:
+the compiled one (default) or the eager reference (the spec), see
+:mod:`.reference` and :mod:`.fused`. The environment variable
+``TORCH_MESA_KERNEL=reference|compiled`` overrides the config's choice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from . import fused, reference
+
+Tensor = torch.Tensor
+
+__all__ = ["Layout", "RunningRange", "compress", "expand", "reference", "fused"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    bits: int
+    axis: int
+    group_size: Optional[int]
+    kernel: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class RunningRange:
+    """Mesa's running range estimate of one saved tensor: an exponential moving
+    average of the per-group min and range. Lives on the converted module (not
+    in its state_dict). Updated without host synchronisation; a step whose
+    statistics are not finite leaves the estimate unchanged.
+    """
+
+    __slots__ = ("lo", "span", "momentum")
+
+    def __init__(self, momentum: float) -> None:
+        self.lo: Optional[Tensor] = None
+        self.span: Optional[Tensor] = None
+        self.momentum = momentum
+
+    def update(self, cur_lo: Tensor, cur_hi: Tensor) -> Tuple[Tensor, Tensor]:
+        cur_span = cur_hi - cur_lo
+        ok = torch.isfinite(cur_lo) & torch.isfinite(cur_span)
+        if self.lo is None or self.lo.shape != cur_lo.shape or self.lo.device != cur_lo.device:
+            # First step (or a new layout): start from the current statistics.
+            self.lo = torch.where(ok, cur_lo, torch.zeros_like(cur_lo))
+            self.span = torch.where(ok, cur_span, torch.zeros_like(cur_span))
+        else:
+            m = self.momentum
+            self.lo = torch.where(ok, m * self.lo + (1 - m) * cur_lo, self.lo)
+            self.span = torch.where(ok, m * self.span + (1 - m) * cur_span, self.span)
+        # A non-finite group this step gets a non-finite range, so its NaN/Inf
+        # reaches the gradient instead of being replaced by in-range values.
+        lo = torch.where(ok, self.lo, cur_lo)
+        hi = torch.where(ok, self.lo + self.span, cur_hi)
+        return lo, hi
+
+    def reset(self) -> None:
+        self.lo = self.span = None
+
+
+def _kernel(requested: str) -> str:
+    env = os.environ.get("TORCH_MESA_KERNEL")
+    choice = env or requested
+    if choice not in ("auto", "compiled", "reference"):
+        raise ValueError(
+            f"TORCH_MESA_KERNEL={env!r} is not supported; use 'compiled' or 'reference'"
+        )
+    return "reference" if choice == "reference" else "compiled"
+
+
+def compress(
+    x: Tensor,
+    bits: int,
+    axis: int = -1,
+    group_size: Optional[int] = 64,
+    stochastic: bool = False,
+    running: Optional[RunningRange] = None,
+    kernel: str = "auto",
+) -> Tuple[Tuple[Tensor, Tensor, Tensor], Layout]:
+    """Quantize ``x`` for keeping; returns ``((packed, lo, scale), layout)``."""
+    if x.dim() == 0:
+        x = x.reshape(1)
+        shape: Tuple[int, ...] = ()
+    else:
+        shape = tuple(x.shape)
+    axis = axis % x.dim()
+    kern = _kernel(kernel)
+    layout = Layout(shape, x.dtype, bits, axis, group_size, kern)
+    groups = reference.num_groups(x.shape[axis], group_size)
+    if x.numel() == 0:
+        packed = torch.empty(0, dtype=torch.uint8, device=x.device)
+        zeros = torch.zeros(groups, dtype=torch.float32, device=x.device)
+        return (packed, zeros, torch.ones_like(zeros)), layout
+    impl = reference if kern == "reference" else fused
+    if running is None:
+        saved = impl.quantize(x, bits, axis, group_size, stochastic)
+    else:
+        cur_lo, cur_hi = impl.group_minmax(x, axis, group_size)
+        lo, hi = running.update(cur_lo, cur_hi)
+        saved = impl.quantize_with_range(x, lo, hi, bits, axis, group_size, stochastic)
+    return tuple(saved), layout
+
+
+def expand(saved: Tuple[Tensor, ...], layout: Layout) -> Tensor:
+    """Dequantize what :func:`compress` kept, back to the original shape and dtype."""
+    packed, lo, scale = saved
+    shape = layout.shape if layout.shape else (1,)
+    if layout.numel == 0:
+        return torch.empty(layout.shape, dtype=layout.dtype, device=packed.device)
+    impl = reference if layout.kernel == "reference" else fused
+    out = impl.dequantize(
+        packed, lo, scale, shape, layout.dtype, layout.bits, layout.axis, layout.group_size
+    )
+    return out.reshape(layout.shape)
