@@ -122,11 +122,14 @@ def keep(
     spec: QuantSpec,
     *,
     heads: bool = False,
+    rows: bool = False,
     running: Optional[quant.RunningRange] = None,
 ) -> Saved:
     """How to keep input ``x``: the producer's attachment if it has a valid one,
     else a quantized copy. ``heads``: ``x`` has a head dimension at -3
-    (``(B, H, N, D)``) and, with ``spec.head_wise``, gets one range per head."""
+    (``(B, H, N, D)``) and, with ``spec.head_wise``, gets one range per head.
+    ``rows``: quantize each row relative to its own centre and width (inputs
+    of normalisation layers, which would amplify the error of small rows)."""
     if isinstance(x, torch.nn.Parameter):
         return exact(x)
     kept = getattr(x, _KEPT_ATTR, None) if spec.keep_once else None
@@ -137,7 +140,7 @@ def keep(
     else:
         axis, group_size = -1, spec.group_size
     tensors, layout = quant.compress(
-        x, spec.bits, axis, group_size, spec.stochastic, running, spec.kernel
+        x, spec.bits, axis, group_size, spec.stochastic, running, spec.kernel, rows=rows and x.dim() >= 1
     )
     return Saved(tensors, functools.partial(_rebuild_quantized, layout=layout))
 

@@ -1,7 +1,12 @@
 """LayerNorm and RMSNorm with a compressed input kept for backward.
 
-Keeps: the input as codes (one range per channel group) and the affine
-parameters themselves. Not kept: mean and rstd, which are recomputed from the
+Keeps: the input as codes and the affine parameters themselves. The input is
+quantized relative to each token's own centre and width (two fp32 values per
+token, about 2% of the codes at width 384), then per channel group: a norm
+divides by each token's spread, so a token with a small spread (a class token
+at initialisation) would otherwise get its quantization error amplified; at
+8 bits this moved the worst gradient cosine of a fresh ViT-S from 0.993 to
+above 0.999. Not kept: mean and rstd, which are recomputed from the
 rebuilt input in backward (one cheap reduction), nor the output: a converted
 consumer (the Linear that follows) rebuilds the output from this op's kept
 input instead of keeping a second copy (``mark_kept``).
@@ -53,7 +58,7 @@ class _NormFn(torch.autograd.Function):
         out = fn(x, *params)
         autocast = AutocastState(x.device.type)
         running = states.get(spec, "input") if states is not None else None
-        kept = keep(x, spec, running=running)
+        kept = keep(x, spec, rows=True, running=running)
         save(ctx, kept, *[exact(p) for p in params])
         ctx.fn, ctx.autocast = fn, autocast
         # How to rebuild `out`; attached to it by run_with_kept.

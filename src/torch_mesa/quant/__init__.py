@@ -33,6 +33,7 @@ class Layout:
     axis: int
     group_size: Optional[int]
     kernel: str
+    rows: bool = False
 
     @property
     def numel(self) -> int:
@@ -84,6 +85,10 @@ def _kernel(requested: str) -> str:
     return "reference" if choice == "reference" else "compiled"
 
 
+def _prims(kernel: str) -> reference.Primitives:
+    return reference._reference_prims() if kernel == "reference" else fused.PRIMS
+
+
 def compress(
     x: Tensor,
     bits: int,
@@ -92,8 +97,14 @@ def compress(
     stochastic: bool = False,
     running: Optional[RunningRange] = None,
     kernel: str = "auto",
-) -> Tuple[Tuple[Tensor, Tensor, Tensor], Layout]:
-    """Quantize ``x`` for keeping; returns ``((packed, lo, scale), layout)``."""
+    rows: bool = False,
+) -> Tuple[Tuple[Tensor, ...], Layout]:
+    """Quantize ``x`` for keeping; returns ``(tensors to save, layout)``.
+
+    ``rows=True`` quantizes each row (last dimension) relative to its own
+    centre and width (see :func:`reference.row_stats`): for inputs of
+    normalisation layers.
+    """
     if x.dim() == 0:
         x = x.reshape(1)
         shape: Tuple[int, ...] = ()
@@ -101,30 +112,41 @@ def compress(
         shape = tuple(x.shape)
     axis = axis % x.dim()
     kern = _kernel(kernel)
-    layout = Layout(shape, x.dtype, bits, axis, group_size, kern)
-    groups = reference.num_groups(x.shape[axis], group_size)
+    layout = Layout(shape, x.dtype, bits, axis, group_size, kern, rows)
     if x.numel() == 0:
+        groups = reference.num_groups(x.shape[axis], group_size)
         packed = torch.empty(0, dtype=torch.uint8, device=x.device)
         zeros = torch.zeros(groups, dtype=torch.float32, device=x.device)
-        return (packed, zeros, torch.ones_like(zeros)), layout
-    impl = reference if kern == "reference" else fused
-    if running is None:
-        saved = impl.quantize(x, bits, axis, group_size, stochastic)
-    else:
-        cur_lo, cur_hi = impl.group_minmax(x, axis, group_size)
-        lo, hi = running.update(cur_lo, cur_hi)
-        saved = impl.quantize_with_range(x, lo, hi, bits, axis, group_size, stochastic)
+        saved = (packed, zeros, torch.ones_like(zeros))
+        if rows:
+            row = torch.zeros(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
+            saved = saved + (row, torch.ones_like(row))
+        return saved, layout
+    saved = reference.quantize(
+        x,
+        bits,
+        axis,
+        group_size,
+        stochastic,
+        rows=rows,
+        update_range=None if running is None else running.update,
+        prims=_prims(kern),
+    )
     return tuple(saved), layout
 
 
 def expand(saved: Tuple[Tensor, ...], layout: Layout) -> Tensor:
     """Dequantize what :func:`compress` kept, back to the original shape and dtype."""
-    packed, lo, scale = saved
-    shape = layout.shape if layout.shape else (1,)
     if layout.numel == 0:
-        return torch.empty(layout.shape, dtype=layout.dtype, device=packed.device)
-    impl = reference if layout.kernel == "reference" else fused
-    out = impl.dequantize(
-        packed, lo, scale, shape, layout.dtype, layout.bits, layout.axis, layout.group_size
+        return torch.empty(layout.shape, dtype=layout.dtype, device=saved[0].device)
+    shape = layout.shape if layout.shape else (1,)
+    out = reference.dequantize(
+        saved,
+        shape,
+        layout.dtype,
+        layout.bits,
+        layout.axis,
+        layout.group_size,
+        prims=_prims(layout.kernel),
     )
     return out.reshape(layout.shape)

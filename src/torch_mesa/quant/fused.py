@@ -1,22 +1,24 @@
-"""The fused quantizer: the reference's heavy loops compiled by ``torch.compile``.
+"""The fused quantizer: the reference's passes over an activation, compiled.
 
 Inductor turns the reference's chain of small eager kernels (float cast,
-subtract, divide, round, clamp, cast, pack; and the per-channel reductions)
-into fused loops: C++/OpenMP on CPU, Triton on GPU. Measured on a 2-core CPU
-with ViT-S activations, this is what keeps the quantizer a small fraction of a
-training step instead of costing about as much as the step
-(benchmarks/quantizer.py, docs/benchmarks.md).
+subtract, divide, round, clamp, cast, pack; the per-channel and per-row
+reductions) into fused loops: C++/OpenMP on CPU, Triton on GPU. This is what
+keeps the quantizer a small fraction of a training step instead of costing
+about as much as the step (benchmarks/quantizer.py, docs/benchmarks.md).
 
-Only the passes over the activation are compiled: the per-channel min/max
-(one read), the quantize-and-pack (one read, a 1/4..1/16-size write) and the
+Only the passes over the activation are compiled (:class:`Primitives` of
+:mod:`.reference`): row statistics, per-channel min/max, quantize-and-pack,
 unpack-and-dequantize. The per-group bookkeeping in between works on one value
-per channel and stays eager, exactly as in the reference, which is why the two
-paths agree bit for bit with nearest rounding.
+per channel and stays eager, exactly as in the reference, so the two paths
+agree bit for bit with nearest rounding. (Compiling that bookkeeping too was
+tried: Inductor's CPU code for an indexed broadcast along the innermost
+dimension read the wrong group in the tail of its vectorised loop.)
 
 One compiled function is made per static setting (bits, rounding, dtype,
-axis); shapes are left to Dynamo's automatic dynamic-shape handling. Where
-compilation is unavailable (no C++ compiler, an unsupported platform), the
-first failure emits one warning and the reference is used from then on.
+axis, row normalisation); shapes are left to Dynamo's automatic dynamic-shape
+handling. Where compilation is unavailable (no C++ compiler, an unsupported
+platform), the first failure emits one warning and the reference is used from
+then on.
 """
 
 from __future__ import annotations
@@ -43,27 +45,42 @@ def _compile(fn: Callable, tag: str) -> Callable:
 
 
 @functools.lru_cache(maxsize=None)
-def _minmax(axis: int, per_tensor: bool) -> Callable:
-    def minmax(x):
-        return ref.channel_minmax(x, axis, per_tensor)
+def _row_stats() -> Callable:
+    def row_stats(x):
+        return ref.row_stats(x)
 
-    return _compile(minmax, f"{axis}_{int(per_tensor)}")
-
-
-@functools.lru_cache(maxsize=None)
-def _codes(bits: int, stochastic: bool) -> Callable:
-    def codes(x, lo_c, scale_c):
-        return ref.quantize_codes(x, lo_c, scale_c, bits, stochastic)
-
-    return _compile(codes, f"{bits}b_{int(stochastic)}")
+    return _compile(row_stats, "rows")
 
 
 @functools.lru_cache(maxsize=None)
-def _dequant(dtype: torch.dtype, bits: int) -> Callable:
-    def dequant(packed, lo_c, scale_c, shape):
-        return ref.dequantize_codes(packed, lo_c, scale_c, shape, dtype, bits)
+def _minmax(axis: int, per_tensor: bool, rows: bool) -> Callable:
+    if rows:
 
-    return _compile(dequant, f"{str(dtype).replace('torch.', '')}_{bits}b")
+        def minmax(x, centre, width):
+            return ref.channel_minmax(x, axis, per_tensor, centre, width)
+
+    else:
+
+        def minmax(x):
+            return ref.channel_minmax(x, axis, per_tensor)
+
+    return _compile(minmax, f"{axis}_{int(per_tensor)}_{int(rows)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _codes(bits: int, stochastic: bool, rows: bool) -> Callable:
+    def codes(x, lo_c, scale_c, *row):
+        return ref.quantize_codes(x, lo_c, scale_c, bits, stochastic, *row)
+
+    return _compile(codes, f"{bits}b_{int(stochastic)}_{int(rows)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _dequant(dtype: torch.dtype, bits: int, rows: bool) -> Callable:
+    def dequant(packed, lo_c, scale_c, shape, *row):
+        return ref.dequantize_codes(packed, lo_c, scale_c, shape, dtype, bits, *row)
+
+    return _compile(dequant, f"{str(dtype).replace('torch.', '')}_{bits}b_{int(rows)}")
 
 
 def available() -> bool:
@@ -93,51 +110,43 @@ def _run(compiled: Callable, eager: Callable, *args):
     return eager(*args)
 
 
-def channel_minmax(x, axis, per_tensor):
+def row_stats(x):
+    return _run(_row_stats(), ref.row_stats, x)
+
+
+def channel_minmax(x, axis, per_tensor, centre=None, width=None):
+    row = () if centre is None else (centre, width)
     return _run(
-        _minmax(axis, per_tensor), lambda t: ref.channel_minmax(t, axis, per_tensor), x
+        _minmax(axis, per_tensor, bool(row)),
+        lambda t, *r: ref.channel_minmax(t, axis, per_tensor, *r),
+        x,
+        *row,
     )
 
 
-def quantize_codes(x, lo_c, scale_c, bits, stochastic):
+def quantize_codes(x, lo_c, scale_c, bits, stochastic, centre=None, width=None):
+    row = () if centre is None else (centre, width)
     return _run(
-        _codes(bits, stochastic),
-        lambda *a: ref.quantize_codes(*a, bits, stochastic),
+        _codes(bits, stochastic, bool(row)),
+        lambda t, lo, sc, *r: ref.quantize_codes(t, lo, sc, bits, stochastic, *r),
         x,
         lo_c,
         scale_c,
+        *row,
     )
 
 
-def dequantize_codes(packed, lo_c, scale_c, shape, dtype, bits):
+def dequantize_codes(packed, lo_c, scale_c, shape, dtype, bits, centre=None, width=None):
+    row = () if centre is None else (centre, width)
     return _run(
-        _dequant(dtype, bits),
-        lambda p, lo, sc, sh: ref.dequantize_codes(p, lo, sc, sh, dtype, bits),
+        _dequant(dtype, bits, bool(row)),
+        lambda p, lo, sc, sh, *r: ref.dequantize_codes(p, lo, sc, sh, dtype, bits, *r),
         packed,
         lo_c,
         scale_c,
         tuple(shape),
+        *row,
     )
 
 
-def group_minmax(x, axis, group_size):
-    cmin, cmax = channel_minmax(x, axis % x.dim(), group_size is None)
-    return ref.groups_from_channels(cmin, cmax, group_size)
-
-
-def quantize(x, bits, axis, group_size, stochastic):
-    return ref.quantize(
-        x, bits, axis, group_size, stochastic, minmax_fn=channel_minmax, codes_fn=quantize_codes
-    )
-
-
-def quantize_with_range(x, lo, hi, bits, axis, group_size, stochastic):
-    return ref.quantize_with_range(
-        x, lo, hi, bits, axis, group_size, stochastic, codes_fn=quantize_codes
-    )
-
-
-def dequantize(packed, lo, scale, shape, dtype, bits, axis, group_size):
-    return ref.dequantize(
-        packed, lo, scale, shape, dtype, bits, axis, group_size, dequantize_fn=dequantize_codes
-    )
+PRIMS = ref.Primitives(row_stats, channel_minmax, quantize_codes, dequantize_codes)

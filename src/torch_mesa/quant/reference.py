@@ -24,7 +24,7 @@ for nearest rounding it is equal bit for bit.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -62,10 +62,36 @@ def to_channels(v: Tensor, shape: Tuple[int, ...], axis: int, group_size: Option
     return v[group_of_channel].reshape(view)
 
 
-def channel_minmax(x: Tensor, axis: int, per_tensor: bool) -> Tuple[Tensor, Tensor]:
-    """fp32 min and max per channel along ``axis`` (``(C,)``), or of the whole
-    tensor (``(1,)``). The one pass over ``x`` that range estimation needs."""
+def row_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-row (last dimension) centre and half-width in fp32, ``(..., 1)`` each.
+
+    Inputs of normalisation layers are quantized *relative to their row*:
+    ``(x - centre) / width`` lies in ``[-1, 1]`` for every token, so a token
+    with a small norm (a class token at initialisation) keeps the same
+    relative precision as the others; LayerNorm would otherwise amplify its
+    quantization error by its small standard deviation. ``width`` is a max of
+    absolute values, not a standard deviation: no squares, no overflow.
+    """
     xf = x.float()
+    centre = xf.mean(-1, keepdim=True)
+    width = torch.clamp((xf - centre).abs().amax(-1, keepdim=True), min=_TINY)
+    return centre, width
+
+
+def _as_float(x: Tensor, centre: Optional[Tensor], width: Optional[Tensor]) -> Tensor:
+    xf = x.float()
+    if centre is not None:
+        xf = (xf - centre) / width
+    return xf
+
+
+def channel_minmax(
+    x: Tensor, axis: int, per_tensor: bool, centre: Optional[Tensor] = None, width: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """fp32 min and max per channel along ``axis`` (``(C,)``), or of the whole
+    tensor (``(1,)``). The one pass over ``x`` that range estimation needs.
+    With ``centre``/``width`` (see :func:`row_stats`) of the row-normalised ``x``."""
+    xf = _as_float(x, centre, width)
     if per_tensor:
         return xf.amin().reshape(1), xf.amax().reshape(1)
     others = [d for d in range(x.dim()) if d != axis]
@@ -89,12 +115,6 @@ def groups_from_channels(
         cmin = torch.cat([cmin, cmin[-1:].expand(pad)])
         cmax = torch.cat([cmax, cmax[-1:].expand(pad)])
     return cmin.reshape(groups, group_size).amin(1), cmax.reshape(groups, group_size).amax(1)
-
-
-def group_minmax(x: Tensor, axis: int, group_size: Optional[int]) -> Tuple[Tensor, Tensor]:
-    """Per-group min and max of ``x`` in fp32, each of shape ``(G,)``."""
-    cmin, cmax = channel_minmax(x, axis % x.dim(), group_size is None)
-    return groups_from_channels(cmin, cmax, group_size)
 
 
 def scale_from_range(lo: Tensor, hi: Tensor, bits: int) -> Tensor:
@@ -131,10 +151,18 @@ def unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
     return lanes.reshape(-1)[:numel]
 
 
-def quantize_codes(x: Tensor, lo_c: Tensor, scale_c: Tensor, bits: int, stochastic: bool) -> Tensor:
+def quantize_codes(
+    x: Tensor,
+    lo_c: Tensor,
+    scale_c: Tensor,
+    bits: int,
+    stochastic: bool,
+    centre: Optional[Tensor] = None,
+    width: Optional[Tensor] = None,
+) -> Tensor:
     """Packed codes of ``x`` given broadcastable per-channel ``lo`` and ``scale``."""
     qmax = float(2**bits - 1)
-    q = (x.float() - lo_c) / scale_c
+    q = (_as_float(x, centre, width) - lo_c) / scale_c
     if stochastic:
         q = torch.floor(q + torch.rand_like(q))
     else:
@@ -144,48 +172,34 @@ def quantize_codes(x: Tensor, lo_c: Tensor, scale_c: Tensor, bits: int, stochast
 
 
 def dequantize_codes(
-    packed: Tensor, lo_c: Tensor, scale_c: Tensor, shape: Tuple[int, ...], dtype: torch.dtype, bits: int
-) -> Tensor:
-    numel = math.prod(shape)
-    codes = unpack(packed, bits, numel).reshape(shape)
-    return (codes.float() * scale_c + lo_c).to(dtype)
-
-
-def quantize_with_range(
-    x: Tensor,
-    lo: Tensor,
-    hi: Tensor,
-    bits: int,
-    axis: int,
-    group_size: Optional[int],
-    stochastic: bool,
-    codes_fn=quantize_codes,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Quantize ``x`` with the per-group range ``[lo, hi]`` (fp32, ``(G,)``).
-
-    Returns ``(packed uint8, lo fp32 (G,), scale fp32 (G,))``.
-    """
-    scale = scale_from_range(lo, hi, bits)
-    shape = tuple(x.shape)
-    lo_c = to_channels(lo, shape, axis, group_size)
-    scale_c = to_channels(scale, shape, axis, group_size)
-    return codes_fn(x, lo_c, scale_c, bits, stochastic), lo, scale
-
-
-def dequantize(
     packed: Tensor,
-    lo: Tensor,
-    scale: Tensor,
+    lo_c: Tensor,
+    scale_c: Tensor,
     shape: Tuple[int, ...],
     dtype: torch.dtype,
     bits: int,
-    axis: int,
-    group_size: Optional[int],
-    dequantize_fn=dequantize_codes,
+    centre: Optional[Tensor] = None,
+    width: Optional[Tensor] = None,
 ) -> Tensor:
-    lo_c = to_channels(lo, shape, axis, group_size)
-    scale_c = to_channels(scale, shape, axis, group_size)
-    return dequantize_fn(packed, lo_c, scale_c, tuple(shape), dtype, bits)
+    numel = math.prod(shape)
+    codes = unpack(packed, bits, numel).reshape(shape)
+    out = codes.float() * scale_c + lo_c
+    if centre is not None:
+        out = out * width + centre
+    return out.to(dtype)
+
+
+class Primitives(NamedTuple):
+    """The passes over an activation; the fused path swaps in compiled ones."""
+
+    row_stats: Callable
+    channel_minmax: Callable
+    quantize_codes: Callable
+    dequantize_codes: Callable
+
+
+def _reference_prims() -> Primitives:
+    return Primitives(row_stats, channel_minmax, quantize_codes, dequantize_codes)
 
 
 def quantize(
@@ -194,10 +208,53 @@ def quantize(
     axis: int,
     group_size: Optional[int],
     stochastic: bool,
-    minmax_fn=channel_minmax,
-    codes_fn=quantize_codes,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Quantize with the dynamic (min/max) range of ``x`` itself."""
-    cmin, cmax = minmax_fn(x, axis % x.dim(), group_size is None)
+    *,
+    rows: bool = False,
+    update_range: Optional[Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]] = None,
+    prims: Optional[Primitives] = None,
+) -> Tuple[Tensor, ...]:
+    """Quantize ``x``; returns the tensors to keep:
+    ``(packed, lo, scale)``, plus ``(centre, width)`` with ``rows=True``.
+
+    ``update_range(lo, hi) -> (lo, hi)`` replaces the dynamic per-group range
+    (running estimates); values outside the returned range saturate.
+    """
+    p = prims or _reference_prims()
+    axis = axis % x.dim()
+    centre = width = None
+    if rows:
+        centre, width = p.row_stats(x)
+        cmin, cmax = p.channel_minmax(x, axis, group_size is None, centre, width)
+    else:
+        cmin, cmax = p.channel_minmax(x, axis, group_size is None)
     lo, hi = groups_from_channels(cmin, cmax, group_size)
-    return quantize_with_range(x, lo, hi, bits, axis, group_size, stochastic, codes_fn)
+    if update_range is not None:
+        lo, hi = update_range(lo, hi)
+    scale = scale_from_range(lo, hi, bits)
+    shape = tuple(x.shape)
+    lo_c = to_channels(lo, shape, axis, group_size)
+    scale_c = to_channels(scale, shape, axis, group_size)
+    if rows:
+        packed = p.quantize_codes(x, lo_c, scale_c, bits, stochastic, centre, width)
+        return packed, lo, scale, centre, width
+    return p.quantize_codes(x, lo_c, scale_c, bits, stochastic), lo, scale
+
+
+def dequantize(
+    saved: Tuple[Tensor, ...],
+    shape: Tuple[int, ...],
+    dtype: torch.dtype,
+    bits: int,
+    axis: int,
+    group_size: Optional[int],
+    *,
+    prims: Optional[Primitives] = None,
+) -> Tensor:
+    """Inverse of :func:`quantize` (up to the rounding)."""
+    p = prims or _reference_prims()
+    shape = tuple(shape)
+    axis = axis % len(shape)
+    packed, lo, scale = saved[:3]
+    lo_c = to_channels(lo, shape, axis, group_size)
+    scale_c = to_channels(scale, shape, axis, group_size)
+    return p.dequantize_codes(packed, lo_c, scale_c, shape, dtype, bits, *saved[3:])

@@ -1,0 +1,27 @@
+"""torch-mesa: train Transformers with less memory.
+
+Exact forward; what each layer keeps for backward is stored in 8, 4 or 2 bits
+and expanded only when the gradient is computed. One call converts a model::
+
+    import torch_mesa
+    report = torch_mesa.compress_(model)              # 8 bits, in place
+    print(report)
+    print(torch_mesa.measure(model, batch))            # bytes kept for backward
+"""
+
+from .config import MesaConfig
+from .convert import ConversionReport, compress_, is_compressed, restore_
+from .measure import MemoryReport, measure
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConversionReport",
+    "MemoryReport",
+    "MesaConfig",
+    "compress_",
+    "is_compressed",
+    "measure",
+    "restore_",
+    "__version__",
+]

@@ -1,0 +1,200 @@
+"""compress_ / restore_: convert a model in place, and back.
+
+``compress_`` walks the model once. Each standard layer with a torch-mesa op
+(Linear, LayerNorm, RMSNorm, GELU, SiLU, Softmax, Dropout) has its class
+switched to the converted subclass (same object, same Parameters, same hooks:
+``state_dict`` keys and tensors are unchanged). Every other module gets the
+forward hooks of a :class:`~torch_mesa.intercept.Scope`, which routes the
+functional calls it makes (attention, ``F.linear``...) to the same ops. The
+returned :class:`ConversionReport` says what was converted, what was left
+exact and why; converting nothing warns.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple
+
+from torch import nn
+
+from .config import MesaConfig
+from .intercept import Scope
+from .nn.modules import CONVERTIBLE, MesaModule
+from .ops import RangeStates
+
+__all__ = ["ConversionReport", "compress_", "restore_", "is_compressed"]
+
+_SCOPE_ATTR = "_mesa_scope"
+_ORIGINAL_CLASS = "_mesa_original_class"
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`compress_` did.
+
+    Attributes:
+        converted: ``(name, original type, bits)`` of each converted layer.
+        skipped: ``(name, type, reason)`` of each layer left exact.
+        unmatched_patterns: policy patterns that matched no module name.
+        routed_modules: modules whose functional calls (attention, ``F.*``)
+            are routed to torch-mesa ops while autograd records.
+    """
+
+    converted: List[Tuple[str, str, int]] = field(default_factory=list)
+    skipped: List[Tuple[str, str, str]] = field(default_factory=list)
+    unmatched_patterns: List[str] = field(default_factory=list)
+    routed_modules: int = 0
+
+    @property
+    def num_converted(self) -> int:
+        return len(self.converted)
+
+    def counts(self) -> dict:
+        out: dict = {}
+        for _, kind, _ in self.converted:
+            out[kind] = out.get(kind, 0) + 1
+        return out
+
+    def __str__(self) -> str:
+        lines = [f"torch-mesa: converted {self.num_converted} layers"]
+        for kind, n in sorted(self.counts().items()):
+            lines.append(f"  {kind:<12} {n}")
+        bits = sorted({b for _, _, b in self.converted})
+        if bits:
+            lines.append(f"  bits: {', '.join(map(str, bits))}")
+        lines.append(
+            f"  functional calls (attention, F.*) routed inside {self.routed_modules} other modules"
+        )
+        if self.skipped:
+            lines.append(f"left exact: {len(self.skipped)}")
+            for name, kind, reason in self.skipped[:20]:
+                lines.append(f"  {name or '<root>'} ({kind}): {reason}")
+            if len(self.skipped) > 20:
+                lines.append(f"  ... and {len(self.skipped) - 20} more")
+        for p in self.unmatched_patterns:
+            lines.append(f"policy pattern {p!r} matched no module")
+        lines.append("measure the bytes kept for backward with torch_mesa.measure(model, inputs)")
+        return "\n".join(lines)
+
+
+def is_compressed(model: nn.Module) -> bool:
+    return hasattr(model, _SCOPE_ATTR) or any(isinstance(m, MesaModule) for m in model.modules())
+
+
+def compress_(
+    model: nn.Module,
+    config: Optional[MesaConfig] = None,
+    *,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+) -> ConversionReport:
+    """Convert ``model`` in place to keep activations compressed for backward.
+
+    Args:
+        model: any ``nn.Module``.
+        config: a :class:`MesaConfig` (default: 8 bits, head-wise attention).
+        filter_fn: ``filter_fn(module, name) -> bool``; modules for which it
+            returns False are left exact (their functional calls too).
+
+    Returns:
+        A :class:`ConversionReport`.
+
+    Raises:
+        TypeError: ``model`` is not a module or ``config`` not a MesaConfig.
+        ValueError: ``model`` is already converted (call ``restore_`` first).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compress_ expects an nn.Module, got {type(model).__name__}")
+    if config is None:
+        config = MesaConfig()
+    if not isinstance(config, MesaConfig):
+        raise TypeError(
+            f"config must be a torch_mesa.MesaConfig, got {type(config).__name__}; "
+            "e.g. compress_(model, MesaConfig(bits=4))"
+        )
+    if is_compressed(model):
+        raise ValueError(
+            "this model is already converted by torch-mesa; call torch_mesa.restore_(model) "
+            "before converting it again with another config"
+        )
+
+    report = ConversionReport()
+    names = dict(model.named_modules(remove_duplicate=True))
+    used_patterns = set()
+    hooked = {}
+    filtered: List[str] = []
+    for name, module in names.items():
+        used_patterns.update(config.matching_patterns(name))
+        kind = type(module)
+        if filter_fn is not None and not filter_fn(module, name):
+            filtered.append(name)
+            if kind in CONVERTIBLE or not list(module.children()):
+                report.skipped.append((name, kind.__name__, "filter_fn returned False"))
+            hooked[module] = name
+            continue
+        target = CONVERTIBLE.get(kind)
+        if target is None:
+            hooked[module] = name
+            if not list(module.children()) and _has_own_params(module):
+                base = next((b for b in CONVERTIBLE if isinstance(module, b)), None)
+                reason = (
+                    f"subclass of nn.{base.__name__} with its own forward"
+                    if base is not None
+                    else "no torch-mesa op for this layer type"
+                )
+                report.skipped.append((name, kind.__name__, reason))
+            continue
+        spec = config.resolve(name)
+        if spec is None:
+            report.skipped.append((name, kind.__name__, "kept exact by policy"))
+            continue
+        setattr(module, _ORIGINAL_CLASS, kind)
+        module.__class__ = target
+        module.mesa_spec = spec
+        module.mesa_states = RangeStates()
+        report.converted.append((name, kind.__name__, spec.bits))
+
+    scope = Scope(config, hooked, exact=tuple(filtered))
+    object.__setattr__(model, _SCOPE_ATTR, scope)
+    report.routed_modules = len(hooked)
+    report.unmatched_patterns = [p for p, _ in config.policy if p not in used_patterns]
+    for p in report.unmatched_patterns:
+        warnings.warn(
+            f"torch-mesa: policy pattern {p!r} matched no module name "
+            "(names look like 'blocks.0.attn.qkv'; see model.named_modules())",
+            UserWarning,
+            stacklevel=2,
+        )
+    if not report.converted:
+        warnings.warn(
+            "torch-mesa: compress_ converted no layer (no nn.Linear/LayerNorm/RMSNorm/GELU/"
+            "SiLU/Softmax/Dropout, or all excluded by policy/filter_fn); only functional "
+            "calls inside the model's own modules will be compressed",
+            UserWarning,
+            stacklevel=2,
+        )
+    return report
+
+
+def _has_own_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False))
+
+
+def restore_(model: nn.Module) -> int:
+    """Undo :func:`compress_` in place; returns the number of layers restored.
+
+    Raises:
+        ValueError: ``model`` was not converted by torch-mesa.
+    """
+    scope = getattr(model, _SCOPE_ATTR, None)
+    converted = [m for m in model.modules() if isinstance(m, MesaModule)]
+    if scope is None and not converted:
+        raise ValueError("restore_: this model was not converted by torch_mesa.compress_")
+    if scope is not None:
+        scope.remove()
+        object.__delattr__(model, _SCOPE_ATTR)
+    for module in converted:
+        module.__class__ = getattr(module, _ORIGINAL_CLASS)
+        for attr in (_ORIGINAL_CLASS, "mesa_spec", "mesa_states"):
+            module.__dict__.pop(attr, None)
+    return len(converted)

@@ -1,0 +1,150 @@
+"""Where activation memory goes: the bytes a forward pass keeps for backward.
+
+:func:`measure` runs one forward pass (and an optional loss) under
+``torch.autograd.graph.saved_tensors_hooks`` and adds up the bytes of the
+distinct storages autograd packs, attributed to the innermost module running
+when each was packed. Storages of the model's parameters and buffers are left
+out (they are kept anyway); a storage packed twice (a view, or torch-mesa's
+keep-once sharing) counts once, for the module that packed it first.
+
+This is deterministic and device-independent: it counts what is kept, not
+what the allocator happens to hold at the peak (for that, use
+``torch.cuda.max_memory_allocated`` or the benchmarks' fresh-process RSS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["MemoryReport", "measure"]
+
+
+@dataclass
+class MemoryReport:
+    """Bytes kept for backward, in total and per module (qualified names;
+    ``"<loss>"`` for the loss function, ``"<root>"`` for the model itself)."""
+
+    total_bytes: int
+    by_module: Dict[str, int] = field(default_factory=dict)
+    num_storages: int = 0
+
+    def by_depth(self, depth: int) -> Dict[str, int]:
+        """Totals per name prefix of ``depth`` components (``blocks.3`` at depth 2)."""
+        out: Dict[str, int] = {}
+        for name, n in self.by_module.items():
+            key = ".".join(name.split(".")[:depth])
+            out[key] = out.get(key, 0) + n
+        return out
+
+    def table(self, depth: Optional[int] = None, top: Optional[int] = None) -> str:
+        rows = self.by_module if depth is None else self.by_depth(depth)
+        items: List[Tuple[str, int]] = list(rows.items())
+        if top is not None:
+            items = sorted(items, key=lambda kv: -kv[1])[:top]
+        width = max([len(k) for k, _ in items] + [6])
+        lines = [f"{'module':<{width}}  {'kept for backward':>18}  {'share':>6}"]
+        for name, n in items:
+            share = n / self.total_bytes if self.total_bytes else 0.0
+            lines.append(f"{name:<{width}}  {_fmt(n):>18}  {share:>6.1%}")
+        lines.append(f"{'total':<{width}}  {_fmt(self.total_bytes):>18}  {'':>6}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table(depth=2)
+
+    def to_dict(self) -> dict:
+        return {"total_bytes": self.total_bytes, "by_module": dict(self.by_module)}
+
+
+def _fmt(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _storage_key(t: torch.Tensor):
+    try:
+        st = t.untyped_storage()
+        return (t.device, st.data_ptr()), st.nbytes()
+    except (RuntimeError, NotImplementedError):  # no storage (e.g. sparse, nested)
+        return None, 0
+
+
+def _device_type(model: nn.Module, inputs) -> str:
+    for t in list(inputs) + list(model.parameters()):
+        if isinstance(t, torch.Tensor):
+            return t.device.type
+    return "cpu"
+
+
+def measure(
+    model: nn.Module,
+    *inputs,
+    loss_fn: Optional[Callable] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
+    **kwargs,
+) -> MemoryReport:
+    """Bytes ``model(*inputs, **kwargs)`` keeps for backward, by module.
+
+    Args:
+        model: a converted or plain model (its train/eval mode is used as is).
+        inputs, kwargs: what to call it with.
+        loss_fn: optional ``loss_fn(output) -> loss``; what it keeps counts
+            under ``"<loss>"``.
+        autocast_dtype: run under ``torch.autocast`` with this dtype.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"measure expects an nn.Module, got {type(model).__name__}")
+    excluded = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        key, _ = _storage_key(t)
+        if key is not None:
+            excluded.add(key)
+    names = {m: n for n, m in model.named_modules()}
+    stack: List[str] = []
+    seen = set()
+    by_module: Dict[str, int] = {}
+
+    def pre(module, args):
+        stack.append(names.get(module) or "<root>")
+
+    def post(module, args, out):
+        if stack:
+            stack.pop()
+
+    def pack(t):
+        key, nbytes = _storage_key(t)
+        if key is not None and key not in excluded and key not in seen:
+            seen.add(key)
+            owner = stack[-1] if stack else "<loss>"
+            by_module[owner] = by_module.get(owner, 0) + nbytes
+        return t
+
+    handles = []
+    for m in names:
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post, always_call=True))
+    device_type = _device_type(model, inputs)
+    amp = (
+        torch.autocast(device_type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
+            out = model(*inputs, **kwargs)
+            if loss_fn is not None:
+                stack.clear()
+                loss = loss_fn(out)
+                del loss
+        del out
+    finally:
+        for h in handles:
+            h.remove()
+    return MemoryReport(sum(by_module.values()), by_module, len(seen))
