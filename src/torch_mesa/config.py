@@ -116,9 +116,13 @@ class MesaConfig:
     Args:
         bits: 8 (default), 4 or 2 bits per saved value; ``None`` keeps layers exact.
         group_size: channels (along the last dimension) that share one
-            quantization range; ``None`` means one range per tensor.
+            quantization range, reduced over all tokens of the batch. The
+            default, 1, is one range per channel: it costs 8 bytes per channel
+            per tensor and isolates outlier channels. ``None`` means one range
+            per tensor (per head for attention tensors).
         head_wise: tensors with a head dimension (attention q, k, v, scores)
-            get one range per head (Mesa's head-wise quantization).
+            never share a range across heads (Mesa's head-wise quantization);
+            within a head, ``group_size`` channels share one.
         rounding: ``"nearest"`` or ``"stochastic"`` (unbiased); ``None`` picks
             nearest at 8 bits and stochastic below.
         range_estimate: ``"dynamic"`` (min/max of the current tensor, per group)
@@ -137,7 +141,7 @@ class MesaConfig:
     """
 
     bits: Optional[int] = 8
-    group_size: Optional[int] = 64
+    group_size: Optional[int] = 1
     head_wise: bool = True
     rounding: Optional[str] = None
     range_estimate: str = "dynamic"

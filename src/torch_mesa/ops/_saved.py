@@ -136,11 +136,14 @@ def keep(
     if kept is not None and kept.version == x._version:
         return kept.saved
     if heads and spec.head_wise and x.dim() >= 3:
-        axis, group_size = x.dim() - 3, 1
+        # Ranges never shared across heads; within a head, group_size channels
+        # share one (None: one range per head, Mesa's original choice).
+        axes = (x.dim() - 3, x.dim() - 1)
+        group_size = spec.group_size if spec.group_size is not None else max(1, x.shape[-1])
     else:
-        axis, group_size = -1, spec.group_size
+        axes, group_size = (-1,), spec.group_size
     tensors, layout = quant.compress(
-        x, spec.bits, axis, group_size, spec.stochastic, running, spec.kernel, rows=rows and x.dim() >= 1
+        x, spec.bits, axes, group_size, spec.stochastic, running, spec.kernel, rows=rows and x.dim() >= 1
     )
     return Saved(tensors, functools.partial(_rebuild_quantized, layout=layout))
 

@@ -30,7 +30,7 @@ class Layout:
     shape: Tuple[int, ...]
     dtype: torch.dtype
     bits: int
-    axis: int
+    axes: Tuple[int, ...]
     group_size: Optional[int]
     kernel: str
     rows: bool = False
@@ -92,8 +92,8 @@ def _prims(kernel: str) -> reference.Primitives:
 def compress(
     x: Tensor,
     bits: int,
-    axis: int = -1,
-    group_size: Optional[int] = 64,
+    axes=-1,
+    group_size: Optional[int] = 1,
     stochastic: bool = False,
     running: Optional[RunningRange] = None,
     kernel: str = "auto",
@@ -110,11 +110,11 @@ def compress(
         shape: Tuple[int, ...] = ()
     else:
         shape = tuple(x.shape)
-    axis = axis % x.dim()
+    axes = reference.normalize_axes(axes, x.dim())
     kern = _kernel(kernel)
-    layout = Layout(shape, x.dtype, bits, axis, group_size, kern, rows)
+    layout = Layout(shape, x.dtype, bits, axes, group_size, kern, rows)
     if x.numel() == 0:
-        groups = reference.num_groups(x.shape[axis], group_size)
+        groups = reference.num_groups(tuple(x.shape), axes, group_size)
         packed = torch.empty(0, dtype=torch.uint8, device=x.device)
         zeros = torch.zeros(groups, dtype=torch.float32, device=x.device)
         saved = (packed, zeros, torch.ones_like(zeros))
@@ -125,7 +125,7 @@ def compress(
     saved = reference.quantize(
         x,
         bits,
-        axis,
+        axes,
         group_size,
         stochastic,
         rows=rows,
@@ -145,7 +145,7 @@ def expand(saved: Tuple[Tensor, ...], layout: Layout) -> Tensor:
         shape,
         layout.dtype,
         layout.bits,
-        layout.axis,
+        layout.axes if layout.shape else (0,),
         layout.group_size,
         prims=_prims(layout.kernel),
     )

@@ -53,18 +53,19 @@ def _row_stats() -> Callable:
 
 
 @functools.lru_cache(maxsize=None)
-def _minmax(axis: int, per_tensor: bool, rows: bool) -> Callable:
+def _minmax(axes: tuple, per_tensor: bool, rows: bool) -> Callable:
     if rows:
 
         def minmax(x, centre, width):
-            return ref.channel_minmax(x, axis, per_tensor, centre, width)
+            return ref.channel_minmax(x, axes, per_tensor, centre, width)
 
     else:
 
         def minmax(x):
-            return ref.channel_minmax(x, axis, per_tensor)
+            return ref.channel_minmax(x, axes, per_tensor)
 
-    return _compile(minmax, f"{axis}_{int(per_tensor)}_{int(rows)}")
+    tag = "_".join(map(str, axes))
+    return _compile(minmax, f"{tag}_{int(per_tensor)}_{int(rows)}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,11 +115,11 @@ def row_stats(x):
     return _run(_row_stats(), ref.row_stats, x)
 
 
-def channel_minmax(x, axis, per_tensor, centre=None, width=None):
+def channel_minmax(x, axes, per_tensor, centre=None, width=None):
     row = () if centre is None else (centre, width)
     return _run(
-        _minmax(axis, per_tensor, bool(row)),
-        lambda t, *r: ref.channel_minmax(t, axis, per_tensor, *r),
+        _minmax(tuple(axes), per_tensor, bool(row)),
+        lambda t, *r: ref.channel_minmax(t, axes, per_tensor, *r),
         x,
         *row,
     )

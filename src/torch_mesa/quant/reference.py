@@ -1,11 +1,17 @@
 """The reference quantizer: eager PyTorch, and the specification of the numbers.
 
-Layout. A tensor is quantized along one *channel axis*: its channels are split
-into contiguous groups of ``group_size`` (the last group may be shorter), and
-each group gets one asymmetric range ``[lo, lo + scale * (2**bits - 1)]``
-reduced over every other dimension (all tokens of the batch). ``group_size=None``
-means one group for the whole tensor. Head-wise quantization of a
-``(B, H, N, D)`` tensor is ``axis=1, group_size=1``.
+Layout. A tensor is quantized along its *channel axes* ``axes`` (a sorted
+tuple of dimensions; usually just the last one). Along the last of them the
+channels are split into contiguous groups of ``group_size`` (the last group
+may be shorter); every index of the other channel axes has groups of its own.
+Each group gets one asymmetric range ``[lo, lo + scale * (2**bits - 1)]``
+reduced over every dimension that is not a channel axis (all tokens of the
+batch). ``group_size=None`` means one group for the whole tensor.
+
+For a ``(B, N, C)`` activation: ``axes=(2,)``; ``group_size=1`` is one range
+per channel. For attention tensors ``(B, H, N, D)`` (head-wise, as in Mesa):
+``axes=(1, 3)``, ``group_size=D`` is one range per head, ``group_size=1`` one
+per head and channel.
 
 Codes are stored in the tensor's logical (row-major) order, packed 1, 2 or 4
 per byte for 8, 4 and 2 bits (the low bits hold the earlier element). ``lo``
@@ -34,10 +40,11 @@ Tensor = torch.Tensor
 _TINY = torch.finfo(torch.float32).tiny
 
 
-def num_groups(channels: int, group_size: Optional[int]) -> int:
+def num_groups(shape: Tuple[int, ...], axes: Tuple[int, ...], group_size: Optional[int]) -> int:
     if group_size is None:
         return 1
-    return max(1, -(-channels // group_size))
+    rows = math.prod(shape[a] for a in axes[:-1])
+    return rows * max(1, -(-shape[axes[-1]] // group_size))
 
 
 def packed_numel(numel: int, bits: int) -> int:
@@ -45,21 +52,22 @@ def packed_numel(numel: int, bits: int) -> int:
     return -(-numel // per_byte)
 
 
-def to_channels(v: Tensor, shape: Tuple[int, ...], axis: int, group_size: Optional[int]) -> Tensor:
+def to_channels(v: Tensor, shape: Tuple[int, ...], axes: Tuple[int, ...], group_size: Optional[int]) -> Tensor:
     """Broadcast per-group values ``(G,)`` to a tensor that broadcasts against ``shape``.
 
     Small (one value per channel); the fused path computes it eagerly and hands
-    it to the compiled loops (Inductor's CPU code for an indexed broadcast along
-    the innermost dimension was found to read the wrong group in the tail of
-    the vectorised loop).
+    it to the compiled loops.
     """
     if group_size is None:
         return v.reshape([1] * len(shape))
-    channels = shape[axis]
+    channels = shape[axes[-1]]
+    groups_per_row = max(1, -(-channels // group_size))
     group_of_channel = torch.arange(channels, device=v.device) // group_size
+    per_channel = v.reshape(-1, groups_per_row)[:, group_of_channel]  # (rows, C)
     view = [1] * len(shape)
-    view[axis] = channels
-    return v[group_of_channel].reshape(view)
+    for a in axes:
+        view[a] = shape[a]
+    return per_channel.reshape(view)
 
 
 def row_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -67,14 +75,17 @@ def row_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
 
     Inputs of normalisation layers are quantized *relative to their row*:
     ``(x - centre) / width`` lies in ``[-1, 1]`` for every token, so a token
-    with a small norm (a class token at initialisation) keeps the same
-    relative precision as the others; LayerNorm would otherwise amplify its
-    quantization error by its small standard deviation. ``width`` is a max of
-    absolute values, not a standard deviation: no squares, no overflow.
+    with a small spread (a class token at initialisation) keeps the same
+    relative precision as the others; a norm would otherwise amplify its
+    quantization error by dividing by its small spread. Centre and width come
+    from the row's min and max (halved before combining: no overflow), which
+    any reduction order computes exactly: the fused path matches bit for bit.
     """
     xf = x.float()
-    centre = xf.mean(-1, keepdim=True)
-    width = torch.clamp((xf - centre).abs().amax(-1, keepdim=True), min=_TINY)
+    lo = xf.amin(-1, keepdim=True)
+    hi = xf.amax(-1, keepdim=True)
+    centre = lo / 2 + hi / 2
+    width = torch.clamp(hi / 2 - lo / 2, min=_TINY)
     return centre, width
 
 
@@ -86,15 +97,19 @@ def _as_float(x: Tensor, centre: Optional[Tensor], width: Optional[Tensor]) -> T
 
 
 def channel_minmax(
-    x: Tensor, axis: int, per_tensor: bool, centre: Optional[Tensor] = None, width: Optional[Tensor] = None
+    x: Tensor,
+    axes: Tuple[int, ...],
+    per_tensor: bool,
+    centre: Optional[Tensor] = None,
+    width: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """fp32 min and max per channel along ``axis`` (``(C,)``), or of the whole
-    tensor (``(1,)``). The one pass over ``x`` that range estimation needs.
-    With ``centre``/``width`` (see :func:`row_stats`) of the row-normalised ``x``."""
+    """fp32 min and max per channel (shape of the channel axes), or of the
+    whole tensor (``(1,)``): the one pass over ``x`` that range estimation
+    needs. With ``centre``/``width`` (:func:`row_stats`), of the row-normalised ``x``."""
     xf = _as_float(x, centre, width)
     if per_tensor:
         return xf.amin().reshape(1), xf.amax().reshape(1)
-    others = [d for d in range(x.dim()) if d != axis]
+    others = [d for d in range(x.dim()) if d not in axes]
     if not others:
         return xf, xf
     return xf.amin(dim=others), xf.amax(dim=others)
@@ -103,18 +118,22 @@ def channel_minmax(
 def groups_from_channels(
     cmin: Tensor, cmax: Tensor, group_size: Optional[int]
 ) -> Tuple[Tensor, Tensor]:
-    """Reduce per-channel ``(C,)`` min/max to per-group ``(G,)``."""
+    """Reduce per-channel min/max to per-group ``(G,)``."""
     if group_size is None:
-        return cmin, cmax
-    channels = cmin.shape[0]
-    groups = num_groups(channels, group_size)
+        return cmin.reshape(1), cmax.reshape(1)
+    channels = cmin.shape[-1] if cmin.dim() else 1
+    cmin, cmax = cmin.reshape(-1, channels), cmax.reshape(-1, channels)
+    groups = max(1, -(-channels // group_size))
     pad = groups * group_size - channels
     if pad:
         # Fill the short last group with copies of its last channel: neutral
         # for min and max.
-        cmin = torch.cat([cmin, cmin[-1:].expand(pad)])
-        cmax = torch.cat([cmax, cmax[-1:].expand(pad)])
-    return cmin.reshape(groups, group_size).amin(1), cmax.reshape(groups, group_size).amax(1)
+        cmin = torch.cat([cmin, cmin[:, -1:].expand(-1, pad)], dim=1)
+        cmax = torch.cat([cmax, cmax[:, -1:].expand(-1, pad)], dim=1)
+    rows = cmin.shape[0]
+    lo = cmin.reshape(rows, groups, group_size).amin(-1).reshape(-1)
+    hi = cmax.reshape(rows, groups, group_size).amax(-1).reshape(-1)
+    return lo, hi
 
 
 def scale_from_range(lo: Tensor, hi: Tensor, bits: int) -> Tensor:
@@ -202,10 +221,16 @@ def _reference_prims() -> Primitives:
     return Primitives(row_stats, channel_minmax, quantize_codes, dequantize_codes)
 
 
+def normalize_axes(axes, ndim: int) -> Tuple[int, ...]:
+    if isinstance(axes, int):
+        axes = (axes,)
+    return tuple(sorted({a % ndim for a in axes}))
+
+
 def quantize(
     x: Tensor,
     bits: int,
-    axis: int,
+    axes,
     group_size: Optional[int],
     stochastic: bool,
     *,
@@ -220,20 +245,20 @@ def quantize(
     (running estimates); values outside the returned range saturate.
     """
     p = prims or _reference_prims()
-    axis = axis % x.dim()
+    axes = normalize_axes(axes, x.dim())
     centre = width = None
     if rows:
         centre, width = p.row_stats(x)
-        cmin, cmax = p.channel_minmax(x, axis, group_size is None, centre, width)
+        cmin, cmax = p.channel_minmax(x, axes, group_size is None, centre, width)
     else:
-        cmin, cmax = p.channel_minmax(x, axis, group_size is None)
+        cmin, cmax = p.channel_minmax(x, axes, group_size is None)
     lo, hi = groups_from_channels(cmin, cmax, group_size)
     if update_range is not None:
         lo, hi = update_range(lo, hi)
     scale = scale_from_range(lo, hi, bits)
     shape = tuple(x.shape)
-    lo_c = to_channels(lo, shape, axis, group_size)
-    scale_c = to_channels(scale, shape, axis, group_size)
+    lo_c = to_channels(lo, shape, axes, group_size)
+    scale_c = to_channels(scale, shape, axes, group_size)
     if rows:
         packed = p.quantize_codes(x, lo_c, scale_c, bits, stochastic, centre, width)
         return packed, lo, scale, centre, width
@@ -245,7 +270,7 @@ def dequantize(
     shape: Tuple[int, ...],
     dtype: torch.dtype,
     bits: int,
-    axis: int,
+    axes,
     group_size: Optional[int],
     *,
     prims: Optional[Primitives] = None,
@@ -253,8 +278,8 @@ def dequantize(
     """Inverse of :func:`quantize` (up to the rounding)."""
     p = prims or _reference_prims()
     shape = tuple(shape)
-    axis = axis % len(shape)
+    axes = normalize_axes(axes, len(shape))
     packed, lo, scale = saved[:3]
-    lo_c = to_channels(lo, shape, axis, group_size)
-    scale_c = to_channels(scale, shape, axis, group_size)
+    lo_c = to_channels(lo, shape, axes, group_size)
+    scale_c = to_channels(scale, shape, axes, group_size)
     return p.dequantize_codes(packed, lo_c, scale_c, shape, dtype, bits, *saved[3:])
