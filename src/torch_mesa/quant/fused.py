@@ -14,9 +14,10 @@ agree bit for bit with nearest rounding. (Compiling that bookkeeping too was
 tried: Inductor's CPU code for an indexed broadcast along the innermost
 dimension read the wrong group in the tail of its vectorised loop.)
 
-One compiled function is made per static setting (bits, rounding, dtype,
-axis, row normalisation); shapes are left to Dynamo's automatic dynamic-shape
-handling. Where compilation is unavailable (no C++ compiler, an unsupported
+One compiled function is made per static setting (dtype, rank, bits,
+rounding, channel axes, row normalisation), each with a code object of its
+own, so Dynamo's limit of 8 variants per code object is only spent on shapes
+and strides (which its automatic dynamic-shape handling soon generalises). Where compilation is unavailable (no C++ compiler, an unsupported
 platform), the first failure emits one warning and the reference is used from
 then on.
 """
@@ -44,16 +45,20 @@ def _compile(fn: Callable, tag: str) -> Callable:
     return torch.compile(own, fullgraph=True, dynamic=None)
 
 
+def _key(x: torch.Tensor) -> str:
+    return f"{str(x.dtype).replace('torch.', '')}_{x.dim()}d"
+
+
 @functools.lru_cache(maxsize=None)
-def _row_stats() -> Callable:
+def _row_stats(key: str) -> Callable:
     def row_stats(x):
         return ref.row_stats(x)
 
-    return _compile(row_stats, "rows")
+    return _compile(row_stats, f"rows_{key}")
 
 
 @functools.lru_cache(maxsize=None)
-def _minmax(axes: tuple, per_tensor: bool, rows: bool) -> Callable:
+def _minmax(key: str, axes: tuple, per_tensor: bool, rows: bool) -> Callable:
     if rows:
 
         def minmax(x, centre, width):
@@ -65,23 +70,23 @@ def _minmax(axes: tuple, per_tensor: bool, rows: bool) -> Callable:
             return ref.channel_minmax(x, axes, per_tensor)
 
     tag = "_".join(map(str, axes))
-    return _compile(minmax, f"{tag}_{int(per_tensor)}_{int(rows)}")
+    return _compile(minmax, f"{key}_{tag}_{int(per_tensor)}_{int(rows)}")
 
 
 @functools.lru_cache(maxsize=None)
-def _codes(bits: int, stochastic: bool, rows: bool) -> Callable:
+def _codes(key: str, bits: int, stochastic: bool, rows: bool) -> Callable:
     def codes(x, lo_c, scale_c, *row):
         return ref.quantize_codes(x, lo_c, scale_c, bits, stochastic, *row)
 
-    return _compile(codes, f"{bits}b_{int(stochastic)}_{int(rows)}")
+    return _compile(codes, f"{key}_{bits}b_{int(stochastic)}_{int(rows)}")
 
 
 @functools.lru_cache(maxsize=None)
-def _dequant(dtype: torch.dtype, bits: int, rows: bool) -> Callable:
+def _dequant(dtype: torch.dtype, ndim: int, bits: int, rows: bool) -> Callable:
     def dequant(packed, lo_c, scale_c, shape, *row):
         return ref.dequantize_codes(packed, lo_c, scale_c, shape, dtype, bits, *row)
 
-    return _compile(dequant, f"{str(dtype).replace('torch.', '')}_{bits}b_{int(rows)}")
+    return _compile(dequant, f"{str(dtype).replace('torch.', '')}_{ndim}d_{bits}b_{int(rows)}")
 
 
 def available() -> bool:
@@ -112,13 +117,13 @@ def _run(compiled: Callable, eager: Callable, *args):
 
 
 def row_stats(x):
-    return _run(_row_stats(), ref.row_stats, x)
+    return _run(_row_stats(_key(x)), ref.row_stats, x)
 
 
 def channel_minmax(x, axes, per_tensor, centre=None, width=None):
     row = () if centre is None else (centre, width)
     return _run(
-        _minmax(tuple(axes), per_tensor, bool(row)),
+        _minmax(_key(x), tuple(axes), per_tensor, bool(row)),
         lambda t, *r: ref.channel_minmax(t, axes, per_tensor, *r),
         x,
         *row,
@@ -128,7 +133,7 @@ def channel_minmax(x, axes, per_tensor, centre=None, width=None):
 def quantize_codes(x, lo_c, scale_c, bits, stochastic, centre=None, width=None):
     row = () if centre is None else (centre, width)
     return _run(
-        _codes(bits, stochastic, bool(row)),
+        _codes(_key(x), bits, stochastic, bool(row)),
         lambda t, lo, sc, *r: ref.quantize_codes(t, lo, sc, bits, stochastic, *r),
         x,
         lo_c,
@@ -140,7 +145,7 @@ def quantize_codes(x, lo_c, scale_c, bits, stochastic, centre=None, width=None):
 def dequantize_codes(packed, lo_c, scale_c, shape, dtype, bits, centre=None, width=None):
     row = () if centre is None else (centre, width)
     return _run(
-        _dequant(dtype, bits, bool(row)),
+        _dequant(dtype, len(shape), bits, bool(row)),
         lambda p, lo, sc, sh, *r: ref.dequantize_codes(p, lo, sc, sh, dtype, bits, *r),
         packed,
         lo_c,

@@ -1,0 +1,342 @@
+"""Each op against the PyTorch op: forward identical, gradients close.
+
+Bars: at 8 bits with nearest rounding, every gradient's SQNR against the exact
+fp32 gradient is >= 30 dB on data with outliers (``with_outliers``); in
+bf16/fp16, within 6 dB of PyTorch's own low-precision gradient where that is
+lower. The 4- and 2-bit figures are printed (``pytest -s``) and only checked
+to be finite and ordered, since their SQNR is a property of the bit width.
+"""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torch_mesa import MesaConfig, ops
+from torch_mesa.ops import _saved
+
+from conftest import assert_grads_close, sqnr_db, with_outliers
+
+pytestmark = pytest.mark.usefixtures("reference_kernel")
+
+CFG8 = MesaConfig(bits=8, rounding="nearest")
+LOWP = [torch.bfloat16, torch.float16]
+
+
+def _grads(fn, inputs, g):
+    out = fn(*inputs)
+    needs = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    return out, torch.autograd.grad(out, needs, g)
+
+
+def _leaf(t, dtype=None):
+    t = t.detach()
+    if dtype is not None:
+        t = t.to(dtype)
+    return t.requires_grad_(True)
+
+
+def _check(mesa_fn, torch_fn, inputs, *, dtype=torch.float32, min_db=30.0, seed=None, what=""):
+    """Forward identical in ``dtype``; gradients vs the fp32 exact ones."""
+    lowp = [_leaf(t, dtype) for t in inputs]
+    exact_in = [_leaf(t, torch.float32) for t in inputs]
+    if seed is not None:
+        torch.manual_seed(seed)
+    ref_out = torch_fn(*lowp)
+    g = torch.randn_like(ref_out.float()).to(dtype)
+    if seed is not None:
+        torch.manual_seed(seed)
+    out, grads = _grads(mesa_fn, lowp, g)
+    assert out.dtype == ref_out.dtype and torch.equal(out, ref_out), f"{what}: forward differs"
+    if seed is not None:
+        torch.manual_seed(seed)
+    _, torch_lowp = _grads(torch_fn, lowp, g)
+    if seed is not None:
+        torch.manual_seed(seed)
+    _, exact = _grads(torch_fn, exact_in, g.float())
+    assert_grads_close(
+        [x.float() for x in grads],
+        exact,
+        min_db=min_db,
+        low_precision=None if dtype == torch.float32 else [x.float() for x in torch_lowp],
+        what=what,
+    )
+    return grads, exact
+
+
+def _cases():
+    w = torch.randn(33, 65) * 0.1
+    b = torch.randn(33)
+    lnw, lnb = torch.randn(65), torch.randn(65)
+    return {
+        "linear": (
+            lambda x, w, b: ops.linear(x, w, b, config=CFG8),
+            F.linear,
+            [with_outliers(3, 197, 65), w, b],
+        ),
+        "layer_norm": (
+            lambda x, w, b: ops.layer_norm(x, (65,), w, b, 1e-6, config=CFG8),
+            lambda x, w, b: F.layer_norm(x, (65,), w, b, 1e-6),
+            [with_outliers(3, 197, 65), lnw, lnb],
+        ),
+        "rms_norm": (
+            lambda x, w: ops.rms_norm(x, (65,), w, 1e-6, config=CFG8),
+            lambda x, w: F.rms_norm(x, (65,), w, 1e-6),
+            [with_outliers(3, 197, 65), lnw],
+        ),
+        "gelu": (lambda x: ops.gelu(x, config=CFG8), F.gelu, [with_outliers(3, 7, 197, 65)]),
+        "gelu_tanh": (
+            lambda x: ops.gelu(x, "tanh", config=CFG8),
+            lambda x: F.gelu(x, approximate="tanh"),
+            [with_outliers(3, 7, 197, 65)],
+        ),
+        "silu": (lambda x: ops.silu(x, config=CFG8), F.silu, [with_outliers(3, 7, 197, 65)]),
+        "swiglu": (
+            lambda a, u: ops.gated(a, u, "silu", config=CFG8),
+            lambda a, u: F.silu(a) * u,
+            [with_outliers(3, 197, 65, seed=1), with_outliers(3, 197, 65, seed=2)],
+        ),
+        "geglu": (
+            lambda a, u: ops.gated(a, u, "gelu", config=CFG8),
+            lambda a, u: F.gelu(a) * u,
+            [with_outliers(3, 197, 65, seed=1), with_outliers(3, 197, 65, seed=2)],
+        ),
+        "softmax": (
+            lambda x: ops.softmax(x, -1, config=CFG8),
+            lambda x: F.softmax(x, -1),
+            [with_outliers(3, 7, 37, 37)],
+        ),
+        "matmul": (
+            lambda a, b: ops.matmul(a, b, config=CFG8),
+            torch.matmul,
+            [with_outliers(3, 7, 37, 65, seed=1), with_outliers(3, 7, 65, 37, seed=2)],
+        ),
+        "matmul_broadcast": (
+            lambda a, b: ops.matmul(a, b, config=CFG8),
+            torch.matmul,
+            [with_outliers(3, 7, 37, 65, seed=1), with_outliers(65, 21, seed=2)],
+        ),
+        "sdpa": (
+            lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, config=CFG8),
+            F.scaled_dot_product_attention,
+            [with_outliers(3, 7, 37, 65, seed=i) for i in range(3)],
+        ),
+        "sdpa_causal": (
+            lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, is_causal=True, config=CFG8),
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            [with_outliers(3, 7, 37, 65, seed=i) for i in range(3)],
+        ),
+    }
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_op_fp32_forward_exact_and_grads_at_8_bits(name):
+    mesa_fn, torch_fn, inputs = CASES[name]
+    _check(mesa_fn, torch_fn, inputs, what=name)
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("name", ["linear", "layer_norm", "gelu", "silu", "swiglu", "softmax", "matmul", "sdpa"])
+def test_op_low_precision(name, dtype):
+    mesa_fn, torch_fn, inputs = CASES[name]
+    if name == "layer_norm" and dtype == torch.float16:
+        inputs = [inputs[0]] + [t for t in inputs[1:]]
+    _check(mesa_fn, torch_fn, inputs, dtype=dtype, what=f"{name}/{dtype}")
+
+
+def test_sdpa_masks_and_gqa():
+    q = with_outliers(2, 8, 33, 16, seed=1)
+    k = with_outliers(2, 2, 33, 16, seed=2)
+    v = with_outliers(2, 2, 33, 16, seed=3)
+    bool_mask = torch.rand(2, 1, 33, 33) > 0.3
+    bool_mask[..., 0] = True  # no fully masked row
+    float_mask = torch.randn(2, 1, 33, 33)
+    for mask in (bool_mask, float_mask):
+        _check(
+            lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True, config=CFG8),
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True),
+            [q, k, v],
+            what="sdpa masked gqa",
+        )
+
+
+def test_sdpa_dropout_replays_the_forward_mask():
+    q, k, v = (with_outliers(2, 3, 33, 16, seed=i) for i in range(3))
+    _check(
+        lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, dropout_p=0.3, config=CFG8),
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.3),
+        [q, k, v],
+        seed=123,
+        what="sdpa dropout",
+    )
+
+
+def test_dropout_same_mask_as_torch_and_exact_gradient():
+    x = torch.randn(4, 37, 65, requires_grad=True)
+    torch.manual_seed(5)
+    out = ops.dropout(x, 0.25, True, config=CFG8)
+    torch.manual_seed(5)
+    ref = F.dropout(x, 0.25, True)
+    assert torch.equal(out, ref)
+    g = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, g)
+    (gr,) = torch.autograd.grad(ref, x, g)
+    assert torch.equal(gx, gr)
+    assert ops.dropout(x, 0.0, True, config=CFG8) is x
+    assert ops.dropout(x, 0.5, False, config=CFG8) is x
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        ops.dropout(x, 1.5, config=CFG8)
+
+
+@pytest.mark.parametrize("name", ["linear", "layer_norm", "gelu", "softmax", "sdpa"])
+def test_bits_none_is_plain_pytorch(name):
+    mesa_fn, torch_fn, inputs = CASES[name]
+    exact_cfg = MesaConfig(bits=None)
+    fn = {
+        "linear": lambda x, w, b: ops.linear(x, w, b, config=exact_cfg),
+        "layer_norm": lambda x, w, b: ops.layer_norm(x, (65,), w, b, 1e-6, config=exact_cfg),
+        "gelu": lambda x: ops.gelu(x, config=exact_cfg),
+        "softmax": lambda x: ops.softmax(x, -1, config=exact_cfg),
+        "sdpa": lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, config=exact_cfg),
+    }[name]
+    leaves = [_leaf(t) for t in inputs]
+    out, grads = _grads(fn, leaves, torch.ones_like(torch_fn(*leaves)))
+    ref, ref_grads = _grads(torch_fn, leaves, torch.ones_like(out))
+    assert torch.equal(out, ref)
+    for a, b in zip(grads, ref_grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["linear", "layer_norm", "gelu", "swiglu", "softmax", "sdpa"])
+def test_fewer_bits_report(name, capsys):
+    """4 and 2 bits: print the SQNR (figures for docs), check it is ordered."""
+    _, torch_fn, inputs = CASES[name]
+    figures = {}
+    for bits in (8, 4, 2):
+        cfg = MesaConfig(bits=bits, rounding="nearest")
+        fn = {
+            "linear": lambda x, w, b: ops.linear(x, w, b, config=cfg),
+            "layer_norm": lambda x, w, b: ops.layer_norm(x, (65,), w, b, 1e-6, config=cfg),
+            "gelu": lambda x: ops.gelu(x, config=cfg),
+            "swiglu": lambda a, u: ops.gated(a, u, "silu", config=cfg),
+            "softmax": lambda x: ops.softmax(x, -1, config=cfg),
+            "sdpa": lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, config=cfg),
+        }[name]
+        leaves = [_leaf(t) for t in inputs]
+        ref = torch_fn(*leaves)
+        g = torch.randn_like(ref)
+        _, grads = _grads(fn, leaves, g)
+        _, exact = _grads(torch_fn, leaves, g)
+        figures[bits] = min(sqnr_db(a, e) for a, e in zip(grads, exact))
+    with capsys.disabled():
+        print(f"\n  {name}: worst grad SQNR 8/4/2 bits: " + " / ".join(f"{figures[b]:.1f}" for b in (8, 4, 2)))
+    assert figures[8] > figures[4] > figures[2] > -10
+
+
+def test_stochastic_rounding_gives_unbiased_gradients():
+    """The mean of 2-bit stochastic gradients converges to the exact gradient."""
+    cfg = MesaConfig(bits=2, rounding="stochastic")
+    x = with_outliers(2, 33, 64)
+    w = torch.randn(16, 64, requires_grad=True)
+    g = torch.randn(2, 33, 16)
+    (exact,) = torch.autograd.grad(F.linear(x, w), w, g)
+    errors = {}
+    total = torch.zeros_like(exact)
+    for n in range(1, 257):
+        (gw,) = torch.autograd.grad(ops.linear(x, w, config=cfg), w, g)
+        total += gw
+        if n in (1, 16, 256):
+            errors[n] = sqnr_db(total / n, exact)
+    # averaging n unbiased draws gains 10 log10(n) dB; allow 3 dB of slack
+    assert errors[16] >= errors[1] + 12 - 3
+    assert errors[256] >= errors[1] + 24 - 3
+
+
+def test_keep_once_shares_storages():
+    """LayerNorm -> Linear and GELU -> dropout -> Linear keep nothing new for the Linear."""
+    x = torch.randn(2, 17, 32, requires_grad=True)
+    w1 = torch.randn(64, 32, requires_grad=True)
+    w2 = torch.randn(32, 64, requires_grad=True)
+    lnw = torch.ones(32, requires_grad=True)
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        h = ops.layer_norm(x, (32,), lnw, None, config=CFG8)
+        y = ops.linear(h, w1, config=CFG8)
+        z = ops.linear(ops.dropout(ops.gelu(y, config=CFG8), 0.1, config=CFG8), w2, config=CFG8)
+    storages = {t.untyped_storage().data_ptr() for t in packed}
+    params = {p.untyped_storage().data_ptr() for p in (w1, w2, lnw)}
+    activations = [t for t in packed if t.untyped_storage().data_ptr() not in params]
+    # LN keeps codes + lo + scale + row centre + row width (5), GELU codes +
+    # lo + scale (3), dropout its 1-bit mask (1): nothing else is new.
+    assert len({t.untyped_storage().data_ptr() for t in activations}) == 9
+    assert all(t.dtype in (torch.uint8, torch.float32) for t in activations)
+    assert len(storages) == 9 + 3
+    # and the rebuilt inputs give the right gradients
+    z.sum().backward()
+    x2 = x.detach().requires_grad_()
+    ref = F.linear(F.gelu(F.linear(F.layer_norm(x2, (32,), lnw), w1)), w2)
+    assert ref.shape == z.shape
+
+
+def test_keep_once_ignores_outputs_modified_in_place():
+    """An attached output changed in place is quantized afresh, not rebuilt
+    from the producer's input (which would miss the change)."""
+    x = torch.randn(4, 16, requires_grad=True)
+    w = torch.randn(8, 16, requires_grad=True)
+    h = ops.gelu(x, config=CFG8)
+    h.add_(1.0)
+    out = ops.linear(h, w, config=CFG8)
+    (gw,) = torch.autograd.grad(out.sum(), w)
+    (ref,) = torch.autograd.grad(F.linear(F.gelu(x) + 1.0, w).sum(), w)
+    assert sqnr_db(gw, ref) > 30
+
+
+def test_functional_ops_accept_none_and_reject_bad_config():
+    x = torch.randn(3, 4, requires_grad=True)
+    assert ops.gelu(x).shape == x.shape  # default config
+    with pytest.raises(TypeError, match="MesaConfig"):
+        ops.gelu(x, config="8bit")
+    with pytest.raises(ValueError, match="approximate"):
+        ops.gelu(x, "fast")
+    with pytest.raises(ValueError, match="same shape"):
+        ops.gated(x, torch.randn(3, 5, requires_grad=True))
+
+
+def test_no_grad_and_inference_mode_keep_nothing(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_saved.quant, "compress", lambda *a, **k: calls.append(1))
+    x = torch.randn(3, 8, requires_grad=True)
+    w = torch.randn(4, 8, requires_grad=True)
+    with torch.no_grad():
+        ops.linear(ops.gelu(x), w)
+    with torch.inference_mode():
+        ops.linear(ops.layer_norm(x, (8,)), w)
+    ops.linear(x.detach(), w.detach())
+    assert calls == []
+
+
+def test_autocast_matches_pytorch_dtype_and_forward():
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    w = torch.randn(16, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = ops.layer_norm(x, (32,), config=CFG8)
+        out = ops.linear(h, w, config=CFG8)
+        ref = F.linear(F.layer_norm(x, (32,)), w)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert torch.equal(out, ref)
+    g = torch.randn_like(out)
+    gx, gw = torch.autograd.grad(out, (x, w), g)
+    rx, rw = torch.autograd.grad(ref, (x, w), g)
+    assert gx.dtype == rx.dtype and gw.dtype == rw.dtype == torch.float32
+    # within 6 dB of bf16's own error against the fp32 computation
+    ex, ew = torch.autograd.grad(F.linear(F.layer_norm(x, (32,)), w), (x, w), g.float())
+    assert_grads_close([gx, gw], [ex, ew], low_precision=[rx, rw], what="autocast ln->linear")

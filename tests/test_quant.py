@@ -1,0 +1,225 @@
+"""The quantizer: reference properties, edge cases, and fused == reference."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from torch_mesa import quant
+from torch_mesa.quant import reference as ref
+from torch_mesa.quant import fused
+
+from conftest import sqnr_db, with_outliers
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (axes, group_size) layouts: per channel, per 64-channel group, per tensor,
+# per (head, channel), per head, along a middle axis with ragged groups.
+LAYOUTS = [((3,), 1), ((3,), 64), ((3,), None), ((1, 3), 1), ((1, 3), 65), ((2,), 5)]
+
+
+def _round_trip(x, bits, axes, group_size, stochastic=False, rows=False, prims=None):
+    saved = ref.quantize(x, bits, axes, group_size, stochastic, rows=rows, prims=prims)
+    return saved, ref.dequantize(saved, x.shape, x.dtype, bits, axes, group_size, prims=prims)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("axes,group_size", LAYOUTS)
+def test_nearest_error_at_most_half_a_step(bits, axes, group_size):
+    x = torch.randn(3, 7, 19, 65)
+    saved, y = _round_trip(x, bits, axes, group_size)
+    scale_c = ref.to_channels(saved[2], tuple(x.shape), ref.normalize_axes(axes, 4), group_size)
+    err = (y - x).abs()
+    # half a step, plus fp32 rounding of the arithmetic
+    assert (err <= scale_c * 0.5 * (1 + 1e-5) + 1e-6).all()
+    lo_c = ref.to_channels(saved[1], tuple(x.shape), ref.normalize_axes(axes, 4), group_size)
+    hi_c = lo_c + scale_c * (2**bits - 1)
+    assert (y >= lo_c - 1e-6).all() and (y <= hi_c * (1 + 1e-6) + 1e-6).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits,min_db", [(8, 38.0), (4, 14.0), (2, 1.5)])
+def test_sqnr_and_memory_per_bits(dtype, bits, min_db):
+    """Per-channel ranges of Gaussian data: 8 bits ~ 6 dB per bit; and the
+    codes take bits/8 bytes per element."""
+    x = torch.randn(4, 197, 384).to(dtype)
+    saved, y = _round_trip(x, bits, (2,), 1)
+    assert y.dtype == dtype and y.shape == x.shape
+    # judged against the low-precision input itself
+    assert sqnr_db(y.float(), x.float()) >= min_db
+    assert saved[0].dtype == torch.uint8
+    assert saved[0].numel() == math.ceil(x.numel() * bits / 8)
+    assert saved[1].numel() == saved[2].numel() == 384
+
+
+def test_outliers_get_their_own_range_per_channel():
+    x = with_outliers(8, 197, 384, requires_grad=False)
+    _, per_channel = _round_trip(x, 8, (2,), 1)
+    _, per_tensor = _round_trip(x, 8, (2,), None)
+    assert sqnr_db(per_channel, x) > sqnr_db(per_tensor, x) + 10
+
+
+def test_row_normalised_keeps_relative_precision_of_small_rows():
+    x = torch.randn(2, 50, 64)
+    x[:, 0] *= 1e-3  # a token with a tiny spread (a class token at init)
+    _, plain = _round_trip(x, 8, (2,), 1)
+    _, rows = _round_trip(x, 8, (2,), 1, rows=True)
+    assert sqnr_db(rows[:, 0], x[:, 0]) > 30
+    assert sqnr_db(plain[:, 0], x[:, 0]) < 10
+
+
+def test_stochastic_rounding_is_unbiased():
+    x = torch.randn(64, 32)
+    draws = 800
+    total = torch.zeros_like(x)
+    for _ in range(draws):
+        saved, y = _round_trip(x, 2, (1,), 1, stochastic=True)
+        total += y
+    mean = total / draws
+    step = ref.to_channels(saved[2], (64, 32), (1,), 1)
+    _, nearest = _round_trip(x, 2, (1,), 1)
+    # mean of unbiased draws: error ~ step / (2 sqrt(draws)); nearest: up to step / 2
+    assert ((mean - x).abs() / step).mean() < 0.03
+    assert ((nearest - x).abs() / step).mean() > 0.15
+
+
+def test_edge_cases_zero_size_constant_scalar_noncontiguous():
+    for shape in [(0, 5), (3, 0), (2, 0, 4)]:
+        saved, layout = quant.compress(torch.randn(shape), 8, kernel="reference")
+        assert quant.expand(saved, layout).shape == shape
+    c = torch.full((4, 9), 3.25)
+    saved, layout = quant.compress(c, 4, kernel="reference")
+    assert torch.equal(quant.expand(saved, layout), c)  # constant groups are exact
+    s = torch.tensor(1.5)
+    saved, layout = quant.compress(s, 8, kernel="reference")
+    out = quant.expand(saved, layout)
+    assert out.shape == () and out.item() == 1.5
+    base = torch.randn(33, 17)
+    t = base.t()  # non-contiguous
+    saved, layout = quant.compress(t, 8, kernel="reference")
+    out = quant.expand(saved, layout)
+    assert out.shape == t.shape and sqnr_db(out, t) > 38
+
+
+def test_huge_and_tiny_magnitudes_stay_finite():
+    for scale in (1e30, 1e-30, 1e-42):  # 1e-42 is a float32 denormal
+        x = torch.randn(16, 8) * scale
+        saved, layout = quant.compress(x, 8, kernel="reference")
+        y = quant.expand(saved, layout)
+        assert torch.isfinite(y).all()
+        if scale >= 1e-30:
+            assert sqnr_db(y, x) > 38
+
+
+def test_non_finite_groups_dequantize_to_nan_not_to_silent_values():
+    x = torch.randn(10, 4)
+    x[3, 1] = float("nan")
+    x[5, 2] = float("inf")
+    saved, layout = quant.compress(x, 8, kernel="reference")
+    y = quant.expand(saved, layout)
+    assert torch.isnan(y[:, 1]).all() and torch.isnan(y[:, 2]).all()
+    assert torch.isfinite(y[:, [0, 3]]).all()
+
+
+def test_running_range_saturates_never_wraps():
+    r = quant.RunningRange(momentum=0.9)
+    x = torch.rand(100, 4)  # in [0, 1)
+    quant.compress(x, 8, running=r, kernel="reference")
+    big = x * 10  # far outside the running range
+    saved, layout = quant.compress(big, 8, running=r, kernel="reference")
+    y = quant.expand(saved, layout)
+    hi = (r.lo + r.span).max()
+    assert y.max() <= hi * 1.0001  # saturates at the top of the range
+    order = torch.argsort(big[:, 0])
+    assert (y[order, 0].diff() >= 0).all()  # monotone: no wrap-around
+
+
+def test_running_range_is_a_moving_average_and_ignores_non_finite_steps():
+    r = quant.RunningRange(momentum=0.9)
+    a = torch.zeros(10, 2)
+    a[0] = 1.0
+    quant.compress(a, 8, running=r, kernel="reference")
+    assert torch.allclose(r.lo, torch.zeros(2)) and torch.allclose(r.span, torch.ones(2))
+    quant.compress(a * 3, 8, running=r, kernel="reference")
+    assert torch.allclose(r.span, torch.full((2,), 0.9 * 1 + 0.1 * 3))
+    before = r.span.clone()
+    bad = a.clone()
+    bad[1, 0] = float("nan")
+    saved, layout = quant.compress(bad, 8, running=r, kernel="reference")
+    assert torch.equal(r.span[0], before[0])  # the NaN step did not poison the estimate
+    assert torch.isnan(quant.expand(saved, layout)[:, 0]).all()  # and shows up as NaN
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=st.sampled_from([1, 2, 4, 8]),
+    codes=st.lists(st.integers(0, 255), min_size=0, max_size=70),
+)
+def test_pack_unpack_round_trip(bits, codes):
+    c = torch.tensor([v % (1 << bits) for v in codes], dtype=torch.uint8)
+    packed = ref.pack(c, bits)
+    assert packed.numel() == ref.packed_numel(c.numel(), bits)
+    assert torch.equal(ref.unpack(packed, bits, c.numel()), c)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 13),
+    bits=st.sampled_from([2, 4, 8]),
+    group_size=st.sampled_from([1, 3, 8, None]),
+    scale=st.floats(1e-3, 1e3),
+)
+def test_dequantized_values_stay_within_their_group_range(rows, cols, bits, group_size, scale):
+    x = torch.randn(rows, cols) * scale
+    saved, y = _round_trip(x, bits, (1,), group_size)
+    lo_c = ref.to_channels(saved[1], (rows, cols), (1,), group_size)
+    scale_c = ref.to_channels(saved[2], (rows, cols), (1,), group_size)
+    tol = 1e-5 * scale
+    assert (y >= lo_c - tol).all() and (y <= lo_c + scale_c * (2**bits - 1) + tol).all()
+    assert ((y - x).abs() <= scale_c / 2 + tol).all()
+
+
+# ------------------------------------------------------------ fused path
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("axes,group_size", [((3,), 1), ((1, 3), 1), ((3,), None), ((2,), 5)])
+def test_fused_equals_reference_bit_for_bit(dtype, bits, axes, group_size):
+    x = with_outliers(3, 7, 197, 65, dtype=dtype, requires_grad=False)
+    a, ya = _round_trip(x, bits, axes, group_size)
+    b, yb = _round_trip(x, bits, axes, group_size, prims=fused.PRIMS)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    assert torch.equal(ya, yb)
+    assert fused.available()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_equals_reference_rows_and_noncontiguous(dtype):
+    x = with_outliers(5, 65, 197, dtype=dtype, requires_grad=False).transpose(1, 2)  # (5, 197, 65)
+    a, ya = _round_trip(x, 8, (2,), 1, rows=True)
+    b, yb = _round_trip(x, 8, (2,), 1, rows=True, prims=fused.PRIMS)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    assert torch.equal(ya, yb)
+
+
+def test_fused_stochastic_rounding_is_unbiased():
+    x = torch.randn(64, 32)
+    draws = 400
+    total = torch.zeros_like(x)
+    for _ in range(draws):
+        saved, y = _round_trip(x, 2, (1,), 1, stochastic=True, prims=fused.PRIMS)
+        total += y
+    step = ref.to_channels(saved[2], (64, 32), (1,), 1)
+    assert (((total / draws) - x).abs() / step).mean() < 0.04
+
+
+def test_kernel_env_override(monkeypatch):
+    monkeypatch.setenv("TORCH_MESA_KERNEL", "reference")
+    _, layout = quant.compress(torch.randn(4, 4), 8)
+    assert layout.kernel == "reference"
+    monkeypatch.setenv("TORCH_MESA_KERNEL", "fast")
+    with pytest.raises(ValueError, match="TORCH_MESA_KERNEL"):
+        quant.compress(torch.randn(4, 4), 8)
