@@ -216,6 +216,34 @@ def test_fused_stochastic_rounding_is_unbiased():
     assert (((total / draws) - x).abs() / step).mean() < 0.04
 
 
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_fused_stochastic_equals_reference_for_the_same_seed(bits):
+    """The rounding noise is a hash of (element index, seed): both paths draw
+    the same seed from PyTorch's generator and so round identically."""
+    x = with_outliers(3, 7, 37, 65, requires_grad=False)
+    torch.manual_seed(7)
+    a, ya = _round_trip(x, bits, (3,), 1, stochastic=True)
+    torch.manual_seed(7)
+    b, yb = _round_trip(x, bits, (3,), 1, stochastic=True, prims=fused.PRIMS)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    assert torch.equal(ya, yb)
+
+
+def test_hash_noise_is_uniform():
+    u = ref.uniform_from_seed((1 << 20,), torch.tensor(12345))
+    assert 0.0 <= u.min() and u.max() < 1.0
+    hist = torch.histc(u, bins=64, min=0.0, max=1.0)
+    expected = u.numel() / 64
+    chi2 = ((hist - expected) ** 2 / expected).sum().item()
+    assert chi2 < 120  # 63 degrees of freedom: p < 1e-5 above ~120
+    # neighbouring elements are uncorrelated
+    corr = torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1].abs().item()
+    assert corr < 0.01
+    v = ref.uniform_from_seed((1 << 20,), torch.tensor(12346))
+    assert torch.corrcoef(torch.stack([u, v]))[0, 1].abs().item() < 0.01
+
+
 def test_kernel_env_override(monkeypatch):
     monkeypatch.setenv("TORCH_MESA_KERNEL", "reference")
     _, layout = quant.compress(torch.randn(4, 4), 8)

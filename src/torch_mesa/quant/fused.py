@@ -75,8 +75,15 @@ def _minmax(key: str, axes: tuple, per_tensor: bool, rows: bool) -> Callable:
 
 @functools.lru_cache(maxsize=None)
 def _codes(key: str, bits: int, stochastic: bool, rows: bool) -> Callable:
-    def codes(x, lo_c, scale_c, *row):
-        return ref.quantize_codes(x, lo_c, scale_c, bits, stochastic, *row)
+    if stochastic:
+
+        def codes(x, lo_c, scale_c, seed, *row):
+            return ref.quantize_codes(x, lo_c, scale_c, bits, seed, *row)
+
+    else:
+
+        def codes(x, lo_c, scale_c, *row):
+            return ref.quantize_codes(x, lo_c, scale_c, bits, None, *row)
 
     return _compile(codes, f"{key}_{bits}b_{int(stochastic)}_{int(rows)}")
 
@@ -130,14 +137,16 @@ def channel_minmax(x, axes, per_tensor, centre=None, width=None):
     )
 
 
-def quantize_codes(x, lo_c, scale_c, bits, stochastic, centre=None, width=None):
+def quantize_codes(x, lo_c, scale_c, bits, seed=None, centre=None, width=None):
     row = () if centre is None else (centre, width)
+    lead = () if seed is None else (seed,)
     return _run(
-        _codes(_key(x), bits, stochastic, bool(row)),
-        lambda t, lo, sc, *r: ref.quantize_codes(t, lo, sc, bits, stochastic, *r),
+        _codes(_key(x), bits, seed is not None, bool(row)),
+        lambda t, lo, sc, *rest: ref.quantize_codes(t, lo, sc, bits, *(rest if lead else (None,) + rest)),
         x,
         lo_c,
         scale_c,
+        *lead,
         *row,
     )
 

@@ -1,0 +1,363 @@
+"""`torch-mesa bench`: unconverted vs checkpointing vs torch-mesa, side by side.
+
+For one model (any name :mod:`torch_mesa.zoo` accepts) and each configuration
+
+* ``baseline``: the model as built;
+* ``checkpoint``: ``torch.utils.checkpoint`` around each Transformer block;
+* ``mesa8`` / ``mesa4``: ``torch_mesa.compress_`` at 8 / 4 bits;
+* ``mesa8+checkpoint``: both,
+
+it measures, in one process with the configurations interleaved:
+
+* bytes kept for backward (``torch_mesa.measure``; for checkpointed blocks,
+  the block inputs the checkpoint holds are added, since a non-reentrant
+  checkpoint keeps them outside autograd's saved tensors), for the blocks and
+  for the whole model, at the run's autocast setting;
+* median training-step time over ``--repeats`` and its ratio to the baseline;
+* peak memory of a training step after a warm-up step (see
+  :func:`peak_memory`), absolute (weights and runtime included) and as the
+  rise above what was held just before the step;
+* gradient fidelity: worst and median per-parameter cosine similarity and the
+  worst SQNR (dB) against the baseline's gradient (same weights and batch).
+
+Results are appended to a CSV (with date, machine, device, torch version and
+commit) and, with ``--docs FILE``, written into FILE between markers for this
+model, device and autocast setting, with the command that produced them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from . import MesaConfig, compress_, measure
+from .zoo import ModelError, resolve
+
+__all__ = ["run_bench"]
+
+ALL_CONFIGS = ("baseline", "checkpoint", "mesa8", "mesa4", "mesa8+checkpoint")
+_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Checkpointed(nn.Module):
+    """Recomputes ``block`` in backward; remembers its last tensor inputs so
+    that what the checkpoint holds can be counted."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+        self.last_inputs: List[torch.Tensor] = []
+
+    def forward(self, *args, **kwargs):
+        self.last_inputs = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+        return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
+
+
+def find_blocks(model: nn.Module):
+    """The ModuleList/Sequential of Transformer blocks: the largest container
+    whose children all have the same type (and have parameters)."""
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2:
+            kinds = {type(c) for c in module}
+            if len(kinds) == 1 and any(True for _ in module[0].parameters()):
+                if best is None or len(module) > len(best[1]):
+                    best = (name, module)
+    if best is None:
+        raise ModelError("found no list of Transformer blocks to checkpoint in this model")
+    return best
+
+
+def build(spec, config: str, device) -> nn.Module:
+    torch.manual_seed(0)
+    model = spec.build().to(device)
+    model.train()
+    if config.startswith("mesa"):
+        compress_(model, MesaConfig(bits=4 if config.startswith("mesa4") else 8))
+    if "checkpoint" in config:
+        _, blocks = find_blocks(model)
+        for i in range(len(blocks)):
+            blocks[i] = Checkpointed(blocks[i])
+    return model
+
+
+def _autocast(device: str, amp: str):
+    dtype = _AMP[amp]
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
+def train_step(model, spec, batch, device, amp):
+    args, kwargs, target = batch
+    with _autocast(device, amp):
+        loss = spec.loss(model(*args, **kwargs), target)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def kept_bytes(model, spec, batch, amp) -> Dict[str, int]:
+    args, kwargs, target = batch
+    report = measure(model, *args, loss_fn=lambda out: spec.loss(out, target),
+                     autocast_dtype=_AMP[amp], **kwargs)
+    blocks_name, _ = find_blocks(model)
+    prefix = blocks_name + "."
+    blocks = sum(v for k, v in report.by_module.items() if k.startswith(prefix))
+    total = report.total_bytes
+    seen = set()
+    for m in model.modules():  # what checkpoints hold outside autograd
+        if isinstance(m, Checkpointed):
+            for t in m.last_inputs:
+                st = t.untyped_storage()
+                if st.data_ptr() not in seen:
+                    seen.add(st.data_ptr())
+                    blocks += st.nbytes()
+                    total += st.nbytes()
+    return {"blocks": blocks, "total": total}
+
+
+def fidelity(spec, batch, device, configs) -> Dict[str, dict]:
+    args, kwargs, target = batch
+    grads = {}
+    for config in ["baseline"] + [c for c in configs if c.startswith("mesa")]:
+        model = build(spec, config, device)
+        spec.loss(model(*args, **kwargs), target).backward()
+        grads[config] = {n: p.grad.detach().double().flatten()
+                         for n, p in model.named_parameters() if p.grad is not None}
+    out = {}
+    for config, g in grads.items():
+        if config == "baseline":
+            continue
+        cos, dbs = [], []
+        for n, exact in grads["baseline"].items():
+            if n not in g or exact.norm() == 0:
+                continue
+            cos.append(torch.nn.functional.cosine_similarity(g[n], exact, 0).item())
+            noise = (g[n] - exact).pow(2).sum().item()
+            dbs.append(math.inf if noise == 0 else 10 * math.log10(exact.pow(2).sum().item() / noise))
+        out[config] = {"worst_cos": min(cos), "median_cos": statistics.median(cos), "worst_db": min(dbs)}
+    return out
+
+
+def step_times(spec, batch, device, amp, configs, repeats, progress=print) -> Dict[str, float]:
+    models = {c: build(spec, c, device) for c in configs}
+    for c in configs:  # warm-up: compilation, allocator, caches
+        for _ in range(2):
+            train_step(models[c], spec, batch, device, amp)
+    times: Dict[str, List[float]] = {c: [] for c in configs}
+    for r in range(repeats):
+        for c in configs:
+            _sync(device)
+            t = time.perf_counter()
+            train_step(models[c], spec, batch, device, amp)
+            _sync(device)
+            times[c].append(time.perf_counter() - t)
+        progress(f"  timing: repeat {r + 1}/{repeats} done")
+    return {c: statistics.median(v) for c, v in times.items()}
+
+
+def _vm(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory(args, config: str) -> Dict[str, int]:
+    """``{"peak": bytes, "rest": bytes}`` of one training step after a warm-up
+    step: the highest memory during the step, and what was held just before it
+    (weights, runtime). CUDA: allocator statistics in this process. CPU: a
+    fresh process per configuration, with glibc returning large freed blocks
+    to the system at once (``MALLOC_MMAP_THRESHOLD_``) and the resident-set
+    high-water mark reset after the warm-up (``/proc/self/clear_refs``), so
+    compilation and the warm-up step do not count."""
+    if torch.device(args.device).type == "cuda":
+        spec = _spec(args)
+        model = build(spec, config, args.device)
+        batch = spec.batch(args.batch_size, args.device)
+        train_step(model, spec, batch, args.device, args.amp)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        rest = torch.cuda.memory_allocated()
+        train_step(model, spec, batch, args.device, args.amp)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        del model
+        torch.cuda.empty_cache()
+        return {"peak": peak, "rest": rest}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, "-m", "torch_mesa.bench", "--peak-child", config] + _child_argv(args)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"peak-memory run of {config} failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _child_argv(args) -> List[str]:
+    return ["--model", args.model, "--batch-size", str(args.batch_size), "--image-size",
+            str(args.image_size), "--seq-len", str(args.seq_len), "--device", args.device, "--amp", args.amp]
+
+
+def _spec(args):
+    return resolve(args.model, image_size=args.image_size, seq_len=args.seq_len)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def _mib(n) -> str:
+    return "–" if n is None else f"{n / 2**20:,.1f}"
+
+
+def format_markdown(results: dict) -> str:
+    rows = results["rows"]
+    base = rows["baseline"]
+    amp = results["amp"]
+    lines = [
+        "| configuration | kept, blocks (MiB) | ratio | kept, whole model (MiB) | ratio | "
+        "step time (s) | ratio | peak memory (MiB) | ratio | peak rise in a step (MiB) | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c, r in rows.items():
+        peak, rise = r.get("peak"), r.get("rise")
+        ratio = lambda a, b: f"{a / b:.2f}x" if a is not None and b else "–"  # noqa: E731
+        lines.append(
+            f"| {c} | {_mib(r['blocks'])} | {r['blocks'] / base['blocks']:.3f} | {_mib(r['total'])} | "
+            f"{r['total'] / base['total']:.3f} | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f}x | "
+            f"{_mib(peak)} | {ratio(peak, base.get('peak'))} | {_mib(rise)} | {ratio(rise, base.get('rise'))} |"
+        )
+    if results["fidelity"]:
+        lines += ["", "| gradient fidelity (vs exact, fp32) | worst cosine | median cosine | worst SQNR (dB) |",
+                  "|---|---:|---:|---:|"]
+        for c, f in results["fidelity"].items():
+            lines.append(f"| {c} | {f['worst_cos']:.5f} | {f['median_cos']:.5f} | {f['worst_db']:.1f} |")
+    head = (f"{results['model']}, batch {results['batch_size']}, autocast {amp}, on {results['device']}; "
+            f"torch {results['torch']}, commit {results['commit']}, {results['date'][:10]}; "
+            f"step time is the median of {results['repeats']} interleaved repeats.")
+    return head + "\n\n" + "\n".join(lines)
+
+
+def update_docs(path: Path, results: dict, command: str) -> None:
+    key = f"{results['model']}|{results['device_kind']}|{results['amp']}|b{results['batch_size']}"
+    start, end = f"<!-- bench:{key}:start -->", f"<!-- bench:{key}:end -->"
+    block = f"{start}\n```\n{command}\n```\n\n{format_markdown(results)}\n{end}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        _, after = rest.split(end, 1)
+        text = before + block + after
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def run_bench(args, progress=print) -> int:
+    if args.batch_size < 1 or args.repeats < 1:
+        raise ModelError("--batch-size and --repeats must be >= 1")
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in ALL_CONFIGS]
+    if unknown or "baseline" not in configs:
+        raise ModelError(f"--configs must include baseline and only {', '.join(ALL_CONFIGS)}; got {args.configs!r}")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda but no CUDA device is available")
+    spec = _spec(args)
+    batch = spec.batch(args.batch_size, args.device)
+    progress(f"# {spec.name}, batch {args.batch_size}, {args.device} ({device_name(args.device)}), "
+             f"autocast {args.amp}, torch {torch.__version__}")
+    rows: Dict[str, dict] = {}
+    for c in configs:
+        rows[c] = kept_bytes(build(spec, c, args.device), spec, batch, args.amp)
+    progress("  bytes kept for backward: measured")
+    fid = fidelity(spec, batch, args.device, configs)
+    progress("  gradient fidelity: measured")
+    for c, t in step_times(spec, batch, args.device, args.amp, configs, args.repeats, progress).items():
+        rows[c]["step_s"] = t
+    if not args.skip_peak:
+        for c in configs:
+            mem = peak_memory(args, c)
+            rows[c]["peak"], rows[c]["rise"] = mem["peak"], mem["peak"] - mem["rest"]
+        progress("  peak memory: measured")
+    results = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.node(), "device": device_name(args.device),
+        "device_kind": torch.device(args.device).type, "torch": torch.__version__, "commit": _commit(),
+        "model": spec.name, "batch_size": args.batch_size, "amp": args.amp, "repeats": args.repeats,
+        "rows": rows, "fidelity": fid,
+    }
+    print(format_markdown(results))
+    path = Path(args.csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["date", "machine", "device", "torch", "commit", "model", "batch_size", "amp",
+                        "repeats", "config", "metrics"])
+        meta = [results[k] for k in ("date", "machine", "device", "torch", "commit", "model", "batch_size",
+                                     "amp", "repeats")]
+        for c, r in rows.items():
+            w.writerow(meta + [c, json.dumps({**r, **fid.get(c, {})})])
+    if args.docs:
+        command = "torch-mesa " + " ".join(shlex.quote(a) for a in getattr(args, "argv", None) or ["bench"])
+        update_docs(Path(args.docs), results, command.strip())
+        progress(f"  wrote {args.docs}")
+    return 0
+
+
+def _peak_child(argv) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--peak-child")
+    for a in ("--model", "--device", "--amp"):
+        p.add_argument(a)
+    for a in ("--batch-size", "--image-size", "--seq-len"):
+        p.add_argument(a, type=int)
+    args = p.parse_args(argv)
+    spec = _spec(args)
+    model = build(spec, args.peak_child, args.device)
+    batch = spec.batch(args.batch_size, args.device)
+    train_step(model, spec, batch, args.device, args.amp)  # warm-up: compiles
+    gc.collect()
+    rest = _vm("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident set
+    except OSError:
+        pass
+    train_step(model, spec, batch, args.device, args.amp)
+    print(json.dumps({"peak": _vm("VmHWM"), "rest": rest}))
+
+
+if __name__ == "__main__":
+    _peak_child(sys.argv[1:])
