@@ -9,10 +9,9 @@ For one model (any name :mod:`torch_mesa.zoo` accepts) and each configuration
 
 it measures, in one process with the configurations interleaved:
 
-* bytes kept for backward (``torch_mesa.measure``; for checkpointed blocks,
-  the block inputs the checkpoint holds are added, since a non-reentrant
-  checkpoint keeps them outside autograd's saved tensors), for the blocks and
-  for the whole model, at the run's autocast setting;
+* bytes kept for backward (``torch_mesa.measure``; a checkpointed block keeps
+  its inputs), for the blocks and for the whole model, at the run's autocast
+  setting;
 * median training-step time over ``--repeats`` and its ratio to the baseline;
 * peak memory of a training step after a warm-up step (see
   :func:`peak_memory`), absolute (weights and runtime included) and as the
@@ -57,16 +56,14 @@ _AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Checkpointed(nn.Module):
-    """Recomputes ``block`` in backward; remembers its last tensor inputs so
-    that what the checkpoint holds can be counted."""
+    """Recomputes ``block`` in backward (non-reentrant ``torch.utils.checkpoint``,
+    which keeps the block's inputs through autograd, where ``measure`` sees them)."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
         self.block = block
-        self.last_inputs: List[torch.Tensor] = []
 
     def forward(self, *args, **kwargs):
-        self.last_inputs = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
         return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
 
 
@@ -123,17 +120,7 @@ def kept_bytes(model, spec, batch, amp) -> Dict[str, int]:
     blocks_name, _ = find_blocks(model)
     prefix = blocks_name + "."
     blocks = sum(v for k, v in report.by_module.items() if k.startswith(prefix))
-    total = report.total_bytes
-    seen = set()
-    for m in model.modules():  # what checkpoints hold outside autograd
-        if isinstance(m, Checkpointed):
-            for t in m.last_inputs:
-                st = t.untyped_storage()
-                if st.data_ptr() not in seen:
-                    seen.add(st.data_ptr())
-                    blocks += st.nbytes()
-                    total += st.nbytes()
-    return {"blocks": blocks, "total": total}
+    return {"blocks": blocks, "total": report.total_bytes}
 
 
 def fidelity(spec, batch, device, configs) -> Dict[str, dict]:

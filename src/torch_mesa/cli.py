@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser("demo", help="train a small ViT on the bundled digits, with and without torch-mesa")
-    d.add_argument("--epochs", type=int, default=15, help="training epochs per run (default 15)")
+    d.add_argument("--epochs", type=int, default=30, help="training epochs per run (default 30)")
     d.add_argument("--bits", type=int, default=8, help="8, 4 or 2 (default 8)")
     d.add_argument("--batch-size", type=int, default=64)
     d.add_argument("--lr", type=float, default=3e-3)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["VisionTransformer", "vit_small", "vit_tiny"]
+__all__ = ["VisionTransformer", "vit_base", "vit_small", "vit_tiny"]
 
 
 class Attention(nn.Module):
@@ -99,11 +99,16 @@ class VisionTransformer(nn.Module):
         return self.head(x[:, 0])
 
 
-def vit_small(**kw) -> VisionTransformer:
+def vit_small(image_size: int = 224, **kw) -> VisionTransformer:
     """ViT-S/16 layout: width 384, depth 12, 6 heads (197 tokens at 224 px)."""
-    return VisionTransformer(dim=384, depth=12, heads=6, **kw)
+    return VisionTransformer(image_size=image_size, dim=384, depth=12, heads=6, **kw)
 
 
-def vit_tiny(**kw) -> VisionTransformer:
+def vit_tiny(image_size: int = 224, **kw) -> VisionTransformer:
     """ViT-Ti/16 layout: width 192, depth 12, 3 heads."""
-    return VisionTransformer(dim=192, depth=12, heads=3, **kw)
+    return VisionTransformer(image_size=image_size, dim=192, depth=12, heads=3, **kw)
+
+
+def vit_base(image_size: int = 224, **kw) -> VisionTransformer:
+    """ViT-B/16 (DeiT-B) layout: width 768, depth 12, 12 heads."""
+    return VisionTransformer(image_size=image_size, dim=768, depth=12, heads=12, **kw)

@@ -1,0 +1,126 @@
+"""The command line end to end at tiny sizes; outputs checked for content."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from torch_mesa import cli
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_demo_short_run(tmp_path, capsys):
+    code, out, err = run(["demo", "--epochs", "4", "--no-peak", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert "bytes kept for backward" in out and "test accuracy" in out and "median step time" in out
+    data = json.loads((tmp_path / "demo.json").read_text())
+    base, mesa = data["runs"]
+    assert base["name"] == "unconverted" and mesa["name"] == "torch-mesa 8-bit"
+    # the table's numbers are the measured ones
+    assert f"{base['test_accuracy']:.2%}" in out and f"{mesa['test_accuracy']:.2%}" in out
+    assert mesa["kept_bytes"] < 0.4 * base["kept_bytes"]
+    # four epochs of 23 steps already learn something (chance is 10%; 30 epochs reach ~95%)
+    assert base["test_accuracy"] > 0.25 and abs(base["test_accuracy"] - mesa["test_accuracy"]) < 0.05
+    png = (tmp_path / "demo.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert set(base["kept_by_block"]) >= {"blocks.0", "blocks.3"}
+
+
+def test_demo_peak_memory_of_one_step_is_positive():
+    from torch_mesa.demo import _peak_of_one_step
+
+    assert _peak_of_one_step(None, 64, "cpu", 0) > 0
+
+
+def test_report_table_json_csv(capsys):
+    args = ["report", "vit:tiny", "--image-size", "64", "--batch-size", "4"]
+    code, out, _ = run(args, capsys)
+    assert code == 0
+    assert "blocks.0" in out and "blocks.11" in out and "total" in out
+    assert "converted:" in out and "Linear" in out
+    code, out, _ = run(args + ["--format", "json"], capsys)
+    data = json.loads(out)
+    assert data["total_after"] < 0.3 * data["total_before"]
+    row = next(r for r in data["rows"] if r["module"] == "blocks.0")
+    assert 0 < row["after"] < 0.25 * row["before"]
+    code, out, _ = run(args + ["--format", "csv", "--bits", "4", "--autocast", "bf16"], capsys)
+    lines = out.splitlines()
+    assert lines[0] == "module,before_bytes,after_bytes" and lines[-1].startswith("total,")
+
+
+def test_report_callable_model(capsys):
+    code, out, _ = run(["report", "torch_mesa.models:vit_tiny", "--image-size", "32", "--batch-size", "1",
+                        "--depth", "1"], capsys)
+    assert code == 0 and "blocks" in out
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["report", "resnet50"], ["unknown model", "vit:small"]),
+        (["report", "vit:huge"], ["vit:tiny"]),
+        (["report", "vit:small", "--image-size", "100"], ["multiple of the patch size"]),
+        (["report", "vit:tiny", "--batch-size", "0"], ["--batch-size"]),
+        (["report", "vit:tiny", "--bits", "3"], ["bits=3"]),
+        (["report", "no_such_module:fn"], ["cannot import"]),
+        (["report", "missing/config.json"], ["no such config file"]),
+        (["report", "hf:gpt2", "--size", "layers"], ["KEY=VALUE"]),
+        (["demo", "--epochs", "0"], ["epochs=0"]),
+        (["bench", "--configs", "mesa8"], ["baseline"]),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, words, capsys):
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_missing_optional_dependency_names_the_extra(monkeypatch, capsys):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_timm(name, *a, **k):
+        if name == "timm" or name.startswith("timm."):
+            raise ImportError("No module named 'timm'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_timm)
+    monkeypatch.delitem(sys.modules, "timm", raising=False)
+    code, _, err = run(["report", "timm:vit_small_patch16_224"], capsys)
+    assert code == 2 and "pip install 'torch-mesa[timm]'" in err
+
+
+def test_bench_tiny_writes_csv_and_docs(tmp_path, capsys):
+    csv_path, md = tmp_path / "r.csv", tmp_path / "b.md"
+    argv = ["bench", "--model", "vit:tiny", "--image-size", "32", "--batch-size", "2", "--repeats", "1",
+            "--configs", "baseline,checkpoint,mesa8", "--csv", str(csv_path), "--docs", str(md)]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    text = md.read_text()
+    for c in ("| baseline |", "| checkpoint |", "| mesa8 |", "torch-mesa bench --model vit:tiny"):
+        assert c in text
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["config"] for r in rows] == ["baseline", "checkpoint", "mesa8"]
+    assert rows[0]["torch"] == torch.__version__ and rows[0]["commit"]
+    metrics = json.loads(rows[-1]["metrics"])
+    assert metrics["blocks"] > 0 and metrics["peak"] > metrics["rise"] > 0 and metrics["worst_cos"] > 0.999
+    # running again replaces the section instead of appending a second one
+    run(argv, capsys)
+    assert md.read_text().count("bench:vit:tiny|cpu|none|b2:start") == 1
+
+
+def test_python_dash_m_entry_point():
+    res = subprocess.run([sys.executable, "-m", "torch_mesa", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "demo" in res.stdout and "report" in res.stdout
