@@ -49,6 +49,13 @@ def _key(x: torch.Tensor) -> str:
     return f"{str(x.dtype).replace('torch.', '')}_{x.dim()}d"
 
 
+def _layout(per_channel: torch.Tensor) -> str:
+    """Which dimensions carry ranges (the broadcast pattern of lo/scale):
+    Dynamo specialises on size-1 dimensions, so each pattern gets its own
+    compiled function instead of competing for one's variants."""
+    return "c" + "".join("1" if n != 1 else "0" for n in per_channel.shape)
+
+
 @functools.lru_cache(maxsize=None)
 def _row_stats(key: str) -> Callable:
     def row_stats(x):
@@ -74,7 +81,7 @@ def _minmax(key: str, axes: tuple, per_tensor: bool, rows: bool) -> Callable:
 
 
 @functools.lru_cache(maxsize=None)
-def _codes(key: str, bits: int, stochastic: bool, rows: bool) -> Callable:
+def _codes(key: str, layout: str, bits: int, stochastic: bool, rows: bool) -> Callable:
     if stochastic:
 
         def codes(x, lo_c, scale_c, seed, *row):
@@ -85,40 +92,55 @@ def _codes(key: str, bits: int, stochastic: bool, rows: bool) -> Callable:
         def codes(x, lo_c, scale_c, *row):
             return ref.quantize_codes(x, lo_c, scale_c, bits, None, *row)
 
-    return _compile(codes, f"{key}_{bits}b_{int(stochastic)}_{int(rows)}")
+    return _compile(codes, f"{key}_{layout}_{bits}b_{int(stochastic)}_{int(rows)}")
 
 
 @functools.lru_cache(maxsize=None)
-def _dequant(dtype: torch.dtype, ndim: int, bits: int, rows: bool) -> Callable:
+def _dequant(dtype: torch.dtype, ndim: int, layout: str, bits: int, rows: bool) -> Callable:
     def dequant(packed, lo_c, scale_c, shape, *row):
         return ref.dequantize_codes(packed, lo_c, scale_c, shape, dtype, bits, *row)
 
-    return _compile(dequant, f"{str(dtype).replace('torch.', '')}_{ndim}d_{bits}b_{int(rows)}")
+    return _compile(dequant, f"{str(dtype).replace('torch.', '')}_{ndim}d_{layout}_{bits}b_{int(rows)}")
 
 
 def available() -> bool:
-    """False once compilation failed and the reference is used instead."""
+    """False once compilation failed somewhere and the reference was used."""
     return _broken is None
+
+
+def _limit_patch():
+    # A model has a handful of activation shapes and strides per setting;
+    # allow more variants than Dynamo's default 8 before giving up on one.
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    return cfg.patch(**{name: max(getattr(cfg, name), 64)})
+
+
+_failed = set()  # compiled functions that failed: the reference runs instead
 
 
 def _run(compiled: Callable, eager: Callable, *args):
     global _broken
-    if _broken is None:
+    if compiled not in _failed:
         try:
-            return compiled(*args)
+            with _limit_patch():
+                return compiled(*args)
         except torch.OutOfMemoryError:
             raise
         except Exception as err:  # compiler errors come in many types
             # An error the eager code raises too is the input's fault, not the
-            # compiler's: let it surface. Otherwise give up compiling for good.
+            # compiler's: let it surface. Otherwise use the reference for this
+            # function from now on, and say so once.
             out = eager(*args)
-            _broken = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
-            warnings.warn(
-                "torch-mesa: compiling the fused quantizer failed; using the slower eager "
-                f"reference from now on. Cause: {_broken}",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            _failed.add(compiled)
+            if _broken is None:
+                _broken = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+                warnings.warn(
+                    "torch-mesa: compiling the fused quantizer failed; using the slower eager "
+                    f"reference where it failed. Cause: {_broken}",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
             return out
     return eager(*args)
 
@@ -141,7 +163,7 @@ def quantize_codes(x, lo_c, scale_c, bits, seed=None, centre=None, width=None):
     row = () if centre is None else (centre, width)
     lead = () if seed is None else (seed,)
     return _run(
-        _codes(_key(x), bits, seed is not None, bool(row)),
+        _codes(_key(x), _layout(lo_c), bits, seed is not None, bool(row)),
         lambda t, lo, sc, *rest: ref.quantize_codes(t, lo, sc, bits, *(rest if lead else (None,) + rest)),
         x,
         lo_c,
@@ -154,7 +176,7 @@ def quantize_codes(x, lo_c, scale_c, bits, seed=None, centre=None, width=None):
 def dequantize_codes(packed, lo_c, scale_c, shape, dtype, bits, centre=None, width=None):
     row = () if centre is None else (centre, width)
     return _run(
-        _dequant(dtype, len(shape), bits, bool(row)),
+        _dequant(dtype, len(shape), _layout(lo_c), bits, bool(row)),
         lambda p, lo, sc, sh, *r: ref.dequantize_codes(p, lo, sc, sh, dtype, bits, *r),
         packed,
         lo_c,
