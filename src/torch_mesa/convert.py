@@ -3,7 +3,9 @@
 ``compress_`` walks the model once. Each standard layer with a torch-mesa op
 (Linear, LayerNorm, RMSNorm, GELU, SiLU, Softmax, Dropout) has its class
 switched to the converted subclass (same object, same Parameters, same hooks:
-``state_dict`` keys and tensors are unchanged). Every other module gets the
+``state_dict`` keys and tensors are unchanged). A model family's own norm,
+activation and linear classes listed in :mod:`torch_mesa.integrations` get a
+converted forward instead (an instance attribute; the class stays). Every other module gets the
 forward hooks of a :class:`~torch_mesa.intercept.Scope`, which routes the
 functional calls it makes (attention, ``F.linear``...) to the same ops. The
 returned :class:`ConversionReport` says what was converted, what was left
@@ -18,6 +20,7 @@ from typing import Callable, List, Optional, Tuple
 
 from torch import nn
 
+from . import integrations
 from .config import MesaConfig
 from .intercept import Scope
 from .nn.modules import CONVERTIBLE, MesaModule
@@ -79,7 +82,10 @@ class ConversionReport:
 
 
 def is_compressed(model: nn.Module) -> bool:
-    return hasattr(model, _SCOPE_ATTR) or any(isinstance(m, MesaModule) for m in model.modules())
+    return hasattr(model, _SCOPE_ATTR) or any(
+        isinstance(m, MesaModule) or isinstance(m.__dict__.get("forward"), integrations.Forward)
+        for m in model.modules()
+    )
 
 
 def compress_(
@@ -133,9 +139,10 @@ def compress_(
             hooked[module] = name
             continue
         target = CONVERTIBLE.get(kind)
-        if target is None:
+        family = integrations.match(module) if target is None else None
+        if target is None and family is None:
             hooked[module] = name
-            if not list(module.children()) and _has_own_params(module):
+            if not list(module.children()) and _worth_listing(module):
                 base = next((b for b in CONVERTIBLE if isinstance(module, b)), None)
                 reason = (
                     f"subclass of nn.{base.__name__} with its own forward"
@@ -148,10 +155,13 @@ def compress_(
         if spec is None:
             report.skipped.append((name, kind.__name__, "kept exact by policy"))
             continue
-        setattr(module, _ORIGINAL_CLASS, kind)
-        module.__class__ = target
-        module.mesa_spec = spec
-        module.mesa_states = RangeStates()
+        if target is not None:
+            setattr(module, _ORIGINAL_CLASS, kind)
+            module.__class__ = target
+            module.mesa_spec = spec
+            module.mesa_states = RangeStates()
+        else:
+            integrations.install(module, family[0], spec)
         report.converted.append((name, kind.__name__, spec.bits))
 
     scope = Scope(config, hooked, exact=tuple(filtered))
@@ -176,8 +186,19 @@ def compress_(
     return report
 
 
-def _has_own_params(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters(recurse=False))
+_LISTED_WORDS = ("Norm", "Act", "GELU", "GLU", "Swish", "Attention", "Linear", "Conv1D", "Softmax")
+
+
+def _worth_listing(module: nn.Module) -> bool:
+    """Leaves the report lists as left exact: anything with parameters except
+    embeddings (which keep only indices), and parameterless layers that look
+    like activations, norms or attention."""
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return False
+    if any(True for _ in module.parameters(recurse=False)):
+        return True
+    cls = type(module)
+    return cls.__module__ == "torch.nn.modules.activation" or any(w in cls.__name__ for w in _LISTED_WORDS)
 
 
 def restore_(model: nn.Module) -> int:
@@ -188,8 +209,9 @@ def restore_(model: nn.Module) -> int:
     """
     scope = getattr(model, _SCOPE_ATTR, None)
     converted = [m for m in model.modules() if isinstance(m, MesaModule)]
-    if scope is None and not converted:
+    if scope is None and not is_compressed(model):
         raise ValueError("restore_: this model was not converted by torch_mesa.compress_")
+    families = sum(integrations.uninstall(m) for m in model.modules())
     if scope is not None:
         scope.remove()
         object.__delattr__(model, _SCOPE_ATTR)
@@ -197,4 +219,4 @@ def restore_(model: nn.Module) -> int:
         module.__class__ = getattr(module, _ORIGINAL_CLASS)
         for attr in (_ORIGINAL_CLASS, "mesa_spec", "mesa_states"):
             module.__dict__.pop(attr, None)
-    return len(converted)
+    return len(converted) + families

@@ -2,7 +2,8 @@
 
 Models compute attention with functions, not modules: ``q @ k.transpose(-2, -1)``,
 ``F.softmax``, ``F.scaled_dot_product_attention``; many also call
-``F.linear``/``F.layer_norm``/``F.gelu`` directly. The original Mesa made its
+``F.linear``/``F.layer_norm``/``F.gelu`` directly, and gated MLPs multiply two
+activations (``act(gate) * up``). The original Mesa made its
 users rewrite that code by hand. Here, :func:`compress_` installs a
 :class:`Scope` on the model: forward hooks on every module that was not
 converted keep a stack of the modules currently running, and while the
@@ -156,6 +157,21 @@ def _dropout(spec, states, args, kwargs):
     return ops.dropout(a["input"], a.get("p", 0.5), a.get("training", True), config=spec)
 
 
+def _mul(spec, states, args, kwargs):
+    # Only the product of two activations (or an activation and a parameter)
+    # keeps tensors worth compressing; products with constants keep nothing.
+    if kwargs or len(args) != 2:
+        return NotImplemented
+    a, b = args
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return NotImplemented
+    if not (a.requires_grad and b.requires_grad and a.is_floating_point() and b.is_floating_point()):
+        return NotImplemented
+    if a.dim() == 0 or b.dim() == 0:
+        return NotImplemented
+    return ops.mul(a, b, config=spec, states=states)
+
+
 def _handlers() -> Dict[Callable, Callable]:
     table = {
         F.scaled_dot_product_attention: _sdpa,
@@ -172,6 +188,9 @@ def _handlers() -> Dict[Callable, Callable]:
         F.gelu: _gelu,
         F.silu: _silu,
         F.dropout: _dropout,
+        torch.mul: _mul,
+        torch.Tensor.mul: _mul,
+        torch.Tensor.__mul__: _mul,
     }
     if hasattr(F, "rms_norm"):
         table[F.rms_norm] = _rms_norm

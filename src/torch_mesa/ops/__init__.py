@@ -9,10 +9,11 @@ PyTorch op: no cost, identical results.
 """
 
 from ._saved import RangeStates
-from .activation import dropout, gated, gelu, silu
+from .activation import dropout, gated, gelu, mul, silu
 from .attention import matmul, scaled_dot_product_attention, softmax
 from .linear import linear
 from .norm import layer_norm, rms_norm
+from .recompute import recompute
 
 __all__ = [
     "RangeStates",
@@ -22,6 +23,8 @@ __all__ = [
     "layer_norm",
     "linear",
     "matmul",
+    "mul",
+    "recompute",
     "rms_norm",
     "scaled_dot_product_attention",
     "silu",

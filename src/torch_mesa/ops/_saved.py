@@ -203,8 +203,12 @@ def grad_by_recompute(
     again on the rebuilt inputs under its original autocast state, and
     autograd differentiates it (cheap ops only: norms, softmax, attention)."""
     with torch.enable_grad():
+        # Parameters are differentiated as themselves: a module's own forward
+        # (see ops.recompute) reaches them through its attributes.
         leaves = [
-            t.detach().requires_grad_(True) if (t is not None and n) else t
+            t
+            if (t is None or not n or isinstance(t, torch.nn.Parameter))
+            else t.detach().requires_grad_(True)
             for t, n in zip(inputs, needs)
         ]
         with autocast():

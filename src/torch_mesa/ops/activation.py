@@ -192,3 +192,44 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, *, config=None) ->
     if spec is None or p == 1.0 or not needs_saving(x):
         return F.dropout(x, p, True)
     return run_with_kept(_DropoutFn, x, p, spec)
+
+
+# ------------------------------------------------------------ product
+def _rebuild_mul(tensors, *, a, n_a, b):
+    return a(tensors[:n_a]) * b(tensors[n_a:])
+
+
+class _MulFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, spec: QuantSpec, states):
+        out = a * b
+        kept_a = keep(a, spec, running=states.get(spec, "a") if states else None)
+        kept_b = keep(b, spec, running=states.get(spec, "b") if states else None)
+        save(ctx, kept_a, kept_b)
+        ctx.shapes, ctx.dtypes = (tuple(a.shape), tuple(b.shape)), (a.dtype, b.dtype)
+        if spec.keep_once:
+            rebuild = functools.partial(_rebuild_mul, a=kept_a.rebuild, n_a=len(kept_a.tensors), b=kept_b.rebuild)
+            ctx.mesa_out = Saved(tuple(kept_a.tensors) + tuple(kept_b.tensors), rebuild)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from .attention import _sum_to
+
+        a, b = load(ctx)
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = _sum_to(grad_out * b, ctx.shapes[0]).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            grad_b = _sum_to(grad_out * a, ctx.shapes[1]).to(ctx.dtypes[1])
+        return grad_a, grad_b, None, None
+
+
+def mul(a: Tensor, b: Tensor, *, config=None, states: Optional[RangeStates] = None) -> Tensor:
+    """``a * b`` of two activations (a gated MLP's ``act(gate) * up``, a gate
+    times a branch), keeping both compressed, or reusing what their producers
+    keep; the product itself is never kept. Broadcasting is supported."""
+    spec = as_spec(config)
+    if spec is None or not needs_saving(a, b):
+        return a * b
+    return run_with_kept(_MulFn, a, b, spec, states)

@@ -27,13 +27,16 @@ Tensor = torch.Tensor
 
 class _LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, spec: QuantSpec, states: Optional[RangeStates]):
-        out = F.linear(x, weight, bias)
+    def forward(ctx, x, weight, bias, spec: QuantSpec, states: Optional[RangeStates], forward_fn, transposed):
+        # forward_fn: the layer's own forward, when it computes the product its
+        # own way (GPT-2's Conv1D: addmm with a (in, out) weight, `transposed`)
+        out = F.linear(x, weight, bias) if forward_fn is None else forward_fn(x)
         running = states.get(spec, "input") if states is not None else None
         save(ctx, keep(x, spec, running=running), exact(weight))
         ctx.x_dtype = x.dtype
         ctx.compute_dtype = out.dtype
         ctx.has_bias = bias is not None
+        ctx.transposed = transposed
         return out
 
     @staticmethod
@@ -42,15 +45,16 @@ class _LinearFn(torch.autograd.Function):
         cd = ctx.compute_dtype
         g = grad_out.to(cd)
         grad_x = grad_w = grad_b = None
+        w = weight.to(cd)
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight.to(cd)).to(ctx.x_dtype)
+            grad_x = (g @ (w.t() if ctx.transposed else w)).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             g2 = g.reshape(-1, g.shape[-1])
             x2 = x.reshape(-1, x.shape[-1]).to(cd)
-            grad_w = (g2.t() @ x2).to(weight.dtype)
+            grad_w = ((x2.t() @ g2) if ctx.transposed else (g2.t() @ x2)).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.reshape(-1, g.shape[-1]).sum(0).to(weight.dtype)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def linear(
@@ -60,9 +64,18 @@ def linear(
     *,
     config=None,
     states: Optional[RangeStates] = None,
+    forward_fn=None,
+    transposed: bool = False,
 ) -> Tensor:
-    """``F.linear`` that keeps its input compressed for backward."""
+    """``F.linear`` that keeps its input compressed for backward.
+
+    ``forward_fn``: compute the forward with this function of ``x`` instead
+    (a layer's own forward, for bit-identical outputs); ``transposed``: the
+    weight is stored ``(in, out)``, as in GPT-2's ``Conv1D``.
+    """
     spec = as_spec(config)
     if spec is None or not needs_saving(x, weight, bias) or x.dim() == 0:
-        return F.linear(x, weight, bias)
-    return _LinearFn.apply(x, weight, bias, spec, states)
+        if forward_fn is not None:
+            return forward_fn(x)
+        return F.linear(x, weight.t() if transposed else weight, bias)
+    return _LinearFn.apply(x, weight, bias, spec, states, forward_fn, transposed)

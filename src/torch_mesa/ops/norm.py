@@ -24,20 +24,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..config import QuantSpec
-from ._saved import (
-    AutocastState,
-    RangeStates,
-    as_spec,
-    derived,
-    exact,
-    grad_by_recompute,
-    keep,
-    load,
-    needs_saving,
-    run_with_kept,
-    save,
-)
+from ._saved import RangeStates, as_spec, needs_saving, run_with_kept
+from .recompute import RecomputeFn
 
 Tensor = torch.Tensor
 
@@ -48,29 +36,6 @@ def _layer_norm(x, weight, bias, *, shape, eps):
 
 def _rms_norm(x, weight, *, shape, eps):
     return F.rms_norm(x, shape, weight, eps)
-
-
-class _NormFn(torch.autograd.Function):
-    """``fn(x, *params)`` for a normalisation ``fn`` given as a partial."""
-
-    @staticmethod
-    def forward(ctx, x, spec: QuantSpec, states, fn, *params):
-        out = fn(x, *params)
-        autocast = AutocastState(x.device.type)
-        running = states.get(spec, "input") if states is not None else None
-        kept = keep(x, spec, rows=True, running=running)
-        save(ctx, kept, *[exact(p) for p in params])
-        ctx.fn, ctx.autocast = fn, autocast
-        # How to rebuild `out`; attached to it by run_with_kept.
-        ctx.mesa_out = derived(kept, fn, params, autocast) if spec.keep_once else None
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, *params = load(ctx)
-        needs = [ctx.needs_input_grad[0]] + list(ctx.needs_input_grad[4:])
-        grads = grad_by_recompute(ctx.fn, [x, *params], needs, grad_out, ctx.autocast)
-        return (grads[0], None, None, None, *grads[1:])
 
 
 def layer_norm(
@@ -89,7 +54,7 @@ def layer_norm(
     if spec is None or not needs_saving(x, weight, bias):
         return F.layer_norm(x, shape, weight, bias, eps)
     fn = functools.partial(_layer_norm, shape=shape, eps=eps)
-    return run_with_kept(_NormFn, x, spec, states, fn, weight, bias)
+    return run_with_kept(RecomputeFn, x, spec, states, fn, True, weight, bias)
 
 
 def rms_norm(
@@ -107,4 +72,4 @@ def rms_norm(
     if spec is None or not needs_saving(x, weight):
         return F.rms_norm(x, shape, weight, eps)
     fn = functools.partial(_rms_norm, shape=shape, eps=eps)
-    return run_with_kept(_NormFn, x, spec, states, fn, weight)
+    return run_with_kept(RecomputeFn, x, spec, states, fn, True, weight)

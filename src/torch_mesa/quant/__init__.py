@@ -57,7 +57,13 @@ class RunningRange:
     def update(self, cur_lo: Tensor, cur_hi: Tensor) -> Tuple[Tensor, Tensor]:
         cur_span = cur_hi - cur_lo
         ok = torch.isfinite(cur_lo) & torch.isfinite(cur_span)
-        if self.lo is None or self.lo.shape != cur_lo.shape or self.lo.device != cur_lo.device:
+        fresh = self.lo is None or self.lo.shape != cur_lo.shape or self.lo.device != cur_lo.device
+        if not fresh and _in_backward():
+            # A forward recomputed during backward (activation checkpointing)
+            # uses the estimate without updating it: once per training step.
+            lo = torch.where(ok, self.lo, cur_lo)
+            return lo, torch.where(ok, self.lo + self.span, cur_hi)
+        if fresh:
             # First step (or a new layout): start from the current statistics.
             self.lo = torch.where(ok, cur_lo, torch.zeros_like(cur_lo))
             self.span = torch.where(ok, cur_span, torch.zeros_like(cur_span))
@@ -73,6 +79,11 @@ class RunningRange:
 
     def reset(self) -> None:
         self.lo = self.span = None
+
+
+def _in_backward() -> bool:
+    graph_task = getattr(torch._C, "_current_graph_task_id", None)
+    return graph_task is not None and graph_task() != -1
 
 
 def _kernel(requested: str) -> str:

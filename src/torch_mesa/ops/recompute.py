@@ -1,0 +1,87 @@
+"""Any cheap op of one activation, kept as its compressed input and recomputed.
+
+``recompute(fn, x, params)`` runs ``fn(x, *params)`` exactly, keeps ``x``
+compressed (relative to each row when ``rows=True``: for normalisations) and
+the parameters as they are, and in backward runs ``fn`` again on the rebuilt
+input, under the forward's autocast state, for autograd to differentiate.
+Its output is never kept: a converted consumer rebuilds it from this op's kept
+input.
+
+This is how LayerNorm and RMSNorm work here, and how model families' own
+norm and activation modules are converted without copying their code
+(``fn`` is then the module's original ``forward``, which reaches its
+parameters through its attributes): Hugging Face ``LlamaRMSNorm``,
+``NewGELUActivation`` and the like, timm's norm and activation layers.
+Only for ops whose forward costs little next to a matmul: backward pays it
+twice.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..config import QuantSpec
+from ._saved import (
+    AutocastState,
+    RangeStates,
+    as_spec,
+    derived,
+    exact,
+    grad_by_recompute,
+    keep,
+    load,
+    needs_saving,
+    run_with_kept,
+    save,
+)
+
+Tensor = torch.Tensor
+
+
+class RecomputeFn(torch.autograd.Function):
+    """``fn(x, *params)``; keeps ``x`` compressed and ``params`` as they are."""
+
+    @staticmethod
+    def forward(ctx, x, spec: QuantSpec, states, fn, rows: bool, *params):
+        out = fn(x, *params)
+        autocast = AutocastState(x.device.type)
+        running = states.get(spec, "input") if states is not None else None
+        kept = keep(x, spec, rows=rows, running=running)
+        save(ctx, kept, *[exact(p) for p in params])
+        ctx.fn, ctx.autocast = fn, autocast
+        # How to rebuild `out`; attached to it by run_with_kept.
+        ctx.mesa_out = derived(kept, fn, params, autocast) if spec.keep_once else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, *params = load(ctx)
+        needs = [ctx.needs_input_grad[0]] + list(ctx.needs_input_grad[5:])
+        grads = grad_by_recompute(ctx.fn, [x, *params], needs, grad_out, ctx.autocast)
+        return (grads[0], None, None, None, None, *grads[1:])
+
+
+def recompute(
+    fn: Callable[..., Tensor],
+    x: Tensor,
+    params: Sequence[Optional[Tensor]] = (),
+    *,
+    rows: bool = False,
+    config=None,
+    states: Optional[RangeStates] = None,
+) -> Tensor:
+    """``fn(x, *params)`` keeping only ``x`` (compressed) for backward.
+
+    ``fn`` must be deterministic and cheap (elementwise or a normalisation),
+    and must return one tensor; ``params`` are the tensors it differentiates
+    besides ``x`` (a module's parameters when ``fn`` is its forward).
+    """
+    spec = as_spec(config)
+    if spec is None or not needs_saving(x, *params):
+        return fn(x, *params)
+    out = run_with_kept(RecomputeFn, x, spec, states, fn, rows, *params)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"recompute(): fn must return one tensor, got {type(out).__name__}")
+    return out
