@@ -50,6 +50,11 @@ class RecomputeFn(torch.autograd.Function):
         running = states.get(spec, "input") if states is not None else None
         kept = keep(x, spec, rows=rows, running=running)
         save(ctx, kept, *[exact(p) for p in params])
+        # Parameters are differentiated as the objects themselves: a module's
+        # forward reaches them through its attributes, and what comes back
+        # from the saved tensors may be an alias (activation checkpointing
+        # hands back recomputed copies).
+        ctx.param_refs = [p if isinstance(p, torch.nn.Parameter) else None for p in params]
         ctx.fn, ctx.autocast = fn, autocast
         # How to rebuild `out`; attached to it by run_with_kept.
         ctx.mesa_out = derived(kept, fn, params, autocast) if spec.keep_once else None
@@ -57,7 +62,8 @@ class RecomputeFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, *params = load(ctx)
+        x, *loaded = load(ctx)
+        params = [ref if ref is not None else t for ref, t in zip(ctx.param_refs, loaded)]
         needs = [ctx.needs_input_grad[0]] + list(ctx.needs_input_grad[5:])
         grads = grad_by_recompute(ctx.fn, [x, *params], needs, grad_out, ctx.autocast)
         return (grads[0], None, None, None, None, *grads[1:])
