@@ -2,15 +2,20 @@
 
 Models are built from their config classes at their real default sizes
 (random weights, nothing downloaded) and measured under bf16 autocast with
-``torch_mesa.measure`` (one forward pass plus the loss; deterministic, so a
-CPU gives the same bytes as a GPU). Reported for the Transformer blocks and
-for the whole model (embeddings, head and loss included).
+``torch_mesa.measure`` (one forward pass plus the loss). Reported for the
+Transformer blocks and for the whole model (embeddings, head and loss
+included). Where PyTorch's attention falls back to its math kernel (on CPU
+with a mask), the unconverted model keeps N x N attention maps that a
+FlashAttention-style kernel (as on GPU) would not: those bytes are shown,
+and the ratio is also given against the baseline without them.
 
     python benchmarks/families.py                 # all models, writes docs/benchmarks.md
     python benchmarks/families.py --only gpt2     # one of them
 """
 
 import argparse
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,12 +34,43 @@ MODELS = {
     "deit_base": ("timm:deit_base_patch16_224", 64, {}, "blocks."),
     "swin_tiny": ("timm:swin_tiny_patch4_window7_224", 64, {}, "layers."),
     "gpt2": ("hf:gpt2", 2, {}, "transformer.h."),
-    # Llama-style at TinyLlama-1.1B's shape (the class default is 7B, more
-    # than this machine's memory): RMSNorm, SwiGLU, rotary, 4 KV heads of 32.
-    "llama_1b": ("hf:llama", 1, dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                     num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
-                                     max_position_embeddings=2048), "model.layers."),
+    # Llama-style at a published small Llama's shape (SmolLM-135M: 30 layers,
+    # width 576, 9 heads, 3 KV heads, SwiGLU 1536, RMSNorm, rotary); the class
+    # default is 7B, beyond this machine's 24 GiB.
+    "llama_135m": ("hf:llama", 2, dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                       num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                       max_position_embeddings=2048, tie_word_embeddings=True),
+                   "model.layers."),
 }
+
+
+def attention_map_bytes(model, args, kwargs, loss_fn, prefix) -> int:
+    """Bytes of the saved tensors shaped like attention maps (..., N, N), 4-D
+    or more: what a kernel that keeps no maps (FlashAttention-style) saves
+    the baseline. PyTorch's CPU SDPA keeps them whenever it falls back to its
+    math kernel (a mask, or bf16 with a mask), as these models do here."""
+    seen, total, inside = set(), 0, [0]
+    handles = []
+    for name, m in model.named_modules():
+        if name.startswith(prefix):  # count only inside the Transformer blocks
+            handles.append(m.register_forward_pre_hook(lambda *a: inside.__setitem__(0, inside[0] + 1)))
+            handles.append(m.register_forward_hook(lambda *a: inside.__setitem__(0, inside[0] - 1)))
+
+    def pack(t):
+        nonlocal total
+        if inside[0] and t.dim() >= 4 and t.shape[-1] == t.shape[-2] and t.shape[-1] > 1:
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(*args, **kwargs)
+        loss_fn(out)
+    for h in handles:
+        h.remove()
+    return total
 
 
 def measure_pair(spec: ModelSpec, batch: int, prefix: str):
@@ -43,7 +79,7 @@ def measure_pair(spec: ModelSpec, batch: int, prefix: str):
     model.train()
     args, kwargs, target = spec.batch(batch)
     loss_fn = lambda out: spec.loss(out, target)  # noqa: E731
-    rows = {}
+    rows = {"maps": attention_map_bytes(model, args, kwargs, loss_fn, prefix)}
     for label in ("unconverted", "mesa8"):
         if label == "mesa8":
             compress_(model, MesaConfig(bits=8))
@@ -58,21 +94,32 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=list(MODELS), action="append")
     p.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
+    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    names = args.only or list(MODELS)
-    lines = [
-        "| model | batch x tokens | kept, blocks: unconverted (MiB) | torch-mesa 8-bit (MiB) | ratio | "
-        "whole model: unconverted (MiB) | torch-mesa 8-bit (MiB) | ratio |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name in names:
-        target, batch, sizes, prefix = MODELS[name]
-        t = time.time()
+    if args.child:  # one model per process: memory from one does not linger into the next
+        target, batch, sizes, prefix = MODELS[args.child]
         spec = resolve(target, image_size=224, seq_len=1024, sizes=sizes)
         rows = measure_pair(spec, batch, prefix)
-        (b0, t0), (b1, t1) = rows["unconverted"], rows["mesa8"]
-        tokens = f"{batch} x {spec.seq_len}" if spec.kind == "tokens" else f"{batch} images"
-        line = (f"| {spec.name} | {tokens} | {b0 / 2**20:,.1f} | {b1 / 2**20:,.1f} | {b1 / b0:.3f} | "
+        print(json.dumps({"name": spec.name, "kind": spec.kind, "seq_len": spec.seq_len, **rows}))
+        return 0
+    names = args.only or list(MODELS)
+    lines = [
+        "| model | batch | kept, blocks: unconverted (MiB) | torch-mesa 8-bit (MiB) | ratio | "
+        "of which attention maps (MiB) | ratio vs a map-free baseline | "
+        "whole model: unconverted (MiB) | torch-mesa 8-bit (MiB) | ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        batch = MODELS[name][1]
+        t = time.time()
+        res = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{res.stderr[-3000:]}")
+        rows = json.loads(res.stdout.strip().splitlines()[-1])
+        (b0, t0), (b1, t1), maps = rows["unconverted"], rows["mesa8"], rows["maps"]
+        tokens = f"{batch} x {rows['seq_len']} tokens" if rows["kind"] == "tokens" else f"{batch} images"
+        line = (f"| {rows['name']} | {tokens} | {b0 / 2**20:,.1f} | {b1 / 2**20:,.1f} | {b1 / b0:.3f} | "
+                f"{maps / 2**20:,.1f} | {b1 / (b0 - maps):.3f} | "
                 f"{t0 / 2**20:,.1f} | {t1 / 2**20:,.1f} | {t1 / t0:.3f} |")
         lines.append(line)
         print(line, f"({time.time() - t:.0f} s)", flush=True)

@@ -205,3 +205,19 @@ def test_standard_layers_keep_their_settings():
     (rx,) = torch.autograd.grad(plain(x), x, g)
     assert cosine(gx, rx) > 0.999
     assert "mesa=8bit" in repr(model)
+
+
+def test_import_and_conversion_never_import_optional_families():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch_mesa\n"
+        "from torch_mesa.models import vit_tiny\n"
+        "torch_mesa.compress_(vit_tiny(image_size=32))\n"
+        "heavy = [m for m in ('timm', 'transformers', 'matplotlib', 'sklearn') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert not torch.cuda.is_initialized() if (torch := sys.modules['torch']) else True\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -47,6 +47,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import MesaConfig, compress_, measure
+from .measure import process_memory, reset_peak_rss
 from .zoo import ModelError, resolve
 
 __all__ = ["run_bench"]
@@ -161,14 +162,6 @@ def step_times(spec, batch, device, amp, configs, repeats, progress=print) -> Di
             times[c].append(time.perf_counter() - t)
         progress(f"  timing: repeat {r + 1}/{repeats} done")
     return {c: statistics.median(v) for c, v in times.items()}
-
-
-def _vm(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def peak_memory(args, config: str) -> Dict[str, int]:
@@ -336,14 +329,10 @@ def _peak_child(argv) -> None:
     batch = spec.batch(args.batch_size, args.device)
     train_step(model, spec, batch, args.device, args.amp)  # warm-up: compiles
     gc.collect()
-    rest = _vm("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident set
-    except OSError:
-        pass
+    rest = process_memory("VmRSS")
+    reset_peak_rss()
     train_step(model, spec, batch, args.device, args.amp)
-    print(json.dumps({"peak": _vm("VmHWM"), "rest": rest}))
+    print(json.dumps({"peak": process_memory("VmHWM"), "rest": rest}))
 
 
 if __name__ == "__main__":

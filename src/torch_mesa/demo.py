@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import MesaConfig, compress_, measure
+from .measure import process_memory, reset_peak_rss
 from .models import VisionTransformer
 
 __all__ = ["DemoResult", "run_demo"]
@@ -138,14 +139,6 @@ def _peak_child(bits: Optional[int], batch_size: int, device: str, seed: int) ->
     return int(json.loads(res.stdout.strip().splitlines()[-1]))
 
 
-def _status(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field_name} not in /proc/self/status")
-
-
 def _peak_of_one_step(bits: Optional[int], batch_size: int, device: str, seed: int) -> int:
     dev = torch.device(device)
     model = build_model(seed).to(dev)
@@ -167,14 +160,10 @@ def _peak_of_one_step(bits: Optional[int], batch_size: int, device: str, seed: i
     # between and glibc returning freed blocks at once (see _peak_child).
     F.cross_entropy(model(x), y).backward()
     model.zero_grad(set_to_none=True)
-    before = _status("VmRSS")
-    try:  # reset the high-water mark where the kernel allows it
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    before = process_memory("VmRSS")
+    reset_peak_rss()
     F.cross_entropy(model(x), y).backward()
-    return max(0, _status("VmHWM") - before)
+    return max(0, process_memory("VmHWM") - before)
 
 
 def _fmt_bytes(n: Optional[float]) -> str:

@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["MemoryReport", "measure"]
+__all__ = ["MemoryReport", "measure", "process_memory", "reset_peak_rss"]
 
 
 @dataclass
@@ -148,3 +148,22 @@ def measure(
         for h in handles:
             h.remove()
     return MemoryReport(sum(by_module.values()), by_module, len(seen))
+
+
+def process_memory(field: str = "VmRSS") -> int:
+    """A memory figure of this process from /proc (Linux): ``VmRSS`` (resident
+    now) or ``VmHWM`` (resident high-water mark), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Reset ``VmHWM`` to the current resident set, where the kernel allows it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass

@@ -182,7 +182,20 @@ def save(ctx, *items: Saved) -> None:
     ctx.mesa_plan = plan
 
 
+def no_double_backward() -> None:
+    """Backward runs with autograd recording only under ``create_graph=True``.
+    The rebuilt inputs are not connected to the originals, so a second
+    derivative would be silently wrong: refuse it instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "torch-mesa: double backward (create_graph=True) through a converted layer is not "
+            "supported, since its inputs are kept compressed; keep the layers involved exact "
+            "(MesaConfig(policy={pattern: None})) or call torch_mesa.restore_(model)"
+        )
+
+
 def load(ctx) -> List[Optional[Tensor]]:
+    no_double_backward()
     tensors = ctx.saved_tensors
     out = []
     i = 0

@@ -33,6 +33,7 @@ from ._saved import (
     keep,
     load,
     needs_saving,
+    no_double_backward,
     run_with_kept,
     save,
 )
@@ -178,6 +179,7 @@ class _DropoutFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        no_double_backward()
         (mask_packed,) = ctx.saved_tensors
         return _apply_mask(grad_out, mask_packed, shape=ctx.shape, scale=ctx.scale), None, None
 
