@@ -45,9 +45,9 @@ MODELS = {
 
 
 def attention_map_bytes(model, args, kwargs, loss_fn, prefix) -> int:
-    """Bytes of the saved tensors shaped like attention maps (..., N, N), 4-D
-    or more: what a kernel that keeps no maps (FlashAttention-style) saves
-    the baseline. PyTorch's CPU SDPA keeps them whenever it falls back to its
+    """Bytes of the saved tensors inside the blocks shaped like attention maps
+    (..., N, N), as (B, H, N, N) or, in PyTorch's math kernel, (B*H, N, N):
+    what a kernel that keeps no maps (FlashAttention-style) saves the baseline. PyTorch's CPU SDPA keeps them whenever it falls back to its
     math kernel (a mask, or bf16 with a mask), as these models do here."""
     seen, total, inside = set(), 0, [0]
     handles = []
@@ -58,7 +58,7 @@ def attention_map_bytes(model, args, kwargs, loss_fn, prefix) -> int:
 
     def pack(t):
         nonlocal total
-        if inside[0] and t.dim() >= 4 and t.shape[-1] == t.shape[-2] and t.shape[-1] > 1:
+        if inside[0] and t.dim() >= 3 and t.shape[-1] == t.shape[-2] and t.shape[-1] >= 8:
             key = t.untyped_storage().data_ptr()
             if key not in seen:
                 seen.add(key)

@@ -86,19 +86,16 @@ def test_bad_input_is_one_line_and_exit_2(argv, words, capsys):
 
 
 def test_missing_optional_dependency_names_the_extra(monkeypatch, capsys):
-    import builtins
-
-    real = builtins.__import__
-
-    def no_timm(name, *a, **k):
-        if name == "timm" or name.startswith("timm."):
-            raise ImportError("No module named 'timm'")
-        return real(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_timm)
-    monkeypatch.delitem(sys.modules, "timm", raising=False)
+    # a None entry in sys.modules makes any import of that name fail
+    monkeypatch.setitem(sys.modules, "timm", None)
     code, _, err = run(["report", "timm:vit_small_patch16_224"], capsys)
     assert code == 2 and "pip install 'torch-mesa[timm]'" in err
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    code, _, err = run(["report", "hf:gpt2"], capsys)
+    assert code == 2 and "pip install 'torch-mesa[transformers]'" in err
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    code, _, err = run(["demo", "--epochs", "1"], capsys)
+    assert code == 2 and "pip install 'torch-mesa[demo]'" in err
 
 
 def test_bench_tiny_writes_csv_and_docs(tmp_path, capsys):
