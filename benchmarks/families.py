@@ -49,6 +49,19 @@ def attention_map_bytes(model, args, kwargs, loss_fn, prefix) -> int:
     (..., N, N), as (B, H, N, N) or, in PyTorch's math kernel, (B*H, N, N):
     what a kernel that keeps no maps (FlashAttention-style) saves the baseline. PyTorch's CPU SDPA keeps them whenever it falls back to its
     math kernel (a mask, or bf16 with a mask), as these models do here."""
+    from torch.overrides import TorchFunctionMode
+
+    masks = set()  # attention masks are inputs every kernel keeps: not maps
+
+    class RecordMasks(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+                if isinstance(mask, torch.Tensor):
+                    masks.add(mask.untyped_storage().data_ptr())
+            return func(*args, **kwargs)
+
     seen, total, inside = set(), 0, [0]
     handles = []
     for name, m in model.named_modules():
@@ -60,12 +73,13 @@ def attention_map_bytes(model, args, kwargs, loss_fn, prefix) -> int:
         nonlocal total
         if inside[0] and t.dim() >= 3 and t.shape[-1] == t.shape[-2] and t.shape[-1] >= 8:
             key = t.untyped_storage().data_ptr()
-            if key not in seen:
+            if key not in seen and key not in masks:
                 seen.add(key)
                 total += t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16), \
+            RecordMasks():
         out = model(*args, **kwargs)
         loss_fn(out)
     for h in handles:

@@ -121,3 +121,23 @@ def test_bench_tiny_writes_csv_and_docs(tmp_path, capsys):
 def test_python_dash_m_entry_point():
     res = subprocess.run([sys.executable, "-m", "torch_mesa", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "demo" in res.stdout and "report" in res.stdout
+
+
+def test_report_hugging_face_family_and_config_json(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    sizes = ["--size", "n_layer=2", "--size", "n_embd=64", "--size", "n_head=4", "--size", "vocab_size=300"]
+    code, out, err = run(["report", "hf:gpt2", "--seq-len", "64", "--batch-size", "2", "--depth", "3"] + sizes,
+                         capsys)
+    assert code == 0, err
+    assert "transformer.h.0" in out and "transformer.h.1" in out and "Conv1D" in out
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=300)
+    cfg.to_json_file(str(tmp_path / "config.json"))
+    code, out, err = run(["report", str(tmp_path / "config.json"), "--seq-len", "32", "--format", "json"], capsys)
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["converted"]["LlamaRMSNorm"] == 5 and data["total_after"] < data["total_before"]
+    code, out, err = run(["report", "hf:gpt2", "--seq-len", "5000"] + sizes, capsys)
+    assert code == 2 and "positions" in err
+    code, out, err = run(["report", "hf:nosuchfamily"], capsys)
+    assert code == 2 and "unknown Hugging Face model family" in err
