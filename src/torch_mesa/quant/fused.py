@@ -36,13 +36,44 @@ from . import reference as ref
 _broken: Optional[str] = None  # why compilation was given up, if it was
 
 
+class _Compiled:
+    """One compiled function per setting, with a code object of its own.
+
+    Dynamo keeps compiled variants on the function's code object, at most 8
+    per code object (``recompile_limit``), specialising on shapes first. Each
+    setting gets its own code object (same bytecode, own name), so settings
+    never evict one another; should one setting still meet more than 8
+    shape/stride variants, it is recompiled once with every size dynamic
+    (a little slower per call, never recompiled again) instead of raising
+    the limit globally, which would change how users' own compiled code
+    behaves.
+    """
+
+    def __init__(self, fn: Callable, tag: str) -> None:
+        self.fn, self.tag = fn, tag
+        self.dynamic = False
+        self.impl = self._make(None)
+
+    def _make(self, dynamic):
+        fn = self.fn
+        name = f"{fn.__name__}_{self.tag}" + ("_dynamic" if dynamic else "")
+        code = fn.__code__.replace(co_name=name)
+        own = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+        return torch.compile(own, fullgraph=True, dynamic=dynamic)
+
+    def __call__(self, *args):
+        try:
+            return self.impl(*args)
+        except Exception as err:  # Dynamo's limit error has moved between modules
+            if self.dynamic or "limit" not in f"{type(err).__name__} {err}".lower():
+                raise
+            self.dynamic = True
+            self.impl = self._make(True)
+            return self.impl(*args)
+
+
 def _compile(fn: Callable, tag: str) -> Callable:
-    # Dynamo keeps compiled variants on the function's code object, at most 8
-    # per code object. Each setting gets a code object of its own (same
-    # bytecode, own name), so settings never evict one another.
-    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
-    own = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-    return torch.compile(own, fullgraph=True, dynamic=None)
+    return _Compiled(fn, tag)
 
 
 def _key(x: torch.Tensor) -> str:
@@ -108,14 +139,6 @@ def available() -> bool:
     return _broken is None
 
 
-def _limit_patch():
-    # A model has a handful of activation shapes and strides per setting;
-    # allow more variants than Dynamo's default 8 before giving up on one.
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    return cfg.patch(**{name: max(getattr(cfg, name), 64)})
-
-
 _failed = set()  # compiled functions that failed: the reference runs instead
 
 
@@ -123,8 +146,7 @@ def _run(compiled: Callable, eager: Callable, *args):
     global _broken
     if compiled not in _failed:
         try:
-            with _limit_patch():
-                return compiled(*args)
+            return compiled(*args)
         except torch.OutOfMemoryError:
             raise
         except Exception as err:  # compiler errors come in many types

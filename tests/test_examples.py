@@ -1,0 +1,48 @@
+"""The examples run as a user would run them (at small sizes), and print
+the memory figures they promise."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(script, *args, timeout=600):
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], capture_output=True,
+                         text=True, timeout=timeout, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def _ratio(out):
+    m = re.search(r"MiB -> [\d.]+ MiB \(([\d.]+)x\)", out)
+    assert m, out[-2000:]
+    return float(m.group(1))
+
+
+def test_quickstart():
+    out = run("quickstart.py")
+    assert "converted" in out and _ratio(out) < 0.3
+    assert re.search(r"step 2: loss [\d.]+", out)
+
+
+def test_finetune_causal_lm():
+    pytest.importorskip("transformers")
+    for model in ("gpt2", "llama"):
+        out = run("finetune_causal_lm.py", "--model", model, "--steps", "20", "--batch-size", "4",
+                  "--seq-len", "64")
+        assert _ratio(out) < 0.6  # small model: the loss over the vocabulary weighs a lot
+        losses = [float(x) for x in re.findall(r"loss ([\d.]+)", out)]
+        assert losses[-1] < losses[0]
+        assert "sample:" in out
+
+
+def test_train_timm_vit():
+    pytest.importorskip("timm")
+    pytest.importorskip("sklearn")
+    out = run("train_timm_vit.py", "--epochs", "1")
+    assert _ratio(out) < 0.4 and "test accuracy" in out
