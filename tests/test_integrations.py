@@ -91,10 +91,15 @@ def test_timm_vit_with_fused_attention_off():
             m.fused_attn = False
     x = torch.randn(2, 3, 64, 64)
     conv, _ = _check_model(model, (x,), blocks_prefix="blocks.")
-    # the eager path: q @ k^T, softmax, attn @ v are routed, the map kept once
+    # the eager path: q @ k^T, softmax, attn @ v are routed and no N x N map
+    # is kept: it keeps what the fused (SDPA) path keeps
     plain_bytes = measure(model, x).total_bytes
     conv_bytes = measure(conv, x).total_bytes
     assert conv_bytes < 0.3 * plain_bytes
+    for m in conv.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = True
+    assert conv_bytes <= measure(conv, x).total_bytes * 1.01
 
 
 # ----------------------------------------------------------- transformers
@@ -157,6 +162,30 @@ def test_hf_models(name, attn):
         assert kinds.get("LlamaRMSNorm", 0) == 2 * 2 + 1
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert"])
+def test_hf_eager_attention_keeps_no_map(name):
+    """Scaling, masking and casting the scores pass the recipe on: eager
+    attention keeps what SDPA keeps (q, k, v), under autocast too."""
+    build, _ = HF[name]
+    torch.manual_seed(0)
+    model = build()
+    model.train()
+    compress_(model)
+    inputs = _hf_inputs(name)
+    kept = {}
+    for attn in ("eager", "sdpa"):
+        model.config._attn_implementation = attn
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(attn)
+        for amp in (None, torch.bfloat16):
+            kept[attn, amp] = measure(model, autocast_dtype=amp, **inputs).total_bytes
+    # Eager attention adds its mask to the scores; the recipe keeps that
+    # mask (batch x 1 x N x N, shared by all layers) as it is.
+    mask = inputs["input_ids"].shape[0] * inputs["input_ids"].shape[1] ** 2 * 4 if "input_ids" in inputs else 0
+    for amp in (None, torch.bfloat16):
+        assert kept["eager", amp] <= 1.01 * kept["sdpa", amp] + mask, kept
+
+
 def test_hf_save_pretrained_round_trip_and_generate(tmp_path):
     torch.manual_seed(0)
     plain = _llama()
@@ -179,6 +208,15 @@ def test_hf_save_pretrained_round_trip_and_generate(tmp_path):
     assert restore_(conv) > 0
 
 
+def _enable_checkpointing(model, reentrant):
+    # renamed in recent transformers; the old name still works with a warning
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_hf_gradient_checkpointing_composes(reentrant):
     torch.manual_seed(0)
@@ -186,8 +224,10 @@ def test_hf_gradient_checkpointing_composes(reentrant):
     plain.train()
     conv = copy.deepcopy(plain)
     compress_(conv)
-    conv.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     inputs = _hf_inputs("llama")
+    without = measure(conv, **inputs).total_bytes
+    _enable_checkpointing(conv, reentrant)
+    assert measure(conv, **inputs).total_bytes < 0.8 * without  # checkpointing is really on
     plain(**inputs).logits.square().mean().backward()
     conv(**inputs).logits.square().mean().backward()
     for (n, p), q in zip(plain.named_parameters(), conv.parameters()):
@@ -205,7 +245,7 @@ def test_running_ranges_update_once_per_step_under_checkpointing():
         m = copy.deepcopy(base)
         compress_(m, cfg)
         if ckpt:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_checkpointing(m, False)
         for _ in range(2):
             m(**inputs).logits.square().mean().backward()
         norm = m.model.layers[0].input_layernorm

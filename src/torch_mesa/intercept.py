@@ -21,6 +21,7 @@ different order from step to step should use dynamic ranges.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -31,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from . import ops
 from .config import MesaConfig, QuantSpec
 from .ops import RangeStates
+from .ops import _saved
 
 __all__ = ["Scope"]
 
@@ -157,19 +159,96 @@ def _dropout(spec, states, args, kwargs):
     return ops.dropout(a["input"], a.get("p", 0.5), a.get("training", True), config=spec)
 
 
+# --- passing a rebuild recipe through cheap elementwise steps -------------
+# Attention scores are often scaled, masked or cast between ``q @ k^T`` and
+# the softmax. These steps keep nothing for backward themselves; they run as
+# PyTorch runs them, and when their tensor input carries a rebuild recipe the
+# output gets one too (recipe, then the same step), so the softmax keeps a
+# recipe instead of an N x N map.
+def _times(x, factor):
+    return x * factor
+
+
+def _divided(x, divisor):
+    return x / divisor
+
+
+def _plus(x, other):
+    return x + other
+
+
+def _cast(x, *, dtype):
+    return x.to(dtype)
+
+
+def _with_recipe(out, source, step, extra=()):
+    inner = _saved.kept_of(source)
+    if inner is not None and out is not source and isinstance(out, torch.Tensor):
+        _saved.mark_kept(out, _saved.derived(inner, step, extra, _saved.AutocastState(out.device.type)))
+    return out
+
+
+def _constant(t) -> bool:
+    return isinstance(t, (int, float)) or (isinstance(t, torch.Tensor) and t.dim() == 0 and not t.requires_grad)
+
+
 def _mul(spec, states, args, kwargs):
-    # Only the product of two activations (or an activation and a parameter)
-    # keeps tensors worth compressing; products with constants keep nothing.
     if kwargs or len(args) != 2:
         return NotImplemented
     a, b = args
-    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() and b.dim() \
+            and a.requires_grad and b.requires_grad and a.is_floating_point() and b.is_floating_point():
+        # the product of two activations (a gated MLP's act(gate) * up)
+        return ops.mul(a, b, config=spec, states=states)
+    for x, factor in ((a, b), (b, a)):
+        if _saved.kept_of(x) is not None and _constant(factor):
+            extra = (factor,) if isinstance(factor, torch.Tensor) else ()
+            step = _times if extra else functools.partial(_times, factor=factor)
+            return _with_recipe(a * b, x, step, extra)
+    return NotImplemented
+
+
+def _div(spec, states, args, kwargs):
+    if kwargs or len(args) != 2:
         return NotImplemented
-    if not (a.requires_grad and b.requires_grad and a.is_floating_point() and b.is_floating_point()):
+    x, d = args
+    if _saved.kept_of(x) is None or not _constant(d):
         return NotImplemented
-    if a.dim() == 0 or b.dim() == 0:
+    extra = (d,) if isinstance(d, torch.Tensor) else ()
+    step = _divided if extra else functools.partial(_divided, divisor=d)
+    return _with_recipe(x / d, x, step, extra)
+
+
+def _add(spec, states, args, kwargs):
+    if kwargs or len(args) != 2:
         return NotImplemented
-    return ops.mul(a, b, config=spec, states=states)
+    a, b = args
+    for x, other in ((a, b), (b, a)):
+        if _saved.kept_of(x) is not None and isinstance(x, torch.Tensor):
+            out = a + b
+            if isinstance(other, torch.Tensor):
+                if other.numel() >= out.numel():
+                    return out  # never hold a full-size tensor exactly: the consumer quantizes instead
+                return _with_recipe(out, x, _plus, (other,))
+            return _with_recipe(out, x, functools.partial(_plus, other=other))
+    return NotImplemented
+
+
+def _type(spec, states, args, kwargs):
+    dtype = args[1] if len(args) > 1 else kwargs.get("dtype")
+    if not isinstance(dtype, torch.dtype) or _saved.kept_of(args[0]) is None:
+        return NotImplemented
+    return _to(spec, states, (args[0], dtype), {})
+
+
+def _to(spec, states, args, kwargs):
+    x = args[0]
+    if _saved.kept_of(x) is None:
+        return NotImplemented
+    out = x.to(*args[1:], **kwargs)
+    if out.device != x.device:
+        return out
+    return _with_recipe(out, x, functools.partial(_cast, dtype=out.dtype))
 
 
 def _handlers() -> Dict[Callable, Callable]:
@@ -191,6 +270,16 @@ def _handlers() -> Dict[Callable, Callable]:
         torch.mul: _mul,
         torch.Tensor.mul: _mul,
         torch.Tensor.__mul__: _mul,
+        torch.Tensor.__rmul__: _mul,
+        torch.Tensor.__truediv__: _div,
+        torch.div: _div,
+        torch.Tensor.div: _div,
+        torch.add: _add,
+        torch.Tensor.add: _add,
+        torch.Tensor.__add__: _add,
+        torch.Tensor.__radd__: _add,
+        torch.Tensor.to: _to,
+        torch.Tensor.type: _type,
     }
     if hasattr(F, "rms_norm"):
         table[F.rms_norm] = _rms_norm

@@ -148,6 +148,14 @@ def keep(
     return Saved(tensors, functools.partial(_rebuild_quantized, layout=layout))
 
 
+def kept_of(x) -> Optional[Saved]:
+    """The valid rebuild recipe attached to ``x``, if any."""
+    kept = getattr(x, _KEPT_ATTR, None) if isinstance(x, torch.Tensor) else None
+    if kept is not None and kept.version == x._version:
+        return kept.saved
+    return None
+
+
 def mark_kept(out: Tensor, saved: Saved) -> Tensor:
     """Attach to ``out`` how to rebuild it from what its producer keeps."""
     setattr(out, _KEPT_ATTR, _Kept(saved, out._version))

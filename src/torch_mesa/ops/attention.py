@@ -7,10 +7,13 @@ rebuilt q, k, v (with the forward's random state when dropout is on, and its
 autocast state) and differentiates that: one extra attention forward, in
 exchange for keeping 3 values per token and channel at 8 bits or fewer.
 
-The eager path (``softmax(q @ k^T) @ v``) keeps each matmul operand per head
-and the softmax *input* per head; the softmax output (the attention map that
-``attn @ v`` needs) is rebuilt from it, so the map is never kept twice (the
-original Mesa kept it in both the softmax and the matmul).
+The eager path (``softmax(q @ k^T * scale + mask) @ v``) keeps no map either:
+``q @ k^T`` keeps q and k per head and lets its consumer rebuild the scores
+from them; scaling, adding a mask and casting pass that recipe on (see
+:func:`torch_mesa.intercept`), so the softmax keeps only a recipe, and
+``attn @ v`` rebuilds the softmax output from it (the original Mesa kept the
+map twice, in the softmax and in the matmul). Backward pays one extra
+``q @ k^T`` for it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ..config import QuantSpec
 from ._saved import (
     AutocastState,
     RangeStates,
+    Saved,
     as_spec,
     derived,
     exact,
@@ -101,6 +105,10 @@ def _sum_to(grad: Tensor, shape) -> Tensor:
     return grad
 
 
+def _rebuild_matmul(tensors, *, a, n_a, b, dtype):
+    return torch.matmul(a(tensors[:n_a]).to(dtype), b(tensors[n_a:]).to(dtype))
+
+
 class _MatmulFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, spec: QuantSpec, states):
@@ -108,6 +116,14 @@ class _MatmulFn(torch.autograd.Function):
         kept_a = keep(a, spec, heads=_has_heads(a), running=_running(states, spec, "a"))
         kept_b = keep(b, spec, heads=_has_heads(b), running=_running(states, spec, "b"))
         save(ctx, kept_a, kept_b)
+        if spec.keep_once and _has_heads(a) and _has_heads(b):
+            # Attention scores q @ k^T: a consumer (the softmax) rebuilds them
+            # from the kept q and k (one matmul in backward) instead of
+            # keeping an N x N map.
+            rebuild = functools.partial(
+                _rebuild_matmul, a=kept_a.rebuild, n_a=len(kept_a.tensors), b=kept_b.rebuild, dtype=out.dtype
+            )
+            ctx.mesa_out = Saved(tuple(kept_a.tensors) + tuple(kept_b.tensors), rebuild)
         ctx.cd = out.dtype
         ctx.shapes = (tuple(a.shape), tuple(b.shape))
         ctx.dtypes = (a.dtype, b.dtype)
@@ -132,7 +148,7 @@ def matmul(a: Tensor, b: Tensor, *, config=None, states: Optional[RangeStates] =
     spec = as_spec(config)
     if spec is None or not needs_saving(a, b) or a.dim() < 2 or b.dim() < 2:
         return torch.matmul(a, b)
-    return _MatmulFn.apply(a, b, spec, states)
+    return run_with_kept(_MatmulFn, a, b, spec, states)
 
 
 # --------------------------------------------------------------------- SDPA
