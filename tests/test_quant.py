@@ -251,3 +251,25 @@ def test_kernel_env_override(monkeypatch):
     monkeypatch.setenv("TORCH_MESA_KERNEL", "fast")
     with pytest.raises(ValueError, match="TORCH_MESA_KERNEL"):
         quant.compress(torch.randn(4, 4), 8)
+
+
+@pytest.mark.slow
+def test_more_than_2_to_the_31_elements():
+    """int32 index overflow would corrupt the tail of a huge tensor. ~11 GiB
+    of memory: run with ``pytest -m slow`` (not in the default run)."""
+    n = 2**31 + 4099
+    x = torch.empty(n // 4099, 4099, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    for i in range(0, x.shape[0], 65536):  # fill in chunks: no fp32 copy of the whole
+        x[i:i + 65536] = torch.randn(min(65536, x.shape[0] - i), 4099, generator=g).to(torch.bfloat16)
+    saved, layout = quant.compress(x, 8, axes=-1, group_size=1)
+    assert saved[0].numel() == x.numel()
+    lo, scale = saved[1], saved[2]
+    for rows in (slice(0, 3), slice(x.shape[0] // 2, x.shape[0] // 2 + 3), slice(-3, None)):
+        xs = x[rows].float()
+        expected = torch.clamp(torch.round((xs - lo) / scale), 0, 255).to(torch.uint8)
+        codes = saved[0].view(x.shape)[rows]
+        assert torch.equal(codes, expected)
+    y = quant.expand(saved, layout)
+    tail = slice(-3, None)
+    assert torch.equal(y[tail], (saved[0].view(x.shape)[tail].float() * scale + lo).to(torch.bfloat16))
