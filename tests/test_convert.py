@@ -2,8 +2,6 @@
 
 import copy
 import io
-import pickle
-import warnings
 
 import pytest
 import torch

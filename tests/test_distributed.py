@@ -6,7 +6,6 @@ the combined batch (the ranges are each rank's own: they need no
 synchronisation for correctness).
 """
 
-import copy
 
 import pytest
 import torch

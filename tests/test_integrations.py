@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from torch_mesa import MesaConfig, compress_, measure, restore_
-from torch_mesa.nn import MesaModule
 
 from conftest import cosine
 

@@ -7,7 +7,6 @@ lower. The 4- and 2-bit figures are printed (``pytest -s``) and only checked
 to be finite and ordered, since their SQNR is a property of the bit width.
 """
 
-import functools
 
 import pytest
 import torch

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import torch_mesa
 from torch_mesa import MesaConfig, compress_
 from torch_mesa.models import VisionTransformer
 

@@ -12,7 +12,7 @@ import contextlib
 import csv
 import io
 import json
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 

@@ -180,6 +180,17 @@ def derived(
     return Saved(tuple(inner.tensors) + tuple(extra), rebuild)
 
 
+def _rebuild_pair(tensors, *, a, n_a, b, combine):
+    return combine(a(tensors[:n_a]), b(tensors[n_a:]))
+
+
+def combined(a: Saved, b: Saved, combine: Callable[[Tensor, Tensor], Tensor]) -> Saved:
+    """A ``Saved`` that rebuilds ``combine(a, b)`` from what ``a`` and ``b`` keep
+    (a gated product, a product, attention scores ``q @ k^T``)."""
+    rebuild = functools.partial(_rebuild_pair, a=a.rebuild, n_a=len(a.tensors), b=b.rebuild, combine=combine)
+    return Saved(tuple(a.tensors) + tuple(b.tensors), rebuild)
+
+
 def save(ctx, *items: Saved) -> None:
     tensors: List[Optional[Tensor]] = []
     plan = []

@@ -17,6 +17,7 @@ as ``F.dropout`` from the same generator state on CPU and CUDA.
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Optional
 
 import torch
@@ -27,8 +28,8 @@ from ..config import QuantSpec
 from ._saved import (
     AutocastState,
     RangeStates,
-    Saved,
     as_spec,
+    combined,
     derived,
     keep,
     load,
@@ -102,10 +103,6 @@ def _gated(gate: Tensor, up: Tensor, *, kind: str) -> Tensor:
     return _act(gate, kind) * up
 
 
-def _rebuild_gated(tensors, *, gate, n_gate, up, kind):
-    return _gated(gate(tensors[:n_gate]), up(tensors[n_gate:]), kind=kind)
-
-
 class _GatedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, kind: str, spec: QuantSpec, states):
@@ -115,14 +112,7 @@ class _GatedFn(torch.autograd.Function):
         save(ctx, kept_gate, kept_up)
         ctx.kind = kind
         if spec.keep_once:
-            rebuild = functools.partial(
-                _rebuild_gated,
-                gate=kept_gate.rebuild,
-                n_gate=len(kept_gate.tensors),
-                up=kept_up.rebuild,
-                kind=kind,
-            )
-            ctx.mesa_out = Saved(tuple(kept_gate.tensors) + tuple(kept_up.tensors), rebuild)
+            ctx.mesa_out = combined(kept_gate, kept_up, functools.partial(_gated, kind=kind))
         return out
 
     @staticmethod
@@ -197,10 +187,6 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, *, config=None) ->
 
 
 # ------------------------------------------------------------ product
-def _rebuild_mul(tensors, *, a, n_a, b):
-    return a(tensors[:n_a]) * b(tensors[n_a:])
-
-
 class _MulFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, spec: QuantSpec, states):
@@ -210,8 +196,7 @@ class _MulFn(torch.autograd.Function):
         save(ctx, kept_a, kept_b)
         ctx.shapes, ctx.dtypes = (tuple(a.shape), tuple(b.shape)), (a.dtype, b.dtype)
         if spec.keep_once:
-            rebuild = functools.partial(_rebuild_mul, a=kept_a.rebuild, n_a=len(kept_a.tensors), b=kept_b.rebuild)
-            ctx.mesa_out = Saved(tuple(kept_a.tensors) + tuple(kept_b.tensors), rebuild)
+            ctx.mesa_out = combined(kept_a, kept_b, operator.mul)
         return out
 
     @staticmethod

@@ -28,8 +28,8 @@ from ..config import QuantSpec
 from ._saved import (
     AutocastState,
     RangeStates,
-    Saved,
     as_spec,
+    combined,
     derived,
     exact,
     grad_by_recompute,
@@ -105,8 +105,8 @@ def _sum_to(grad: Tensor, shape) -> Tensor:
     return grad
 
 
-def _rebuild_matmul(tensors, *, a, n_a, b, dtype):
-    return torch.matmul(a(tensors[:n_a]).to(dtype), b(tensors[n_a:]).to(dtype))
+def _matmul_in(a, b, *, dtype):
+    return torch.matmul(a.to(dtype), b.to(dtype))
 
 
 class _MatmulFn(torch.autograd.Function):
@@ -120,10 +120,7 @@ class _MatmulFn(torch.autograd.Function):
             # Attention scores q @ k^T: a consumer (the softmax) rebuilds them
             # from the kept q and k (one matmul in backward) instead of
             # keeping an N x N map.
-            rebuild = functools.partial(
-                _rebuild_matmul, a=kept_a.rebuild, n_a=len(kept_a.tensors), b=kept_b.rebuild, dtype=out.dtype
-            )
-            ctx.mesa_out = Saved(tuple(kept_a.tensors) + tuple(kept_b.tensors), rebuild)
+            ctx.mesa_out = combined(kept_a, kept_b, functools.partial(_matmul_in, dtype=out.dtype))
         ctx.cd = out.dtype
         ctx.shapes = (tuple(a.shape), tuple(b.shape))
         ctx.dtypes = (a.dtype, b.dtype)

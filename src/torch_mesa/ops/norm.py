@@ -19,7 +19,7 @@ PyTorch's.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

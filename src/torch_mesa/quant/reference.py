@@ -163,10 +163,9 @@ def pack(codes: Tensor, bits: int) -> Tensor:
 def unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
     if bits == 8:
         return packed[:numel]
-    per_byte = 8 // bits
     mask = (1 << bits) - 1
-    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
-    lanes = (packed.unsqueeze(1) >> shifts) & mask  # (M, per_byte)
+    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)  # one lane per value in a byte
+    lanes = (packed.unsqueeze(1) >> shifts) & mask  # (M, 8 // bits)
     return lanes.reshape(-1)[:numel]
 
 
