@@ -273,3 +273,30 @@ def test_more_than_2_to_the_31_elements():
     y = quant.expand(saved, layout)
     tail = slice(-3, None)
     assert torch.equal(y[tail], (saved[0].view(x.shape)[tail].float() * scale + lo).to(torch.bfloat16))
+
+
+def test_compile_failure_falls_back_to_the_reference_with_one_warning(monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(fused, "_broken", None)
+    monkeypatch.setattr(fused, "_failed", set())
+
+    def broken_compiler(*args):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+    x = torch.randn(5, 7)
+    with pytest.warns(RuntimeWarning, match="compiling the fused quantizer failed"):
+        out = fused._run(broken_compiler, lambda t: t * 2, x)
+    assert torch.equal(out, x * 2)
+    assert not fused.available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        assert torch.equal(fused._run(broken_compiler, lambda t: t * 3, x), x * 3)
+    # an error the eager code raises too is the input's fault: it surfaces
+    monkeypatch.setattr(fused, "_failed", set())
+
+    def bad_input(t):
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError, match="bad input"):
+        fused._run(bad_input, bad_input, x)
