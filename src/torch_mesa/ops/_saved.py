@@ -132,9 +132,9 @@ def keep(
     of normalisation layers, which would amplify the error of small rows)."""
     if isinstance(x, torch.nn.Parameter):
         return exact(x)
-    kept = getattr(x, _KEPT_ATTR, None) if spec.keep_once else None
-    if kept is not None and kept.version == x._version:
-        return kept.saved
+    kept = kept_of(x) if spec.keep_once else None
+    if kept is not None:
+        return kept
     if heads and spec.head_wise and x.dim() >= 3:
         # Ranges never shared across heads; within a head, group_size channels
         # share one (None: one range per head, Mesa's original choice).

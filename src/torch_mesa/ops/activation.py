@@ -32,6 +32,7 @@ from ._saved import (
     combined,
     derived,
     keep,
+    kept_of,
     load,
     needs_saving,
     no_double_backward,
@@ -161,10 +162,10 @@ class _DropoutFn(torch.autograd.Function):
         scale = 1.0 / (1.0 - p)
         ctx.shape, ctx.scale = tuple(x.shape), scale
         ctx.save_for_backward(mask_packed)
-        kept = getattr(x, "_mesa_kept", None) if spec.keep_once else None
-        if kept is not None and kept.version == x._version:
+        kept = kept_of(x) if spec.keep_once else None
+        if kept is not None:
             step = functools.partial(_apply_mask, shape=tuple(x.shape), scale=scale)
-            ctx.mesa_out = derived(kept.saved, step, (mask_packed,), AutocastState(x.device.type))
+            ctx.mesa_out = derived(kept, step, (mask_packed,), AutocastState(x.device.type))
         return out
 
     @staticmethod
