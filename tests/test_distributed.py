@@ -7,6 +7,8 @@ synchronisation for correctness).
 """
 
 
+import warnings
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -21,9 +23,20 @@ pytestmark = pytest.mark.usefixtures("reference_kernel")
 
 
 def _spawn(mode, tmp_path):
-    init = tmp_path / "init"
-    mp.start_processes(worker.run, args=(2, str(init), mode, str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    for attempt in range(2):
+        init = tmp_path / f"init{attempt}"
+        try:
+            mp.start_processes(worker.run, args=(2, str(init), mode, str(tmp_path)), nprocs=2, join=True,
+                               start_method="spawn")
+            break
+        except mp.ProcessExitedException as err:
+            # A rank killed by a signal (seen once in ~10 runs of the whole
+            # suite on a loaded 2-core machine, never in isolation): retry
+            # once. A Python error in a rank (ProcessRaisedException, e.g. a
+            # failed conversion) is not retried.
+            if attempt:
+                raise
+            warnings.warn(f"distributed test: retrying after {err}")
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 

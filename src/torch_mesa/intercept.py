@@ -234,6 +234,25 @@ def _add(spec, states, args, kwargs):
     return NotImplemented
 
 
+def _reshaped(x, *, shape):
+    return x.reshape(shape)
+
+
+def _reshape(spec, states, args, kwargs):
+    # A reshape that materialises a broadcast view (an attention mask
+    # expanded over batch and heads) copies a small tensor into a large one;
+    # the copy gets a recipe that keeps only the small one.
+    x = args[0]
+    if kwargs or not isinstance(x, torch.Tensor) or 0 not in x.stride() or x.requires_grad:
+        return NotImplemented
+    out = x.reshape(*args[1:])
+    if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        return out  # a view: nothing was copied
+    _saved.mark_kept(out, _saved.derived(_saved.exact(x), functools.partial(_reshaped, shape=tuple(out.shape)),
+                                         (), _saved.AutocastState(out.device.type)))
+    return out
+
+
 def _type(spec, states, args, kwargs):
     dtype = args[1] if len(args) > 1 else kwargs.get("dtype")
     if not isinstance(dtype, torch.dtype) or _saved.kept_of(args[0]) is None:
@@ -280,6 +299,7 @@ def _handlers() -> Dict[Callable, Callable]:
         torch.Tensor.__radd__: _add,
         torch.Tensor.to: _to,
         torch.Tensor.type: _type,
+        torch.Tensor.reshape: _reshape,
     }
     if hasattr(F, "rms_norm"):
         table[F.rms_norm] = _rms_norm

@@ -34,6 +34,7 @@ from ._saved import (
     exact,
     grad_by_recompute,
     keep,
+    kept_of,
     load,
     needs_saving,
     run_with_kept,
@@ -187,7 +188,9 @@ class _SDPAFn(torch.autograd.Function):
             keep(q, spec, heads=True, running=_running(states, spec, "q")),
             keep(k, spec, heads=True, running=_running(states, spec, "k")),
             keep(v, spec, heads=True, running=_running(states, spec, "v")),
-            exact(mask),
+            # a mask built from smaller tensors (a bias plus a broadcast shift
+            # mask, as in Swin) is kept as those, exactly
+            (kept_of(mask) if spec.keep_once else None) or exact(mask),
         )
         ctx.fn, ctx.rng, ctx.autocast = fn, rng, AutocastState(q.device.type)
         return out
