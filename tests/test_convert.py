@@ -144,7 +144,7 @@ def test_converting_nothing_warns():
 
 
 def test_no_grad_costs_nothing_extra(monkeypatch):
-    from torch_mesa.ops import _saved
+    from torch_mesa.ops import recipes as _saved
 
     model = tiny_vit()
     compress_(model)

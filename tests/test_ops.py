@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from torch_mesa import MesaConfig, ops
-from torch_mesa.ops import _saved
+from torch_mesa.ops import recipes as _saved
 
 from conftest import assert_grads_close, sqnr_db, with_outliers
 

@@ -6,7 +6,7 @@ switched to the converted subclass (same object, same Parameters, same hooks:
 ``state_dict`` keys and tensors are unchanged). A model family's own norm,
 activation and linear classes listed in :mod:`torch_mesa.integrations` get a
 converted forward instead (an instance attribute; the class stays). Every other module gets the
-forward hooks of a :class:`~torch_mesa.intercept.Scope`, which routes the
+forward hooks of a :class:`~torch_mesa.routing.Scope`, which routes the
 functional calls it makes (attention, ``F.linear``...) to the same ops. The
 returned :class:`ConversionReport` says what was converted, what was left
 exact and why; converting nothing warns.
@@ -22,7 +22,7 @@ from torch import nn
 
 from . import integrations
 from .config import MesaConfig
-from .intercept import Scope
+from .routing import Scope
 from .nn.modules import CONVERTIBLE, MesaModule
 from .ops import RangeStates
 

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from .units import format_bytes
 from . import MesaConfig, compress_, measure
 from .measure import process_memory, reset_peak_rss
 from .models import VisionTransformer
@@ -166,20 +167,13 @@ def _peak_of_one_step(bits: Optional[int], batch_size: int, device: str, seed: i
     return max(0, process_memory("VmHWM") - before)
 
 
-def _fmt_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "n/a"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def make_table(base: RunResult, mesa: RunResult, bits: int) -> str:
     rows = [
-        ("bytes kept for backward (1 batch)", _fmt_bytes(base.kept_bytes), _fmt_bytes(mesa.kept_bytes),
+        ("bytes kept for backward (1 batch)", format_bytes(base.kept_bytes), format_bytes(mesa.kept_bytes),
          f"{mesa.kept_bytes / base.kept_bytes:.2f}x" if base.kept_bytes else "n/a"),
-        ("peak memory of a step (rise)", _fmt_bytes(base.peak_bytes), _fmt_bytes(mesa.peak_bytes),
+        ("peak memory of a step (rise)", format_bytes(base.peak_bytes), format_bytes(mesa.peak_bytes),
          f"{mesa.peak_bytes / base.peak_bytes:.2f}x" if base.peak_bytes and mesa.peak_bytes else "n/a"),
         ("median step time", f"{base.median_step * 1e3:.1f} ms", f"{mesa.median_step * 1e3:.1f} ms",
          f"{mesa.median_step / base.median_step:.2f}x"),

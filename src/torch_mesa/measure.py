@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .units import format_bytes
+
 __all__ = ["MemoryReport", "measure", "process_memory", "reset_peak_rss"]
 
 
@@ -50,8 +52,8 @@ class MemoryReport:
         lines = [f"{'module':<{width}}  {'kept for backward':>18}  {'share':>6}"]
         for name, n in items:
             share = n / self.total_bytes if self.total_bytes else 0.0
-            lines.append(f"{name:<{width}}  {_fmt(n):>18}  {share:>6.1%}")
-        lines.append(f"{'total':<{width}}  {_fmt(self.total_bytes):>18}  {'':>6}")
+            lines.append(f"{name:<{width}}  {format_bytes(n):>18}  {share:>6.1%}")
+        lines.append(f"{'total':<{width}}  {format_bytes(self.total_bytes):>18}  {'':>6}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -61,11 +63,6 @@ class MemoryReport:
         return {"total_bytes": self.total_bytes, "by_module": dict(self.by_module)}
 
 
-def _fmt(n: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
 
 
 def _storage_key(t: torch.Tensor):

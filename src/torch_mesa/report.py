@@ -17,6 +17,7 @@ from typing import List, Optional
 import torch
 
 from . import MesaConfig, compress_, measure
+from .units import format_bytes
 from .zoo import ModelError, parse_sizes, resolve
 
 __all__ = ["run_report", "compare"]
@@ -66,11 +67,6 @@ def warnings_as_notes():
     notes.extend(str(w.message) for w in caught)
 
 
-def _fmt(n: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
 
 
 def _ratio(after: int, before: int) -> str:
@@ -89,11 +85,11 @@ def format_table(result: dict) -> str:
     ]
     for r in rows:
         lines.append(
-            f"{r['module']:<{width}}  {_fmt(r['before']):>12}  {_fmt(r['after']):>12}  "
+            f"{r['module']:<{width}}  {format_bytes(r['before']):>12}  {format_bytes(r['after']):>12}  "
             f"{_ratio(r['after'], r['before']):>8}"
         )
     tb, ta = result["total_before"], result["total_after"]
-    lines.append(f"{'total':<{width}}  {_fmt(tb):>12}  {_fmt(ta):>12}  {_ratio(ta, tb):>8}")
+    lines.append(f"{'total':<{width}}  {format_bytes(tb):>12}  {format_bytes(ta):>12}  {_ratio(ta, tb):>8}")
     lines.append("")
     conv = ", ".join(f"{n} {k}" for k, n in sorted(result["converted"].items())) or "nothing"
     lines.append(f"converted: {conv}")

@@ -1,7 +1,7 @@
 """Model families: which of their own module classes map to which torch-mesa op.
 
 Everything standard is handled generically (``torch.nn`` layers by class,
-functional calls by routing, see :mod:`torch_mesa.intercept`). What is left
+functional calls by routing, see :mod:`torch_mesa.routing`). What is left
 are a family's *own* layer classes; each family has a small declarative table
 (:mod:`.transformers`, :mod:`.timm`) of :class:`Rule` entries naming a class
 by its module and name and the kind of op it is:

@@ -8,7 +8,7 @@ Each function has the signature of its PyTorch counterpart plus keyword-only
 PyTorch op: no cost, identical results.
 """
 
-from ._saved import RangeStates
+from ..quant.running import RangeStates
 from .activation import dropout, gated, gelu, mul, silu
 from .attention import matmul, scaled_dot_product_attention, softmax
 from .linear import linear

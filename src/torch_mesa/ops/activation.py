@@ -25,20 +25,10 @@ import torch.nn.functional as F
 
 from .. import quant
 from ..config import QuantSpec
-from ._saved import (
-    AutocastState,
-    RangeStates,
-    as_spec,
-    combined,
-    derived,
-    keep,
-    kept_of,
-    load,
-    needs_saving,
-    no_double_backward,
-    run_with_kept,
-    save,
-)
+from ..quant.running import RangeStates
+from .recipes import combined, derived, keep, kept_of
+from .replay import AutocastState
+from .saving import as_spec, load, needs_saving, no_double_backward, run_with_kept, save
 
 Tensor = torch.Tensor
 

@@ -10,7 +10,7 @@ exchange for keeping 3 values per token and channel at 8 bits or fewer.
 The eager path (``softmax(q @ k^T * scale + mask) @ v``) keeps no map either:
 ``q @ k^T`` keeps q and k per head and lets its consumer rebuild the scores
 from them; scaling, adding a mask and casting pass that recipe on (see
-:func:`torch_mesa.intercept`), so the softmax keeps only a recipe, and
+:mod:`torch_mesa.routing`), so the softmax keeps only a recipe, and
 ``attn @ v`` rebuilds the softmax output from it (the original Mesa kept the
 map twice, in the softmax and in the matmul). Backward pays one extra
 ``q @ k^T`` for it.
@@ -25,21 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import QuantSpec
-from ._saved import (
-    AutocastState,
-    RangeStates,
-    as_spec,
-    combined,
-    derived,
-    exact,
-    grad_by_recompute,
-    keep,
-    kept_of,
-    load,
-    needs_saving,
-    run_with_kept,
-    save,
-)
+from ..quant.running import RangeStates
+from .recipes import combined, derived, exact, keep, kept_of
+from .replay import AutocastState, RngReplay, grad_by_recompute
+from .saving import as_spec, load, needs_saving, run_with_kept, save
 
 Tensor = torch.Tensor
 
@@ -154,33 +143,10 @@ def _sdpa(q, k, v, mask, *, kwargs):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
 
 
-class _RngReplay:
-    """The generator state a forward with dropout started from."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        if device.type == "cuda":
-            self.state = torch.cuda.get_rng_state(device)
-        else:
-            self.state = torch.get_rng_state()
-
-    def __enter__(self):
-        devices = [self.device] if self.device.type == "cuda" else []
-        self._fork = torch.random.fork_rng(devices=devices)
-        self._fork.__enter__()
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(self.state, self.device)
-        else:
-            torch.set_rng_state(self.state)
-
-    def __exit__(self, *exc):
-        return self._fork.__exit__(*exc)
-
-
 class _SDPAFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, spec: QuantSpec, states, kwargs):
-        rng = _RngReplay(q.device) if kwargs.get("dropout_p", 0.0) > 0.0 else None
+        rng = RngReplay(q.device) if kwargs.get("dropout_p", 0.0) > 0.0 else None
         fn = functools.partial(_sdpa, kwargs=kwargs)
         out = fn(q, k, v, mask)
         save(

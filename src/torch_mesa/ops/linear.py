@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import QuantSpec
-from ._saved import RangeStates, as_spec, exact, keep, load, needs_saving, save
+from ..quant.running import RangeStates
+from .recipes import exact, keep
+from .saving import as_spec, load, needs_saving, save
 
 Tensor = torch.Tensor
 

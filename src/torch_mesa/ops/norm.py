@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._saved import RangeStates, as_spec, needs_saving, run_with_kept
+from ..quant.running import RangeStates
+from .saving import as_spec, needs_saving, run_with_kept
 from .recompute import RecomputeFn
 
 Tensor = torch.Tensor

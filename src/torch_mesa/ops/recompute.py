@@ -23,19 +23,10 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..config import QuantSpec
-from ._saved import (
-    AutocastState,
-    RangeStates,
-    as_spec,
-    derived,
-    exact,
-    grad_by_recompute,
-    keep,
-    load,
-    needs_saving,
-    run_with_kept,
-    save,
-)
+from ..quant.running import RangeStates
+from .recipes import derived, exact, keep
+from .replay import AutocastState, grad_by_recompute
+from .saving import as_spec, load, needs_saving, run_with_kept, save
 
 Tensor = torch.Tensor
 

@@ -19,10 +19,11 @@ from typing import Optional, Tuple
 import torch
 
 from . import fused, reference
+from .running import RangeStates, RunningRange
 
 Tensor = torch.Tensor
 
-__all__ = ["Layout", "RunningRange", "compress", "expand", "reference", "fused"]
+__all__ = ["Layout", "RangeStates", "RunningRange", "compress", "expand", "reference", "fused"]
 
 
 @dataclass(frozen=True)
@@ -38,52 +39,6 @@ class Layout:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
-
-
-class RunningRange:
-    """Mesa's running range estimate of one saved tensor: an exponential moving
-    average of the per-group min and range. Lives on the converted module (not
-    in its state_dict). Updated without host synchronisation; a step whose
-    statistics are not finite leaves the estimate unchanged.
-    """
-
-    __slots__ = ("lo", "span", "momentum")
-
-    def __init__(self, momentum: float) -> None:
-        self.lo: Optional[Tensor] = None
-        self.span: Optional[Tensor] = None
-        self.momentum = momentum
-
-    def update(self, cur_lo: Tensor, cur_hi: Tensor) -> Tuple[Tensor, Tensor]:
-        cur_span = cur_hi - cur_lo
-        ok = torch.isfinite(cur_lo) & torch.isfinite(cur_span)
-        fresh = self.lo is None or self.lo.shape != cur_lo.shape or self.lo.device != cur_lo.device
-        if not fresh and _in_backward():
-            # A forward recomputed during backward (activation checkpointing)
-            # uses the estimate without updating it: once per training step.
-            lo = torch.where(ok, self.lo, cur_lo)
-            return lo, torch.where(ok, self.lo + self.span, cur_hi)
-        if fresh:
-            # First step (or a new layout): start from the current statistics.
-            self.lo = torch.where(ok, cur_lo, torch.zeros_like(cur_lo))
-            self.span = torch.where(ok, cur_span, torch.zeros_like(cur_span))
-        else:
-            m = self.momentum
-            self.lo = torch.where(ok, m * self.lo + (1 - m) * cur_lo, self.lo)
-            self.span = torch.where(ok, m * self.span + (1 - m) * cur_span, self.span)
-        # A non-finite group this step gets a non-finite range, so its NaN/Inf
-        # reaches the gradient instead of being replaced by in-range values.
-        lo = torch.where(ok, self.lo, cur_lo)
-        hi = torch.where(ok, self.lo + self.span, cur_hi)
-        return lo, hi
-
-    def reset(self) -> None:
-        self.lo = self.span = None
-
-
-def _in_backward() -> bool:
-    graph_task = getattr(torch._C, "_current_graph_task_id", None)
-    return graph_task is not None and graph_task() != -1
 
 
 def _kernel(requested: str) -> str:

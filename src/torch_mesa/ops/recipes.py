@@ -1,0 +1,166 @@
+"""Rebuild recipes: what an op keeps of an input, and how it gets it back.
+
+Every op in this package keeps each input it needs for backward as a
+:class:`Recipe`: a tuple of tensors handed to ``ctx.save_for_backward``
+(principle 2: hooks, offloading and measurement see all of it) and a
+``rebuild`` function that turns those tensors back into the input. Most
+recipes are quantized copies (:func:`keep`). Some are cheaper:
+
+*Keep each piece of data once.* An op whose output is an elementwise or norm
+step of what it already keeps (LayerNorm, RMSNorm, GELU, SiLU, gated products,
+dropout, ``q @ k^T``) attaches to that output a recipe that rebuilds it from
+its own kept tensors (:func:`mark_kept`). An op that then needs this output
+for its backward (the Linear after a LayerNorm, the softmax after the
+scores) saves the *same* tensors (same storages, so nothing is stored twice)
+and recomputes the cheap step in backward.
+
+*Version checks.* An attachment records the version counter of the output
+and of every tensor the recipe holds that came from outside (the other
+operand of an addition or a product, a mask, the small tensor behind a
+broadcast view). If any of them was modified in place before a consumer
+saves the recipe, :func:`kept_of` returns None and the consumer quantizes
+the tensor as it is now instead (after the consumer has saved it,
+autograd's own version check guards the saved tensors).
+
+Rebuild functions never capture tensors (only shapes, flags and other
+functions); all tensors travel through ``save_for_backward``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+
+from .. import quant
+from ..config import QuantSpec
+
+Tensor = torch.Tensor
+
+_KEPT_ATTR = "_mesa_kept"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Tensors to save, and how to turn them back into the kept input.
+
+    ``outside``: the tensors among ``tensors`` that came from outside the
+    op (masks, addends, views), with their version counters when the recipe
+    was made: an in-place change to any of them invalidates the recipe.
+    """
+
+    tensors: Tuple[Optional[Tensor], ...]
+    rebuild: Callable[[Sequence[Optional[Tensor]]], Tensor]
+    outside: Tuple[Tuple[Tensor, int], ...] = ()
+
+    def unchanged(self) -> bool:
+        return all(t._version == v for t, v in self.outside)
+
+
+@dataclass(frozen=True)
+class _Kept:
+    recipe: Recipe
+    version: int
+
+
+def _rebuild_quantized(tensors: Sequence[Tensor], layout: quant.Layout) -> Tensor:
+    return quant.expand(tuple(tensors), layout)
+
+
+def _identity(tensors: Sequence[Tensor]) -> Tensor:
+    return tensors[0]
+
+
+def _versions(tensors: Sequence[Optional[Tensor]]) -> Tuple[Tuple[Tensor, int], ...]:
+    return tuple((t, t._version) for t in tensors if isinstance(t, torch.Tensor))
+
+
+def exact(x: Optional[Tensor]) -> Recipe:
+    """Keep ``x`` as it is (parameters, masks)."""
+    return Recipe((x,), _identity)
+
+
+def quantized(x: Tensor, spec: QuantSpec, *, heads: bool = False, rows: bool = False,
+              running: Optional[quant.RunningRange] = None) -> Recipe:
+    """A quantized copy of ``x`` (see :func:`keep` for the arguments)."""
+    if heads and spec.head_wise and x.dim() >= 3:
+        # Ranges never shared across heads; within a head, group_size channels
+        # share one (None: one range per head, Mesa's original choice).
+        axes = (x.dim() - 3, x.dim() - 1)
+        group_size = spec.group_size if spec.group_size is not None else max(1, x.shape[-1])
+    else:
+        axes, group_size = (-1,), spec.group_size
+    tensors, layout = quant.compress(
+        x, spec.bits, axes, group_size, spec.stochastic, running, spec.kernel, rows=rows and x.dim() >= 1
+    )
+    return Recipe(tensors, functools.partial(_rebuild_quantized, layout=layout))
+
+
+def keep(
+    x: Tensor,
+    spec: QuantSpec,
+    *,
+    heads: bool = False,
+    rows: bool = False,
+    running: Optional[quant.RunningRange] = None,
+) -> Recipe:
+    """How to keep input ``x``: the producer's attachment if it has a valid one,
+    else a quantized copy. ``heads``: ``x`` has a head dimension at -3
+    (``(B, H, N, D)``) and, with ``spec.head_wise``, gets one range per head.
+    ``rows``: quantize each row relative to its own centre and width (inputs
+    of normalisation layers, which would amplify the error of small rows)."""
+    if isinstance(x, torch.nn.Parameter):
+        return exact(x)
+    kept = kept_of(x) if spec.keep_once else None
+    if kept is not None:
+        return kept
+    return quantized(x, spec, heads=heads, rows=rows, running=running)
+
+
+def kept_of(x) -> Optional[Recipe]:
+    """The valid rebuild recipe attached to ``x``, if any: neither ``x`` nor
+    any outside tensor of the recipe was modified in place since."""
+    kept = getattr(x, _KEPT_ATTR, None) if isinstance(x, torch.Tensor) else None
+    if kept is not None and kept.version == x._version and kept.recipe.unchanged():
+        return kept.recipe
+    return None
+
+
+def mark_kept(out: Tensor, recipe: Recipe) -> Tensor:
+    """Attach to ``out`` how to rebuild it from what its producer keeps."""
+    setattr(out, _KEPT_ATTR, _Kept(recipe, out._version))
+    return out
+
+
+def _then(tensors, *, inner, n_inner, step, autocast):
+    x = inner(tensors[:n_inner])
+    with autocast():
+        return step(x, *tensors[n_inner:])
+
+
+def derived(
+    inner: Recipe, step: Callable[..., Tensor], extra: Sequence[Optional[Tensor]], autocast
+) -> Recipe:
+    """A recipe that rebuilds ``step(inner, *extra)``: the output of a cheap
+    op from what that op keeps of its input. ``step`` must be a function of
+    its arguments only (a module-level function or a partial of one);
+    ``extra`` tensors come from outside (their versions are checked);
+    ``autocast`` (an :class:`~torch_mesa.ops.replay.AutocastState`) is the
+    state ``step`` runs under."""
+    rebuild = functools.partial(
+        _then, inner=inner.rebuild, n_inner=len(inner.tensors), step=step, autocast=autocast
+    )
+    return Recipe(tuple(inner.tensors) + tuple(extra), rebuild, inner.outside + _versions(extra))
+
+
+def _rebuild_pair(tensors, *, a, n_a, b, combine):
+    return combine(a(tensors[:n_a]), b(tensors[n_a:]))
+
+
+def combined(a: Recipe, b: Recipe, combine: Callable[[Tensor, Tensor], Tensor]) -> Recipe:
+    """A recipe that rebuilds ``combine(a, b)`` from what ``a`` and ``b`` keep
+    (a gated product, a product, attention scores ``q @ k^T``)."""
+    rebuild = functools.partial(_rebuild_pair, a=a.rebuild, n_a=len(a.tensors), b=b.rebuild, combine=combine)
+    return Recipe(tuple(a.tensors) + tuple(b.tensors), rebuild, a.outside + b.outside)

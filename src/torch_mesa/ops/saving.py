@@ -1,0 +1,87 @@
+"""How an op saves its recipes for backward and gets its inputs back.
+
+The glue between :mod:`.recipes` and ``torch.autograd.Function``:
+:func:`save` hands every recipe's tensors to ``ctx.save_for_backward`` (and
+remembers how to rebuild each), :func:`load` rebuilds them in backward,
+:func:`run_with_kept` attaches the recipe a forward left for its output.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Union
+
+import torch
+
+from ..config import MesaConfig, QuantSpec
+from .recipes import Recipe, mark_kept
+
+Tensor = torch.Tensor
+
+
+def as_spec(config: Union[None, MesaConfig, QuantSpec]) -> Optional[QuantSpec]:
+    """A functional op's ``config`` argument as a spec (``None``: default config)."""
+    if config is None:
+        return MesaConfig().resolve("")
+    if isinstance(config, MesaConfig):
+        return config.resolve("")
+    if isinstance(config, QuantSpec):
+        return config
+    raise TypeError(
+        f"config must be a MesaConfig or None, got {type(config).__name__}"
+    )
+
+
+def needs_saving(*tensors: Optional[Tensor]) -> bool:
+    """True when autograd will record this op (else run it plainly: no cost)."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def save(ctx, *items: Optional[Recipe]) -> None:
+    """Save the recipes' tensors; ``None`` items (nothing needed) load as None."""
+    tensors: List[Optional[Tensor]] = []
+    plan = []
+    for item in items:
+        if item is None:
+            plan.append((0, None))
+            continue
+        plan.append((len(item.tensors), item.rebuild))
+        tensors.extend(item.tensors)
+    ctx.save_for_backward(*tensors)
+    ctx.mesa_plan = plan
+
+
+def no_double_backward() -> None:
+    """Backward runs with autograd recording only under ``create_graph=True``.
+    The rebuilt inputs are not connected to the originals, so a second
+    derivative would be silently wrong: refuse it instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "torch-mesa: double backward (create_graph=True) through a converted layer is not "
+            "supported, since its inputs are kept compressed; keep the layers involved exact "
+            "(MesaConfig(policy={pattern: None})) or call torch_mesa.restore_(model)"
+        )
+
+
+def load(ctx) -> List[Optional[Tensor]]:
+    no_double_backward()
+    tensors = ctx.saved_tensors
+    out: List[Optional[Tensor]] = []
+    i = 0
+    for n, rebuild in ctx.mesa_plan:
+        out.append(None if rebuild is None else rebuild(tensors[i : i + n]))
+        i += n
+    return out
+
+
+def run_with_kept(fn_cls, *args) -> Tensor:
+    """``fn_cls.apply(*args)``, then attach to the output the recipe its
+    forward left in ``ctx.mesa_out`` (the ctx is the output's ``grad_fn``)."""
+    out = fn_cls.apply(*args)
+    ctx = out.grad_fn
+    recipe = getattr(ctx, "mesa_out", None) if ctx is not None else None
+    if recipe is not None:
+        del ctx.mesa_out
+        mark_kept(out, recipe)
+    return out
