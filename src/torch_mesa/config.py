@@ -109,6 +109,14 @@ def _check_fields(values: Mapping[str, Any], where: str = "") -> None:
         )
 
 
+def _lineage(name: str) -> Tuple[str, ...]:
+    """``"a.b.c"`` -> ``("a", "a.b", "a.b.c")``: a module and those containing it."""
+    if not name:
+        return ("",)
+    parts = name.split(".")
+    return tuple(".".join(parts[: i + 1]) for i in range(len(parts)))
+
+
 @dataclass(frozen=True)
 class MesaConfig:
     """How converted layers keep their activations for backward.
@@ -136,8 +144,10 @@ class MesaConfig:
             with one warning), ``"compiled"`` or ``"reference"``.
         policy: per-module overrides, ``{pattern: overrides}``; patterns are
             :mod:`fnmatch` patterns on qualified module names (``"head"``,
-            ``"blocks.0.*"``, ``"*.mlp.*"``), overrides a dict of the fields
-            above, or ``None`` to keep matching modules exact.
+            ``"blocks.0"``, ``"*.mlp.*"``), overrides a dict of the fields
+            above, or ``None`` to keep matching modules exact. An entry holds
+            for everything inside a matching module too: its layers and the
+            functional calls (attention, ``F.*``) its modules make.
     """
 
     bits: Optional[int] = 8
@@ -201,13 +211,23 @@ class MesaConfig:
 
     # ------------------------------------------------------------------ use
     def matching_patterns(self, name: str) -> Tuple[str, ...]:
-        return tuple(p for p, _ in self.policy if fnmatch.fnmatchcase(name, p))
+        """Policy patterns that apply to the module ``name``: those matching its
+        own name or the name of a module that contains it."""
+        lineage = _lineage(name)
+        return tuple(p for p, _ in self.policy if any(fnmatch.fnmatchcase(n, p) for n in lineage))
 
     def resolve(self, name: str) -> Optional[QuantSpec]:
-        """The spec for the module called ``name``, or ``None`` to keep it exact."""
+        """The spec for the module called ``name``, or ``None`` to keep it exact.
+
+        A policy entry applies to every module whose own name, or the name of
+        a module containing it, matches its pattern (``{"blocks.0": None}``
+        keeps all of ``blocks.0`` exact, its layers and the calls its modules
+        make); entries apply in the order given, a later one overriding an
+        earlier one.
+        """
         values = {f: getattr(self, f) for f in _OVERRIDABLE}
         for pattern, overrides in self.policy:
-            if fnmatch.fnmatchcase(name, pattern):
+            if any(fnmatch.fnmatchcase(n, pattern) for n in _lineage(name)):
                 if overrides is None:
                     values["bits"] = None
                 else:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -42,12 +42,21 @@ class ConversionReport:
         unmatched_patterns: policy patterns that matched no module name.
         routed_modules: modules whose functional calls (attention, ``F.*``)
             are routed to torch-mesa ops while autograd records.
+        plan: what happens to every module, by qualified name (``""`` is the
+            model itself): ``"converted (8 bits)"``, ``"routes its calls (8
+            bits)"``, ``"exact: kept exact by policy"``... (:meth:`table`).
     """
 
     converted: List[Tuple[str, str, int]] = field(default_factory=list)
     skipped: List[Tuple[str, str, str]] = field(default_factory=list)
     unmatched_patterns: List[str] = field(default_factory=list)
     routed_modules: int = 0
+    plan: Dict[str, str] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """One line per module: its name, type and what happens to it."""
+        width = max([len(n) for n in self.plan] + [8])
+        return "\n".join(f"{n or '<root>':<{width}}  {what}" for n, what in self.plan.items())
 
     @property
     def num_converted(self) -> int:
@@ -69,6 +78,13 @@ class ConversionReport:
         lines.append(
             f"  functional calls (attention, F.*) routed inside {self.routed_modules} other modules"
         )
+        exact_scopes = [n for n, what in self.plan.items() if what.endswith("routes no call (exact by policy)")]
+        if exact_scopes:
+            lines.append(f"kept exact by policy with every call inside: {len(exact_scopes)} modules")
+            for name in exact_scopes[:10]:
+                lines.append(f"  {name or '<root>'}")
+            if len(exact_scopes) > 10:
+                lines.append(f"  ... and {len(exact_scopes) - 10} more (report.table() lists every module)")
         if self.skipped:
             lines.append(f"left exact: {len(self.skipped)}")
             for name, kind, reason in self.skipped[:20]:
@@ -132,16 +148,22 @@ def compress_(
     for name, module in names.items():
         used_patterns.update(config.matching_patterns(name))
         kind = type(module)
+        tag = f"{kind.__name__}: "
         if filter_fn is not None and not filter_fn(module, name):
             filtered.append(name)
             if kind in CONVERTIBLE or not list(module.children()):
                 report.skipped.append((name, kind.__name__, "filter_fn returned False"))
             hooked[module] = name
+            report.plan[name] = tag + "exact (filter_fn returned False); routes no call"
             continue
+        spec = config.resolve(name)
         target = CONVERTIBLE.get(kind)
         family = integrations.match(module) if target is None else None
         if target is None and family is None:
+            # Its functional calls are routed with its own spec (or none).
             hooked[module] = name
+            calls = "routes no call (exact by policy)" if spec is None else f"routes its calls ({spec.bits} bits)"
+            report.plan[name] = tag + calls
             if not list(module.children()) and _worth_listing(module):
                 base = next((b for b in CONVERTIBLE if isinstance(module, b)), None)
                 reason = (
@@ -150,11 +172,16 @@ def compress_(
                     else "no torch-mesa op for this layer type"
                 )
                 report.skipped.append((name, kind.__name__, reason))
+                report.plan[name] = tag + f"exact ({reason}); " + calls
             continue
-        spec = config.resolve(name)
         if spec is None:
+            # Hooked too: the calls its forward makes (F.linear inside
+            # nn.Linear) must not be routed with an enclosing module's spec.
+            hooked[module] = name
             report.skipped.append((name, kind.__name__, "kept exact by policy"))
+            report.plan[name] = tag + "exact (kept exact by policy); routes no call"
             continue
+        report.plan[name] = tag + f"converted ({spec.bits} bits)"
         if target is not None:
             setattr(module, _ORIGINAL_CLASS, kind)
             module.__class__ = target

@@ -10,13 +10,14 @@ PyTorch op: no cost, identical results.
 
 from ..quant.running import RangeStates
 from .activation import dropout, gated, gelu, mul, silu
-from .attention import matmul, scaled_dot_product_attention, softmax
+from .attention import baddbmm, matmul, scaled_dot_product_attention, softmax
 from .linear import linear
 from .norm import layer_norm, rms_norm
 from .recompute import recompute
 
 __all__ = [
     "RangeStates",
+    "baddbmm",
     "dropout",
     "gated",
     "gelu",

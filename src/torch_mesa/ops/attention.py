@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..config import QuantSpec
 from ..quant.running import RangeStates
-from .recipes import combined, derived, exact, keep, kept_of
+from .recipes import combined, derived, exact, keep, kept_of, quantized
 from .replay import AutocastState, RngReplay, grad_by_recompute
 from .saving import as_spec, load, needs_saving, run_with_kept, save
 
@@ -47,21 +47,38 @@ def _softmax(x: Tensor, *, dim: int, dtype) -> Tensor:
 
 
 class _SoftmaxFn(torch.autograd.Function):
+    """Keeps its input's recipe when it has one (scores rebuilt from q and k,
+    with the same scaling and masking), else its *output*, quantized per head:
+    the output lies in [0, 1] whatever the input holds, so masks of ``-inf``
+    or ``finfo.min`` by design are never quantized as if they were data (the
+    original Mesa kept the output too). Either way a converted consumer
+    (``attn @ v``) reuses what is kept instead of keeping a second copy."""
+
     @staticmethod
     def forward(ctx, x, dim: int, dtype, spec: QuantSpec, states):
         fn = functools.partial(_softmax, dim=dim, dtype=dtype)
         out = fn(x)
         autocast = AutocastState(x.device.type)
-        kept = keep(x, spec, heads=_has_heads(x), running=_running(states, spec, "input"))
+        inner = kept_of(x) if spec.keep_once else None
+        ctx.from_output = inner is None
+        if inner is None:
+            kept = quantized(out, spec, heads=_has_heads(out), running=_running(states, spec, "output"))
+            ctx.mesa_out = kept if spec.keep_once else None
+        else:
+            kept = inner
+            ctx.mesa_out = derived(kept, fn, (), autocast)
         save(ctx, kept)
-        ctx.fn, ctx.autocast = fn, autocast
-        ctx.mesa_out = derived(kept, fn, (), autocast) if spec.keep_once else None
+        ctx.fn, ctx.autocast, ctx.dim, ctx.x_dtype = fn, autocast, dim, x.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        (x,) = load(ctx)
-        (grad_x,) = grad_by_recompute(ctx.fn, [x], [True], grad_out, ctx.autocast)
+        (kept,) = load(ctx)
+        if ctx.from_output:
+            # PyTorch's own softmax backward, from the (rebuilt) output
+            grad_x = torch.ops.aten._softmax_backward_data(grad_out.to(kept.dtype), kept, ctx.dim, ctx.x_dtype)
+        else:
+            (grad_x,) = grad_by_recompute(ctx.fn, [kept], [True], grad_out, ctx.autocast)
         return grad_x, None, None, None, None
 
 
@@ -73,8 +90,9 @@ def softmax(
     config=None,
     states: Optional[RangeStates] = None,
 ) -> Tensor:
-    """``F.softmax`` that keeps its input (per head for 4-D+ tensors) and lets
-    a converted consumer rebuild its output instead of keeping it."""
+    """``F.softmax`` that keeps its input's rebuild recipe (attention scores
+    from q and k), or else its output quantized (per head for 4-D+ tensors);
+    a converted consumer reuses what it keeps."""
     spec = as_spec(config)
     if spec is None or not needs_saving(x):
         return F.softmax(x, dim=dim, dtype=dtype)
@@ -99,21 +117,37 @@ def _matmul_in(a, b, *, dtype):
     return torch.matmul(a.to(dtype), b.to(dtype))
 
 
+def _baddbmm_in(a, b, bias, *, dtype, beta, alpha):
+    return torch.baddbmm(bias, a.to(dtype), b.to(dtype), beta=beta, alpha=alpha)
+
+
 class _MatmulFn(torch.autograd.Function):
+    """``a @ b`` of two activations, or ``beta * bias + alpha * (a @ b)``
+    (``torch.baddbmm``, as BLOOM computes ALiBi scores). Keeps each operand
+    only when the other one needs a gradient (frozen operands cost nothing);
+    the output gets a recipe that rebuilds it from what is kept (attention
+    scores: the softmax keeps no N x N map)."""
+
     @staticmethod
-    def forward(ctx, a, b, spec: QuantSpec, states):
-        out = torch.matmul(a, b)
-        kept_a = keep(a, spec, heads=_has_heads(a), running=_running(states, spec, "a"))
-        kept_b = keep(b, spec, heads=_has_heads(b), running=_running(states, spec, "b"))
+    def forward(ctx, a, b, spec: QuantSpec, states, bias, beta, alpha):
+        if bias is None:
+            out = torch.matmul(a, b)
+        else:
+            out = torch.baddbmm(bias, a, b, beta=beta, alpha=alpha)
+        need_a, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
+        kept_a = keep(a, spec, heads=_has_heads(a), running=_running(states, spec, "a")) if need_a else None
+        kept_b = keep(b, spec, heads=_has_heads(b), running=_running(states, spec, "b")) if need_b else None
         save(ctx, kept_a, kept_b)
-        if spec.keep_once and _has_heads(a) and _has_heads(b):
-            # Attention scores q @ k^T: a consumer (the softmax) rebuilds them
-            # from the kept q and k (one matmul in backward) instead of
-            # keeping an N x N map.
-            ctx.mesa_out = combined(kept_a, kept_b, functools.partial(_matmul_in, dtype=out.dtype))
-        ctx.cd = out.dtype
-        ctx.shapes = (tuple(a.shape), tuple(b.shape))
-        ctx.dtypes = (a.dtype, b.dtype)
+        if spec.keep_once and kept_a is not None and kept_b is not None:
+            if bias is None:
+                ctx.mesa_out = combined(kept_a, kept_b, functools.partial(_matmul_in, dtype=out.dtype))
+            elif bias.numel() < out.numel():
+                pair = combined(kept_a, kept_b, _pair)
+                step = functools.partial(_unpair_baddbmm, dtype=out.dtype, beta=beta, alpha=alpha)
+                ctx.mesa_out = derived(pair, step, (bias,), AutocastState(a.device.type))
+        ctx.cd, ctx.alpha, ctx.beta = out.dtype, alpha, beta
+        ctx.shapes = (tuple(a.shape), tuple(b.shape), None if bias is None else tuple(bias.shape))
+        ctx.dtypes = (a.dtype, b.dtype, None if bias is None else bias.dtype)
         return out
 
     @staticmethod
@@ -121,12 +155,26 @@ class _MatmulFn(torch.autograd.Function):
         a, b = load(ctx)
         cd = ctx.cd
         g = grad_out.to(cd)
-        grad_a = grad_b = None
+        if ctx.alpha != 1:
+            g_ab = g * ctx.alpha
+        else:
+            g_ab = g
+        grad_a = grad_b = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_a = _sum_to(g @ b.to(cd).mT, ctx.shapes[0]).to(ctx.dtypes[0])
+            grad_a = _sum_to(g_ab @ b.to(cd).mT, ctx.shapes[0]).to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
-            grad_b = _sum_to(a.to(cd).mT @ g, ctx.shapes[1]).to(ctx.dtypes[1])
-        return grad_a, grad_b, None, None
+            grad_b = _sum_to(a.to(cd).mT @ g_ab, ctx.shapes[1]).to(ctx.dtypes[1])
+        if ctx.shapes[2] is not None and ctx.needs_input_grad[4]:
+            grad_bias = _sum_to(g * ctx.beta if ctx.beta != 1 else g, ctx.shapes[2]).to(ctx.dtypes[2])
+        return grad_a, grad_b, None, None, grad_bias, None, None
+
+
+def _pair(a, b):
+    return (a, b)
+
+
+def _unpair_baddbmm(pair, bias, *, dtype, beta, alpha):
+    return _baddbmm_in(pair[0], pair[1], bias, dtype=dtype, beta=beta, alpha=alpha)
 
 
 def matmul(a: Tensor, b: Tensor, *, config=None, states: Optional[RangeStates] = None) -> Tensor:
@@ -135,7 +183,18 @@ def matmul(a: Tensor, b: Tensor, *, config=None, states: Optional[RangeStates] =
     spec = as_spec(config)
     if spec is None or not needs_saving(a, b) or a.dim() < 2 or b.dim() < 2:
         return torch.matmul(a, b)
-    return run_with_kept(_MatmulFn, a, b, spec, states)
+    return run_with_kept(_MatmulFn, a, b, spec, states, None, 1, 1)
+
+
+def baddbmm(bias: Tensor, a: Tensor, b: Tensor, *, beta=1, alpha=1, config=None,
+            states: Optional[RangeStates] = None) -> Tensor:
+    """``torch.baddbmm(bias, a, b, beta=beta, alpha=alpha)`` keeping ``a`` and
+    ``b`` compressed (and ``bias`` in the output's recipe when it is smaller
+    than the output, as BLOOM's ALiBi bias is)."""
+    spec = as_spec(config)
+    if spec is None or not needs_saving(a, b, bias) or a.dim() != 3 or b.dim() != 3:
+        return torch.baddbmm(bias, a, b, beta=beta, alpha=alpha)
+    return run_with_kept(_MatmulFn, a, b, spec, states, bias, beta, alpha)
 
 
 # --------------------------------------------------------------------- SDPA

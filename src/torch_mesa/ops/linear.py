@@ -1,6 +1,7 @@
 """Linear with a compressed input kept for backward.
 
-Keeps: the input ``x`` (for the weight gradient) as 8/4/2-bit codes with one
+Keeps: the input ``x`` (for the weight gradient; nothing when the weight is
+frozen) as 8/4/2-bit codes with one
 range per channel group, or, when ``x`` is the output of a converted
 LayerNorm/RMSNorm/activation/dropout, nothing new at all: the producer's kept
 tensors are saved again (same storages) and ``x`` is recomputed from them in
@@ -34,7 +35,10 @@ class _LinearFn(torch.autograd.Function):
         # own way (GPT-2's Conv1D: addmm with a (in, out) weight, `transposed`)
         out = F.linear(x, weight, bias) if forward_fn is None else forward_fn(x)
         running = states.get(spec, "input") if states is not None else None
-        save(ctx, keep(x, spec, running=running), exact(weight))
+        # The input is needed only for the weight's gradient: a frozen weight
+        # (adapters on a frozen base) keeps nothing of it, as PyTorch does.
+        kept_x = keep(x, spec, running=running) if ctx.needs_input_grad[1] else None
+        save(ctx, kept_x, exact(weight))
         ctx.x_dtype = x.dtype
         ctx.compute_dtype = out.dtype
         ctx.has_bias = bias is not None

@@ -79,7 +79,7 @@ def _versions(tensors: Sequence[Optional[Tensor]]) -> Tuple[Tuple[Tensor, int], 
 
 def exact(x: Optional[Tensor]) -> Recipe:
     """Keep ``x`` as it is (parameters, masks)."""
-    return Recipe((x,), _identity)
+    return Recipe((x,), _identity, _versions((x,)))
 
 
 def quantized(x: Tensor, spec: QuantSpec, *, heads: bool = False, rows: bool = False,

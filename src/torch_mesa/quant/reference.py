@@ -29,6 +29,7 @@ for nearest rounding it is equal bit for bit.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable, NamedTuple, Optional, Tuple
 
@@ -182,8 +183,7 @@ def uniform_from_seed(shape: Tuple[int, ...], seed: Tensor) -> Tensor:
     The hash is a well-known 32-bit integer mixer (two multiply/xor-shift
     rounds with 0x45d9f3b); every product stays below 2**63, so int64
     arithmetic never overflows. 24 bits of it make the uniform value.
-    ``seed`` is a 0-dim int64 tensor drawn from PyTorch's generator, so
-    ``torch.manual_seed`` makes runs repeatable.
+    ``seed`` is a 0-dim int64 tensor from :func:`next_seed`.
     """
     idx = torch.arange(math.prod(shape), device=seed.device, dtype=torch.int64).reshape(shape)
     h = (idx & _M32) ^ (idx >> 32) ^ ((seed * 0x9E3779B1) & _M32)
@@ -191,6 +191,24 @@ def uniform_from_seed(shape: Tuple[int, ...], seed: Tensor) -> Tensor:
     h = ((h ^ (h >> 16)) * 0x45D9F3B) & _M32
     h = h ^ (h >> 16)
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+_seeds = itertools.count()
+
+
+def next_seed(device) -> Tensor:
+    """The seed of one stochastic rounding: a private counter-based stream,
+    never PyTorch's generator. Drawing from the generator would change the
+    user's random state, so a model with dropout would compute a different
+    forward at 4 or 2 bits than unconverted, and reentrant checkpointing
+    would replay different dropout masks. The stream is this process's call
+    counter mixed with ``torch.initial_seed()`` (read, not advanced): runs
+    that make the same calls after the same ``torch.manual_seed`` round
+    alike."""
+    n = next(_seeds)
+    s = (torch.initial_seed() * 0x9E3779B97F4A7C15 + (n + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    s ^= s >> 31
+    return torch.tensor(s & 0x7FFFFFFF, dtype=torch.int64, device=device)
 
 
 def quantize_codes(
@@ -283,7 +301,7 @@ def quantize(
     shape = tuple(x.shape)
     lo_c = to_channels(lo, shape, axes, group_size)
     scale_c = to_channels(scale, shape, axes, group_size)
-    seed = torch.randint(0, 2**31 - 1, (), device=x.device) if stochastic else None
+    seed = next_seed(x.device) if stochastic else None
     if rows:
         packed = p.quantize_codes(x, lo_c, scale_c, bits, seed, centre, width)
         return packed, lo, scale, centre, width

@@ -11,7 +11,6 @@ it. :func:`handlers` is the table the scope dispatches on.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Dict
 
 import torch
@@ -21,30 +20,41 @@ from .. import ops
 from . import passthrough
 
 
-def _bind(fn: Callable) -> Callable[..., Dict[str, Any]]:
-    sig = inspect.signature(fn)
+class Fallback:
+    """A handler's answer when its op was not written for this call: the call
+    runs as PyTorch runs it (keeping what PyTorch keeps), and the scope
+    counts it with ``reason``."""
 
-    def bind(args, kwargs):
-        b = sig.bind(*args, **kwargs)
-        return b.arguments
+    __slots__ = ("reason",)
 
-    return bind
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
-_bind_sdpa = None  # bound lazily: signature inspection costs nothing at import
+def _args(names, args, kwargs, **unsupported) -> Any:
+    """Bind ``args``/``kwargs`` to ``names``; a :class:`Fallback` naming the
+    argument when one is not in ``names`` or has a value the op does not
+    support (``unsupported={name: predicate}``)."""
+    if len(args) > len(names):
+        return Fallback(f"{len(args)} positional arguments")
+    a = dict(zip(names, args))
+    for k, v in kwargs.items():
+        if k not in names or k in a:
+            return Fallback(f"argument {k!r}")
+        a[k] = v
+    for name, bad in unsupported.items():
+        if name in a and bad(a[name]):
+            return Fallback(f"{name}={a[name]!r}")
+    return a
+
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 def _sdpa(spec, states, args, kwargs):
-    global _bind_sdpa
-    if _bind_sdpa is None:
-        try:
-            _bind_sdpa = _bind(F.scaled_dot_product_attention)
-        except (TypeError, ValueError):  # builtin without a signature
-            _bind_sdpa = _bind(_sdpa_signature)
-    a = _bind_sdpa(args, kwargs)
-    extra = set(a) - {"query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"}
-    if extra:
-        return NotImplemented
+    a = _args(_SDPA_ARGS, args, kwargs)
+    if isinstance(a, Fallback):
+        return a
     return ops.scaled_dot_product_attention(
         a["query"],
         a["key"],
@@ -59,50 +69,58 @@ def _sdpa(spec, states, args, kwargs):
     )
 
 
-def _sdpa_signature(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    pass
+def _tensors(*xs) -> bool:
+    return all(isinstance(x, torch.Tensor) for x in xs)
 
 
 def _matmul(spec, states, args, kwargs):
-    if kwargs or len(args) != 2:
+    a = _args(("input", "other"), args, kwargs)
+    if isinstance(a, Fallback):
+        return a
+    if len(a) != 2 or not _tensors(a["input"], a["other"]):
         return NotImplemented
-    a, b = args
-    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+    return ops.matmul(a["input"], a["other"], config=spec, states=states)
+
+
+def _baddbmm(spec, states, args, kwargs):
+    a = _args(("input", "batch1", "batch2", "beta", "alpha"), args, kwargs)
+    if isinstance(a, Fallback):
+        return a
+    if not _tensors(a.get("input"), a.get("batch1"), a.get("batch2")):
         return NotImplemented
-    return ops.matmul(a, b, config=spec, states=states)
+    return ops.baddbmm(a["input"], a["batch1"], a["batch2"], beta=a.get("beta", 1), alpha=a.get("alpha", 1),
+                       config=spec, states=states)
 
 
 def _softmax(spec, states, args, kwargs):
-    x = args[0] if args else kwargs.get("input")
-    dim = args[1] if len(args) > 1 else kwargs.get("dim")
-    dtype = kwargs.get("dtype", args[3] if len(args) > 3 else None)
-    if dim is None or not isinstance(x, torch.Tensor):
-        return NotImplemented
-    return ops.softmax(x, dim, dtype, config=spec, states=states)
+    a = _args(("input", "dim", "_stacklevel", "dtype"), args, kwargs)
+    if isinstance(a, Fallback):
+        return a
+    if a.get("dim") is None:
+        return Fallback("implicit dim")
+    return ops.softmax(a["input"], a["dim"], a.get("dtype"), config=spec, states=states)
 
 
 def _tensor_softmax(spec, states, args, kwargs):
-    x = args[0]
-    dim = args[1] if len(args) > 1 else kwargs.get("dim")
-    dtype = args[2] if len(args) > 2 else kwargs.get("dtype")
-    if dim is None:
-        return NotImplemented
-    return ops.softmax(x, dim, dtype, config=spec, states=states)
+    a = _args(("input", "dim", "dtype"), args, kwargs)
+    if isinstance(a, Fallback):
+        return a
+    if a.get("dim") is None:
+        return Fallback("implicit dim")
+    return ops.softmax(a["input"], a["dim"], a.get("dtype"), config=spec, states=states)
 
 
 def _linear(spec, states, args, kwargs):
-    names = ("input", "weight", "bias")
-    a = dict(zip(names, args), **kwargs)
-    if set(a) - set(names):
-        return NotImplemented
+    a = _args(("input", "weight", "bias"), args, kwargs)
+    if isinstance(a, Fallback):
+        return a
     return ops.linear(a["input"], a["weight"], a.get("bias"), config=spec, states=states)
 
 
 def _layer_norm(spec, states, args, kwargs):
-    names = ("input", "normalized_shape", "weight", "bias", "eps")
-    a = dict(zip(names, args), **kwargs)
-    if set(a) - set(names):
-        return NotImplemented
+    a = _args(("input", "normalized_shape", "weight", "bias", "eps"), args, kwargs)
+    if isinstance(a, Fallback):
+        return a
     return ops.layer_norm(
         a["input"], a["normalized_shape"], a.get("weight"), a.get("bias"), a.get("eps", 1e-5),
         config=spec, states=states,
@@ -110,36 +128,32 @@ def _layer_norm(spec, states, args, kwargs):
 
 
 def _rms_norm(spec, states, args, kwargs):
-    names = ("input", "normalized_shape", "weight", "eps")
-    a = dict(zip(names, args), **kwargs)
-    if set(a) - set(names):
-        return NotImplemented
+    a = _args(("input", "normalized_shape", "weight", "eps"), args, kwargs)
+    if isinstance(a, Fallback):
+        return a
     return ops.rms_norm(
         a["input"], a["normalized_shape"], a.get("weight"), a.get("eps"), config=spec, states=states
     )
 
 
 def _gelu(spec, states, args, kwargs):
-    names = ("input", "approximate")
-    a = dict(zip(names, args), **kwargs)
-    if set(a) - set(names):
-        return NotImplemented
+    a = _args(("input", "approximate"), args, kwargs, approximate=lambda v: v not in ("none", "tanh"))
+    if isinstance(a, Fallback):
+        return a
     return ops.gelu(a["input"], a.get("approximate", "none"), config=spec, states=states)
 
 
 def _silu(spec, states, args, kwargs):
-    names = ("input", "inplace")
-    a = dict(zip(names, args), **kwargs)
-    if set(a) - set(names) or a.get("inplace", False):
-        return NotImplemented
+    a = _args(("input", "inplace"), args, kwargs, inplace=bool)
+    if isinstance(a, Fallback):
+        return a
     return ops.silu(a["input"], config=spec, states=states)
 
 
 def _dropout(spec, states, args, kwargs):
-    names = ("input", "p", "training", "inplace")
-    a = dict(zip(names, args), **kwargs)
-    if set(a) - set(names) or a.get("inplace", False):
-        return NotImplemented
+    a = _args(("input", "p", "training", "inplace"), args, kwargs, inplace=bool)
+    if isinstance(a, Fallback):
+        return a
     return ops.dropout(a["input"], a.get("p", 0.5), a.get("training", True), config=spec)
 
 
@@ -162,6 +176,8 @@ def handlers() -> Dict[Callable, Callable]:
         torch.Tensor.__matmul__: _matmul,
         torch.bmm: _matmul,
         torch.Tensor.bmm: _matmul,
+        torch.baddbmm: _baddbmm,
+        torch.Tensor.baddbmm: _baddbmm,
         F.softmax: _softmax,
         torch.softmax: _tensor_softmax,
         torch.Tensor.softmax: _tensor_softmax,
@@ -181,6 +197,21 @@ def handlers() -> Dict[Callable, Callable]:
         torch.Tensor.add: passthrough.add_step,
         torch.Tensor.__add__: passthrough.add_step,
         torch.Tensor.__radd__: passthrough.add_step,
+        torch.sub: passthrough.sub_step,
+        torch.Tensor.sub: passthrough.sub_step,
+        torch.Tensor.__sub__: passthrough.sub_step,
+        torch.Tensor.masked_fill: passthrough.masked_fill_step,
+        torch.masked_fill: passthrough.masked_fill_step,
+        torch.where: passthrough.where_step,
+        torch.Tensor.masked_fill_: passthrough.inplace(torch.Tensor.masked_fill_),
+        torch.Tensor.add_: passthrough.inplace(torch.Tensor.add_),
+        torch.Tensor.__iadd__: passthrough.inplace(torch.Tensor.__iadd__),
+        torch.Tensor.sub_: passthrough.inplace(torch.Tensor.sub_),
+        torch.Tensor.__isub__: passthrough.inplace(torch.Tensor.__isub__),
+        torch.Tensor.mul_: passthrough.inplace(torch.Tensor.mul_),
+        torch.Tensor.__imul__: passthrough.inplace(torch.Tensor.__imul__),
+        torch.Tensor.div_: passthrough.inplace(torch.Tensor.div_),
+        torch.Tensor.__itruediv__: passthrough.inplace(torch.Tensor.__itruediv__),
         torch.Tensor.to: passthrough.to_step,
         torch.Tensor.type: passthrough.type_step,
         torch.Tensor.reshape: passthrough.reshape_step,

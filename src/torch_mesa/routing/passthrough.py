@@ -10,8 +10,11 @@ recipe instead of an N x N map.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
+
+from .. import quant
 
 from ..ops.recipes import derived, exact, kept_of, mark_kept
 from ..ops.replay import AutocastState
@@ -29,8 +32,35 @@ def _plus(x, other):
     return x + other
 
 
+def _minus(x, other):
+    return x - other
+
+
 def _cast(x, *, dtype):
     return x.to(dtype)
+
+
+def _masked(x, mask, *value, fill=None):
+    return x.masked_fill(mask, value[0] if value else fill)
+
+
+def _chosen(x, cond, *other, fill=None, x_first=True):
+    o = other[0] if other else fill
+    return torch.where(cond, x, o) if x_first else torch.where(cond, o, x)
+
+
+def _unpacked(packed, *, shape):
+    return quant.reference.unpack(packed, 1, math.prod(shape)).reshape(shape).bool()
+
+
+def _mask_step(step, *, shape):
+    """``step`` whose first extra tensor (a full-size boolean mask) is kept
+    packed, 1 bit per element."""
+    return functools.partial(_with_unpacked, step=step, shape=shape)
+
+
+def _with_unpacked(x, packed, *rest, step, shape):
+    return step(x, _unpacked(packed, shape=shape), *rest)
 
 
 def _with_recipe(out, source, step, extra=()):
@@ -44,41 +74,175 @@ def _constant(t) -> bool:
     return isinstance(t, (int, float)) or (isinstance(t, torch.Tensor) and t.dim() == 0 and not t.requires_grad)
 
 
+def _small(t, shape) -> bool:
+    """A tensor a recipe may hold as it is: smaller than the output (a mask
+    or bias broadcast over batch or heads), never a full-size copy."""
+    return isinstance(t, torch.Tensor) and t.numel() < math.prod(shape)
+
+
+# Each plan gives ``(step, extra)`` for ``out = step(x, *extra)``, or None when
+# the step cannot be passed on (then the consumer keeps what it needs itself).
+def _plan_scale(factor, fn):
+    if not _constant(factor):
+        return None
+    if isinstance(factor, torch.Tensor):
+        return fn, (factor,)
+    return functools.partial(fn, **{"factor" if fn is _times else "divisor": factor}), ()
+
+
+def _plan_offset(other, fn, shape):
+    if isinstance(other, torch.Tensor):
+        return (fn, (other,)) if _small(other, shape) else None
+    if isinstance(other, (int, float)):
+        return functools.partial(fn, other=other), ()
+    return None
+
+
+def _plan_masked(mask, value, shape, step_fn, **flags):
+    """A step that takes a boolean mask: held as it is when it is smaller than
+    the output, packed 1 bit per element when it is full size."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        return None
+    if isinstance(value, torch.Tensor):
+        if not (_constant(value) or (not value.requires_grad and _small(value, shape))):
+            return None
+        step, extra = functools.partial(step_fn, **flags), (value,)
+    elif isinstance(value, (int, float, bool)):
+        step, extra = functools.partial(step_fn, fill=value, **flags), ()
+    else:
+        return None
+    if _small(mask, shape):
+        return step, (mask,) + extra
+    full = mask.expand(shape) if tuple(mask.shape) != tuple(shape) else mask
+    packed = quant.reference.pack(full.reshape(-1).to(torch.uint8), 1)
+    return _mask_step(step, shape=tuple(shape)), (packed,) + extra
+
+
+def _bind2(args, kwargs):
+    return (args[0], args[1]) if not kwargs and len(args) == 2 else None
+
+
 def scaled(args):
     """``a * b`` where one factor carries a recipe and the other is a constant."""
     a, b = args
     for x, factor in ((a, b), (b, a)):
-        if kept_of(x) is not None and _constant(factor):
-            extra = (factor,) if isinstance(factor, torch.Tensor) else ()
-            step = _times if extra else functools.partial(_times, factor=factor)
-            return _with_recipe(a * b, x, step, extra)
+        if kept_of(x) is not None:
+            plan = _plan_scale(factor, _times)
+            if plan is not None:
+                return _with_recipe(a * b, x, *plan)
     return NotImplemented
 
 
 def div_step(spec, states, args, kwargs):
-    if kwargs or len(args) != 2:
+    pair = _bind2(args, kwargs)
+    if pair is None or kept_of(pair[0]) is None:
         return NotImplemented
-    x, d = args
-    if kept_of(x) is None or not _constant(d):
-        return NotImplemented
-    extra = (d,) if isinstance(d, torch.Tensor) else ()
-    step = _divided if extra else functools.partial(_divided, divisor=d)
-    return _with_recipe(x / d, x, step, extra)
+    x, d = pair
+    plan = _plan_scale(d, _divided)
+    return NotImplemented if plan is None else _with_recipe(x / d, x, *plan)
 
 
 def add_step(spec, states, args, kwargs):
-    if kwargs or len(args) != 2:
+    pair = _bind2(args, kwargs)
+    if pair is None:
         return NotImplemented
-    a, b = args
+    a, b = pair
     for x, other in ((a, b), (b, a)):
-        if kept_of(x) is not None and isinstance(x, torch.Tensor):
+        if kept_of(x) is not None:
             out = a + b
-            if isinstance(other, torch.Tensor):
-                if other.numel() >= out.numel():
-                    return out  # never hold a full-size tensor exactly: the consumer quantizes instead
-                return _with_recipe(out, x, _plus, (other,))
-            return _with_recipe(out, x, functools.partial(_plus, other=other))
+            plan = _plan_offset(other, _plus, out.shape)
+            return out if plan is None else _with_recipe(out, x, *plan)
     return NotImplemented
+
+
+def sub_step(spec, states, args, kwargs):
+    """``x - other`` (a row maximum subtracted for stability, a constant)."""
+    pair = _bind2(args, kwargs)
+    if pair is None or kept_of(pair[0]) is None:
+        return NotImplemented
+    x, other = pair
+    out = x - other
+    plan = _plan_offset(other, _minus, out.shape)
+    return out if plan is None else _with_recipe(out, x, *plan)
+
+
+def _masked_fill_args(args, kwargs):
+    names = ("input", "mask", "value")
+    a = dict(zip(names, args), **kwargs)
+    if set(a) - set(names) or len(a) != 3:
+        return None
+    return a["input"], a["mask"], a["value"]
+
+
+def masked_fill_step(spec, states, args, kwargs):
+    """``scores.masked_fill(mask, value)``: masking written as PyTorch code."""
+    a = _masked_fill_args(args, kwargs)
+    if a is None or kept_of(a[0]) is None:
+        return NotImplemented
+    x, mask, value = a
+    out = x.masked_fill(mask, value)
+    plan = _plan_masked(mask, value, out.shape, _masked)
+    return out if plan is None else _with_recipe(out, x, *plan)
+
+
+def where_step(spec, states, args, kwargs):
+    """``torch.where(mask, scores, value)`` or ``torch.where(mask, value, scores)``."""
+    if kwargs or len(args) != 3:
+        return NotImplemented
+    cond, a, b = args
+    for x, other, x_first in ((a, b, True), (b, a, False)):
+        if kept_of(x) is not None:
+            out = torch.where(cond, a, b)
+            plan = _plan_masked(cond, other, out.shape, _chosen, x_first=x_first)
+            return out if plan is None else _with_recipe(out, x, *plan)
+    return NotImplemented
+
+
+def _plan_inplace(kind, x, args, kwargs):
+    if kind == "masked_fill":
+        a = _masked_fill_args((x,) + tuple(args), kwargs)
+        return None if a is None else _plan_masked(a[1], a[2], x.shape, _masked)
+    if kwargs or len(args) != 1:
+        return None
+    (other,) = args
+    if kind in ("mul", "div"):
+        return _plan_scale(other, _times if kind == "mul" else _divided)
+    return _plan_offset(other, _plus if kind == "add" else _minus, x.shape)
+
+
+_INPLACE = {
+    "masked_fill_": "masked_fill",
+    "add_": "add",
+    "__iadd__": "add",
+    "sub_": "sub",
+    "__isub__": "sub",
+    "mul_": "mul",
+    "__imul__": "mul",
+    "div_": "div",
+    "__itruediv__": "div",
+    "__idiv__": "div",
+}
+
+
+def inplace(func):
+    """The handler of an in-place step (``scores += mask``, ``scores *= scale``,
+    ``scores.masked_fill_(mask, value)``): it runs as PyTorch runs it, and the
+    tensor gets its recipe back, extended by the step, where the out-of-place
+    step would pass the recipe on (otherwise the version check drops it)."""
+    kind = _INPLACE[func.__name__]
+
+    def handler(spec, states, args, kwargs):
+        x = args[0] if args else None
+        inner = kept_of(x)
+        if inner is None:
+            return NotImplemented
+        plan = _plan_inplace(kind, x, args[1:], kwargs)
+        out = func(*args, **kwargs)
+        if plan is not None and out is x:
+            mark_kept(x, derived(inner, plan[0], plan[1], AutocastState(x.device.type)))
+        return out
+
+    return handler
 
 
 def _reshaped(x, *, shape):

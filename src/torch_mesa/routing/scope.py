@@ -21,6 +21,7 @@ different order from step to step should use dynamic ranges.
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -44,6 +45,14 @@ class _Frame:
         self.calls = 0
 
 
+def _func_name(func) -> str:
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    module = getattr(func, "__module__", None) or ""
+    if module.startswith("torch.nn.functional"):
+        return f"F.{name}"
+    return name if "." in name or not module.startswith("torch") else f"torch.{name}"
+
+
 class _Mode(TorchFunctionMode):
     def __init__(self, scope: "Scope") -> None:
         super().__init__()
@@ -53,22 +62,32 @@ class _Mode(TorchFunctionMode):
         kwargs = kwargs or {}
         handler = _HANDLERS.get(func)  # type: ignore[union-attr]
         scope = self.scope
-        if handler is not None and scope.stack and torch.is_grad_enabled():
-            frame = scope.stack[-1]
+        stack = scope.stack
+        if handler is not None and stack and torch.is_grad_enabled():
+            frame = stack[-1]
             spec = scope.spec_for(frame.name)
             if spec is not None:
                 slot = frame.calls
                 frame.calls += 1
                 states = scope.states_for(frame.name, slot) if spec.running else None
                 out = handler(spec, states, args, kwargs)
-                if out is not NotImplemented:
+                if isinstance(out, calls.Fallback):
+                    scope.fell_back(frame.name, _func_name(func), out.reason)
+                elif out is not NotImplemented:
                     scope.routed += 1
                     return out
         return func(*args, **kwargs)
 
 
 class Scope:
-    """Routes functional calls of a converted model (see module docstring)."""
+    """Routes functional calls of a converted model (see module docstring).
+
+    The stack of running modules and the mode are per thread (threads that
+    run one model, as ``nn.DataParallel`` does, each route their own calls).
+    ``fallbacks`` counts the routed calls that ran as PyTorch runs them
+    because their op was not written for an argument, by
+    ``(module, function, reason)``.
+    """
 
     def __init__(
         self,
@@ -80,35 +99,45 @@ class Scope:
         if _HANDLERS is None:
             _HANDLERS = calls.handlers()
         self.config = config
-        self.stack: List[_Frame] = []
+        self._local = threading.local()
         self.routed = 0  # calls routed so far (for reports and tests)
-        # Modules left exact by filter_fn route nothing either.
+        self.fallbacks: Dict[Tuple[str, str, str], int] = {}
+        # Modules left exact by policy or filter_fn route nothing either.
         self._specs: Dict[str, Optional[QuantSpec]] = {name: None for name in exact}
         self._states: Dict[Tuple[str, int], RangeStates] = {}
-        self._mode: Optional[_Mode] = None
         self._handles = []
         for module, name in names.items():
-            self._handles.append(module.register_forward_pre_hook(self._make_pre(name)))
+            self._handles.append(module.register_forward_pre_hook(_PreHook(self, name)))
             self._handles.append(module.register_forward_hook(self._post, always_call=True))
 
-    def _make_pre(self, name: str):
-        return _PreHook(self, name)
+    @property
+    def stack(self) -> List[_Frame]:
+        local = self._local
+        try:
+            return local.stack
+        except AttributeError:
+            local.stack, local.mode = [], None
+            return local.stack
 
     def enter(self, name: str) -> None:
-        if not self.stack and torch.is_grad_enabled():
-            self._mode = _Mode(self)
-            self._mode.__enter__()
-        self.stack.append(_Frame(name))
+        stack = self.stack
+        if not stack and torch.is_grad_enabled():
+            mode = _Mode(self)
+            mode.__enter__()
+            self._local.mode = mode
+        stack.append(_Frame(name))
 
     def _post(self, module, args, output):
         self.exit()
         return None
 
     def exit(self) -> None:
-        if self.stack:
-            self.stack.pop()
-        if not self.stack and self._mode is not None:
-            mode, self._mode = self._mode, None
+        stack = self.stack
+        if stack:
+            stack.pop()
+        mode = self._local.mode
+        if not stack and mode is not None:
+            self._local.mode = None
             mode.__exit__(None, None, None)
 
     def spec_for(self, name: str) -> Optional[QuantSpec]:
@@ -122,6 +151,10 @@ class Scope:
             self._states[key] = RangeStates()
         return self._states[key]
 
+    def fell_back(self, module: str, func: str, reason: str) -> None:
+        key = (module, func, reason)
+        self.fallbacks[key] = self.fallbacks.get(key, 0) + 1
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
@@ -131,8 +164,12 @@ class Scope:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["stack"], state["_mode"] = [], None
+        del state["_local"]
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
 
 
 class _PreHook:
