@@ -64,6 +64,14 @@ def _check(mesa_fn, torch_fn, inputs, *, dtype=torch.float32, min_db=30.0, seed=
     return grads, exact
 
 
+def _masked_scores(*shape):
+    x = with_outliers(*shape, shape[-1], requires_grad=False) * 2
+    n = shape[-1]
+    x = x.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    x[..., 5:, 3] = torch.finfo(x.dtype).min
+    return x.requires_grad_()
+
+
 def _cases():
     w = torch.randn(33, 65) * 0.1
     b = torch.randn(33)
@@ -115,6 +123,23 @@ def _cases():
             lambda a, b: ops.matmul(a, b, config=CFG8),
             torch.matmul,
             [with_outliers(3, 7, 37, 65, seed=1), with_outliers(65, 21, seed=2)],
+        ),
+        # masks by design: -inf above the diagonal, finfo.min in a padded key
+        # column; the softmax keeps its output, never the masked input
+        "softmax_masked": (
+            lambda x: ops.softmax(x, -1, config=CFG8),
+            lambda x: F.softmax(x, -1),
+            [_masked_scores(3, 7, 37)],
+        ),
+        "baddbmm": (
+            lambda bias, a, b: ops.baddbmm(bias, a, b, beta=0.5, alpha=0.125, config=CFG8),
+            lambda bias, a, b: torch.baddbmm(bias, a, b, beta=0.5, alpha=0.125),
+            [torch.randn(21, 1, 37), with_outliers(21, 37, 65, seed=1), with_outliers(21, 65, 37, seed=2)],
+        ),
+        "einsum": (
+            lambda a, b: ops.einsum("bhid,bhjd->bhij", a, b, config=CFG8),
+            lambda a, b: torch.einsum("bhid,bhjd->bhij", a, b),
+            [with_outliers(3, 7, 37, 65, seed=1), with_outliers(3, 7, 37, 65, seed=2)],
         ),
         "sdpa": (
             lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, config=CFG8),
@@ -256,17 +281,20 @@ def test_stochastic_rounding_gives_unbiased_gradients():
 
 
 def test_keep_once_shares_storages():
-    """LayerNorm -> Linear and GELU -> dropout -> Linear keep nothing new for the Linear."""
-    x = torch.randn(2, 17, 32, requires_grad=True)
-    w1 = torch.randn(64, 32, requires_grad=True)
-    w2 = torch.randn(32, 64, requires_grad=True)
-    lnw = torch.ones(32, requires_grad=True)
+    """LayerNorm -> Linear and GELU -> dropout -> Linear keep nothing new for
+    the Linear, and the inputs rebuilt from what the producers keep give the
+    right forward and gradients."""
+    x = with_outliers(2, 17, 32)
+    w1 = (torch.randn(64, 32) * 0.2).requires_grad_()
+    w2 = (torch.randn(32, 64) * 0.2).requires_grad_()
+    lnw = (1 + 0.1 * torch.randn(32)).requires_grad_()
     packed = []
 
     def pack(t):
         packed.append(t)
         return t
 
+    torch.manual_seed(3)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         h = ops.layer_norm(x, (32,), lnw, None, config=CFG8)
         y = ops.linear(h, w1, config=CFG8)
@@ -279,11 +307,14 @@ def test_keep_once_shares_storages():
     assert len({t.untyped_storage().data_ptr() for t in activations}) == 9
     assert all(t.dtype in (torch.uint8, torch.float32) for t in activations)
     assert len(storages) == 9 + 3
-    # and the rebuilt inputs give the right gradients
-    z.sum().backward()
-    x2 = x.detach().requires_grad_()
-    ref = F.linear(F.gelu(F.linear(F.layer_norm(x2, (32,), lnw), w1)), w2)
-    assert ref.shape == z.shape
+    # the same dropout mask in the reference: same forward, close gradients
+    torch.manual_seed(3)
+    ref = F.linear(F.dropout(F.gelu(F.linear(F.layer_norm(x, (32,), lnw), w1)), 0.1), w2)
+    assert torch.equal(ref, z)
+    g = torch.randn_like(z)
+    wrt = [x, w1, w2, lnw]
+    assert_grads_close(torch.autograd.grad(z, wrt, g), torch.autograd.grad(ref, wrt, g), min_db=30.0,
+                       what="keep-once chain")
 
 
 def test_keep_once_ignores_outputs_modified_in_place():

@@ -10,7 +10,7 @@ PyTorch op: no cost, identical results.
 
 from ..quant.running import RangeStates
 from .activation import dropout, gated, gelu, mul, silu
-from .attention import baddbmm, matmul, scaled_dot_product_attention, softmax
+from .attention import baddbmm, einsum, matmul, scaled_dot_product_attention, softmax
 from .linear import linear
 from .norm import layer_norm, rms_norm
 from .recompute import recompute
@@ -19,6 +19,7 @@ __all__ = [
     "RangeStates",
     "baddbmm",
     "dropout",
+    "einsum",
     "gated",
     "gelu",
     "layer_norm",

@@ -197,6 +197,57 @@ def baddbmm(bias: Tensor, a: Tensor, b: Tensor, *, beta=1, alpha=1, config=None,
     return run_with_kept(_MatmulFn, a, b, spec, states, bias, beta, alpha)
 
 
+# ------------------------------------------------------------------- einsum
+def _einsum(a, b, *, equation, dtype):
+    return torch.einsum(equation, a.to(dtype), b.to(dtype))
+
+
+class _EinsumFn(torch.autograd.Function):
+    """``torch.einsum(equation, a, b)``: keeps each operand only when the other
+    one needs a gradient (a Parameter as itself); backward runs the einsum
+    again on the rebuilt operands and differentiates it. An operand that is
+    not kept is replaced by zeros of its shape (one broadcast value: the
+    product is linear in each operand, so the other's gradient does not
+    depend on it)."""
+
+    @staticmethod
+    def forward(ctx, a, b, equation: str, spec: QuantSpec, states):
+        out = torch.einsum(equation, a, b)
+        kept = []
+        for i, (t, slot) in enumerate(((a, "a"), (b, "b"))):
+            if ctx.needs_input_grad[1 - i]:
+                kept.append(keep(t, spec, heads=_has_heads(t), running=_running(states, spec, slot)))
+            else:
+                kept.append(None)
+        save(ctx, *kept)
+        step = functools.partial(_einsum, equation=equation, dtype=out.dtype)
+        if spec.keep_once and kept[0] is not None and kept[1] is not None:
+            ctx.mesa_out = combined(kept[0], kept[1], step)
+        ctx.step, ctx.autocast = step, AutocastState(a.device.type)
+        ctx.meta = ((a.shape, a.dtype), (b.shape, b.dtype))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        loaded = load(ctx)
+        inputs = [
+            t if t is not None else torch.zeros((), dtype=dt, device=grad_out.device).expand(shape)
+            for t, (shape, dt) in zip(loaded, ctx.meta)
+        ]
+        needs = list(ctx.needs_input_grad[:2])
+        grads = grad_by_recompute(ctx.step, inputs, needs, grad_out, ctx.autocast)
+        return (*[g.to(dt) if g is not None else None for g, (_, dt) in zip(grads, ctx.meta)], None, None, None)
+
+
+def einsum(equation: str, a: Tensor, b: Tensor, *, config=None, states: Optional[RangeStates] = None) -> Tensor:
+    """``torch.einsum(equation, a, b)`` of two operands, keeping them
+    compressed (per head for 4-D+); its output gets a rebuild recipe."""
+    spec = as_spec(config)
+    if spec is None or not needs_saving(a, b):
+        return torch.einsum(equation, a, b)
+    return run_with_kept(_EinsumFn, a, b, equation, spec, states)
+
+
 # --------------------------------------------------------------------- SDPA
 def _sdpa(q, k, v, mask, *, kwargs):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)

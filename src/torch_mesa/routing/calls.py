@@ -92,6 +92,20 @@ def _baddbmm(spec, states, args, kwargs):
                        config=spec, states=states)
 
 
+def _einsum(spec, states, args, kwargs):
+    if kwargs or not args or not isinstance(args[0], str):
+        return NotImplemented
+    operands = args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    if len(operands) != 2 or not _tensors(*operands):
+        return NotImplemented  # one operand keeps nothing; three or more: PyTorch's contraction path
+    a, b = operands
+    if not (a.is_floating_point() and b.is_floating_point()):
+        return NotImplemented
+    return ops.einsum(args[0], a, b, config=spec, states=states)
+
+
 def _softmax(spec, states, args, kwargs):
     a = _args(("input", "dim", "_stacklevel", "dtype"), args, kwargs)
     if isinstance(a, Fallback):
@@ -177,6 +191,7 @@ def handlers() -> Dict[Callable, Callable]:
         torch.bmm: _matmul,
         torch.Tensor.bmm: _matmul,
         torch.baddbmm: _baddbmm,
+        torch.einsum: _einsum,
         torch.Tensor.baddbmm: _baddbmm,
         F.softmax: _softmax,
         torch.softmax: _tensor_softmax,

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import torch
 
 from .. import quant
 
-from ..ops.recipes import derived, exact, kept_of, mark_kept
+from ..ops.recipes import combined, derived, exact, kept_of, mark_kept
 from ..ops.replay import AutocastState
 
 
@@ -75,9 +76,16 @@ def _constant(t) -> bool:
 
 
 def _small(t, shape) -> bool:
-    """A tensor a recipe may hold as it is: smaller than the output (a mask
-    or bias broadcast over batch or heads), never a full-size copy."""
-    return isinstance(t, torch.Tensor) and t.numel() < math.prod(shape)
+    """A tensor a recipe may hold as it is: its storage is smaller than the
+    output (a mask or bias broadcast over batch or heads, a broadcast view),
+    never a full-size copy."""
+    if not isinstance(t, torch.Tensor):
+        return False
+    try:
+        held = t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):  # no storage (sparse, nested, fake)
+        held = t.numel() * t.element_size()
+    return held < math.prod(shape) * t.element_size()
 
 
 # Each plan gives ``(step, extra)`` for ``out = step(x, *extra)``, or None when
@@ -142,6 +150,16 @@ def div_step(spec, states, args, kwargs):
     return NotImplemented if plan is None else _with_recipe(x / d, x, *plan)
 
 
+def _both(out, a, b, fn):
+    """``out = fn(a, b)`` where both carry recipes (scores plus a mask rebuilt
+    from its small parts): the output's recipe combines theirs."""
+    ka, kb = kept_of(a), kept_of(b)
+    if ka is None or kb is None:
+        return None
+    mark_kept(out, combined(ka, kb, fn))
+    return out
+
+
 def add_step(spec, states, args, kwargs):
     pair = _bind2(args, kwargs)
     if pair is None:
@@ -150,6 +168,8 @@ def add_step(spec, states, args, kwargs):
     for x, other in ((a, b), (b, a)):
         if kept_of(x) is not None:
             out = a + b
+            if _both(out, a, b, operator.add) is not None:
+                return out
             plan = _plan_offset(other, _plus, out.shape)
             return out if plan is None else _with_recipe(out, x, *plan)
     return NotImplemented
@@ -162,6 +182,8 @@ def sub_step(spec, states, args, kwargs):
         return NotImplemented
     x, other = pair
     out = x - other
+    if _both(out, x, other, operator.sub) is not None:
+        return out
     plan = _plan_offset(other, _minus, out.shape)
     return out if plan is None else _with_recipe(out, x, *plan)
 

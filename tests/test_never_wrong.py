@@ -1,0 +1,337 @@
+"""Classes of input that once gave silently wrong results, each with several
+variants: policies at every depth, the user's random state, running ranges
+under both checkpointing modes, threads, frozen weights, and recipes whose
+inputs change in place. (Masking styles of hand-written attention are in
+test_sweep.py; softmax over masked scores in test_ops.py.)"""
+
+import copy
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from torch_mesa import MesaConfig, compress_, measure, ops
+
+from conftest import assert_grads_close, cosine
+
+pytestmark = pytest.mark.usefixtures("reference_kernel")
+
+
+class FunctionalMLP(nn.Module):
+    """A layer that calls F.linear/F.gelu itself (routed, not converted)."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(4 * dim, dim) * dim**-0.5)
+        self.w2 = nn.Parameter(torch.randn(dim, 4 * dim) * (4 * dim) ** -0.5)
+
+    def forward(self, x):
+        return F.linear(F.gelu(F.linear(x, self.w1)), self.w2)
+
+
+class Net(nn.Module):
+    def __init__(self, dim=16, drop=0.0):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(drop),
+                           nn.Linear(4 * dim, dim)) for _ in range(2)]
+        )
+        self.mixer = FunctionalMLP(dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        x = x + self.mixer(x)
+        return self.head(x)
+
+
+def _net(drop=0.0):
+    torch.manual_seed(0)
+    return Net(drop=drop)
+
+
+def _x(seed=1):
+    return torch.randn(3, 11, 16, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+# ------------------------------------------------------------- policies
+@pytest.mark.parametrize(
+    "policy, exact_modules",
+    [
+        ({"head": None}, ["head"]),  # a converted leaf (its F.linear was routed before)
+        ({"blocks.0": None}, ["blocks.0.0", "blocks.0.1", "blocks.0.2", "blocks.0.4"]),  # a container
+        ({"mixer": None}, ["mixer"]),  # a module whose functional calls are routed
+        ({"*.1": None}, ["blocks.1"]),  # a wildcard matching a block and a layer of each block
+        ({"blocks.*": {"bits": 4}, "blocks.1": None, "blocks.1.4": {"bits": 8}}, ["blocks.1.0", "blocks.1.1"]),
+    ],
+)
+def test_policy_none_holds_at_every_depth(policy, exact_modules):
+    """A module kept exact by policy keeps exactly what the unconverted model
+    keeps, for its layers and for the calls its modules make, and the report
+    says so."""
+    plain, x = _net(), _x()
+    conv = copy.deepcopy(plain)
+    report = compress_(conv, MesaConfig(bits=4, policy=policy))
+    before, after = measure(plain, x).by_module, measure(conv, x).by_module
+    for name in exact_modules:
+        kept_plain = sum(n for k, n in before.items() if k == name or k.startswith(name + "."))
+        kept_conv = sum(n for k, n in after.items() if k == name or k.startswith(name + "."))
+        assert kept_plain > 0 and kept_conv == kept_plain, (name, kept_plain, kept_conv)
+        assert "exact" in report.plan[name] or "routes no call" in report.plan[name], report.plan[name]
+    # everything else is still converted
+    assert sum(after.values()) < sum(before.values())
+
+
+def test_filter_fn_holds_for_routed_calls():
+    plain, x = _net(), _x()
+    conv = copy.deepcopy(plain)
+    report = compress_(conv, filter_fn=lambda m, name: name != "mixer")
+    assert measure(conv, x).by_module["mixer"] == measure(plain, x).by_module["mixer"]
+    assert "filter_fn" in report.plan["mixer"]
+
+
+# ------------------------------------------------------ the random state
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_forward_and_random_state_identical_at_every_bit_width(bits, rounding):
+    """Rounding noise never draws from PyTorch's generator: with dropout on,
+    the converted forward equals the unconverted one bit for bit, and the
+    generator is left where the unconverted model leaves it."""
+    plain, x = _net(drop=0.3), _x()
+    conv = copy.deepcopy(plain)
+    compress_(conv, MesaConfig(bits=bits, rounding=rounding))
+    for _ in range(2):  # a second step too: state carried across steps
+        outs, states = [], []
+        for m in (plain, conv):
+            torch.manual_seed(5)
+            out = m(x)
+            states.append(torch.get_rng_state())
+            out.square().mean().backward()
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1])
+        assert torch.equal(states[0], states[1])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_reentrant_checkpoint_replays_the_same_dropout(bits):
+    """Reentrant checkpointing restores the generator for its recompute: the
+    recomputed dropout masks are the forward's, so gradients are those of
+    the same forward."""
+    plain = _net(drop=0.3)
+    x = _x().requires_grad_()
+    conv = copy.deepcopy(plain)
+    compress_(conv, MesaConfig(bits=bits, rounding="stochastic"))
+
+    def run(m, ckpt):
+        torch.manual_seed(9)
+        h = x
+        for b in m.blocks:
+            h = h + (checkpoint(b, h, use_reentrant=True) if ckpt else b(h))
+        m.zero_grad(set_to_none=True)
+        (m.head(h).square().mean()).backward()
+        return [p.grad.clone() for p in m.blocks.parameters()]
+
+    exact = run(plain, False)
+    for got in (run(conv, True), run(conv, False)):
+        for g, e in zip(got, exact):
+            assert cosine(g, e) >= (0.999 if bits == 8 else 0.99)
+
+
+# --------------------------------------------------- running range estimates
+@pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
+def test_running_ranges_update_once_per_step_under_checkpointing(mode):
+    """The estimates after three steps are the same with and without
+    activation checkpointing, in both of PyTorch's checkpointing modes."""
+    base, x = _net(), _x()
+    cfg = MesaConfig(range_estimate="running", momentum=0.5)
+    estimates = []
+    for ckpt in (False, True):
+        m = copy.deepcopy(base)
+        compress_(m, cfg)
+        for step in range(3):
+            h = _x(seed=10 + step).requires_grad_()
+            for b in m.blocks:
+                if ckpt:
+                    h = h + checkpoint(b, h, use_reentrant=(mode == "reentrant"))
+                else:
+                    h = h + b(h)
+            m.head(h).square().mean().backward()
+        norm = m.blocks[1][0].mesa_states.slots["input"]  # the LayerNorm's input
+        act = m.blocks[1][2].mesa_states.slots["input"]  # the GELU's input
+        estimates.append([t.clone() for t in (norm.lo, norm.span, act.lo, act.span)])
+    for a, b in zip(*estimates):
+        assert torch.allclose(a, b)
+
+
+# ---------------------------------------------------------------- threads
+@pytest.mark.parametrize("threads", [2, 4])
+def test_threads_share_one_converted_model(threads):
+    """Threads running one converted model (as nn.DataParallel's replicas
+    do) each route their own calls: no crash, and each thread's gradients are
+    those it gets alone."""
+    model = _net()
+    compress_(model)
+    params = list(model.parameters())
+    inputs = [_x(seed=s).requires_grad_() for s in range(threads)]
+
+    def grads_of(x):
+        out = model(x)
+        return torch.autograd.grad(out.square().mean(), [x] + params)
+
+    alone = [grads_of(x) for x in inputs]
+    results, errors = [None] * threads, []
+    barrier = threading.Barrier(threads)
+
+    def work(i):
+        try:
+            barrier.wait()
+            for _ in range(3):
+                results[i] = grads_of(inputs[i])
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert not errors, errors
+    for got, want in zip(results, alone):
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+    assert not model._mesa_scope.stack  # this thread's stack is empty again
+
+
+# ---------------------------------------------------------- frozen weights
+def test_frozen_layers_keep_nothing_no_gradient_needs():
+    """With frozen weights and an input that needs a gradient, a Linear keeps
+    nothing (PyTorch keeps nothing either); the converted model keeps less
+    than the unconverted one, and the input's gradient is close."""
+    plain, x = _net(), _x().requires_grad_()
+    for p in plain.parameters():
+        p.requires_grad_(False)
+    conv = copy.deepcopy(plain)
+    compress_(conv)
+    kept_plain, kept_conv = measure(plain, x).by_module, measure(conv, x).by_module
+    assert sum(kept_conv.values()) < 0.5 * sum(kept_plain.values())
+    assert kept_conv.get("head", 0) == 0 and kept_conv.get("blocks.0.1", 0) == 0
+    g_plain = torch.autograd.grad(plain(x).square().mean(), x)[0]
+    g_conv = torch.autograd.grad(conv(x).square().mean(), x)[0]
+    assert cosine(g_conv, g_plain) >= 0.999
+
+
+@pytest.mark.parametrize("frozen", ["a", "b"])
+@pytest.mark.parametrize("op", ["matmul", "mul", "einsum"])
+def test_products_keep_only_the_operand_the_other_gradient_needs(op, frozen):
+    mesa_fn, torch_fn = {
+        "matmul": (ops.matmul, torch.matmul),
+        "mul": (ops.mul, torch.mul),
+        "einsum": (lambda a, b: ops.einsum("bhij,bhjk->bhik", a, b),
+                   lambda a, b: torch.einsum("bhij,bhjk->bhik", a, b)),
+    }[op]
+    a = torch.randn(2, 3, 8, 8, requires_grad=frozen != "a")
+    b = torch.randn(2, 3, 8, 8, requires_grad=frozen != "b")
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        out = mesa_fn(a, b)
+    assert sum(t.numel() for t in packed if t.dtype == torch.uint8) == a.numel()  # one operand's codes
+    assert not [t for t in packed if t.dtype == torch.float32 and t.numel() >= a.numel()]
+    needs = [t for t in (a, b) if t.requires_grad]
+    g = torch.randn_like(out)
+    assert_grads_close(torch.autograd.grad(out, needs, g), torch.autograd.grad(torch_fn(a, b), needs, g),
+                       min_db=30.0, what=op)
+
+
+def test_lora_on_a_frozen_llama():
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100, max_position_embeddings=32)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                     target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]))
+    torch.manual_seed(0)
+    for n, p in lora.named_parameters():
+        if "lora_B" in n:  # nonzero adapters, so every adapter gradient is informative
+            torch.nn.init.normal_(p, std=0.02)
+    lora.train()
+    conv = copy.deepcopy(lora)
+    compress_(conv)
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(1))
+    kept = [measure(m, input_ids=ids).total_bytes for m in (lora, conv)]
+    assert kept[1] < 0.5 * kept[0], kept
+    for m in (lora, conv):
+        m(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in conv.named_parameters() if p.requires_grad}
+    assert grads and all("lora_" in n for n in grads)
+    for n, p in lora.named_parameters():
+        if p.requires_grad:
+            assert cosine(grads[n], p.grad) >= 0.999, n
+
+
+# ----------------------------------------------- recipes and in-place changes
+@pytest.mark.parametrize("kind", ["bias", "minus", "view", "mask", "factor"])
+def test_recipe_inputs_changed_in_place_are_not_rebuilt(kind):
+    """An in-place change to a tensor a recipe holds (an addend, a subtrahend,
+    the small tensor behind a broadcast view) between producer and consumer:
+    the consumer keeps the scores as they are, and the gradient is that of
+    what the forward computed. Where PyTorch itself keeps the tensor (a mask,
+    a factor), it refuses the change loudly, converted as unconverted."""
+    from torch_mesa.ops.recipes import kept_of
+
+    def scores(q, k, extra, check):
+        s = q @ k.transpose(-2, -1)
+        if kind == "bias":
+            s = s + extra
+        elif kind == "minus":
+            s = s - extra
+        elif kind == "mask":
+            s = s.masked_fill(extra, -5.0)
+        elif kind == "factor":
+            s = s * extra
+        else:
+            s = s + extra.expand(2, 2, 6, 6).reshape(2, 2, 6, 6)
+        if check:
+            assert kept_of(s) is not None  # the recipe was passed on
+        return s
+
+    class Attn(nn.Module):
+        def forward(self, q, k, extra):
+            s = scores(q, k, extra, True)
+            with torch.no_grad():
+                if extra.dtype == torch.bool:
+                    extra.logical_not_()
+                else:
+                    extra.mul_(3.0)
+            return F.softmax(s, -1)
+
+    torch.manual_seed(0)
+    extra = {
+        "bias": torch.randn(1, 2, 6, 6),
+        "minus": torch.randn(2, 2, 6, 1),
+        "mask": torch.rand(1, 1, 6, 6) > 0.5,
+        "factor": torch.tensor(0.3),
+        "view": torch.randn(1, 1, 1, 6),
+    }[kind]
+    q = torch.randn(2, 2, 6, 8, requires_grad=True)
+    k = torch.randn(2, 2, 6, 8, requires_grad=True)
+    m = Attn()
+    with pytest.warns(UserWarning, match="converted no layer"):
+        compress_(m)
+    saved = extra.clone()
+    out = m(q, k, extra)
+    g = torch.randn_like(out)
+    if kind in ("mask", "factor"):
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(out, [q, k], g)
+        return
+    got = torch.autograd.grad(out, [q, k], g)
+    # the reference: what the forward computed, with the tensor as it was
+    ref = F.softmax(scores(q, k, saved, False), -1)
+    assert torch.equal(ref, out)
+    assert_grads_close(got, torch.autograd.grad(ref, [q, k], g), min_db=30.0, what=kind)
