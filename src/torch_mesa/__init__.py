@@ -7,11 +7,13 @@ and expanded only when the gradient is computed. One call converts a model::
     report = torch_mesa.compress_(model)              # 8 bits, in place
     print(report)
     print(torch_mesa.measure(model, batch))            # bytes kept for backward
+    print(torch_mesa.verify(model, batch))             # exact vs converted, per parameter
 """
 
 from .config import MesaConfig
 from .convert import ConversionReport, compress_, is_compressed, restore_
 from .measure import MemoryReport, measure
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -23,5 +25,7 @@ __all__ = [
     "is_compressed",
     "measure",
     "restore_",
+    "verify",
+    "VerifyReport",
     "__version__",
 ]

@@ -4,6 +4,8 @@
                          and converted; print a table, write a PNG figure
     torch-mesa report    where a model's activation memory goes, before/after
     torch-mesa bench     side-by-side benchmark (saved bytes, peak, time, fidelity)
+    torch-mesa verify    exact vs converted on one batch: forward, every gradient,
+                         bytes, fallbacks; exits 1 when a gradient is below the bar
 
 Bad input (unknown names, bad sizes, missing optional packages) prints one
 line saying what is wrong and what to type or install, and exits with 2.
@@ -61,6 +63,33 @@ def _report(args) -> int:
     return 0
 
 
+def _verify(args) -> int:
+    import json
+
+    import torch
+
+    from . import MesaConfig, verify
+    from .zoo import parse_sizes, resolve
+
+    spec = resolve(args.model, image_size=args.image_size, seq_len=args.seq_len, sizes=parse_sizes(args.size))
+    torch.manual_seed(args.seed)
+    model = spec.build()
+    model.train()
+    inputs, kwargs, target = spec.batch(args.batch_size, seed=args.seed)
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast]
+    report = verify(
+        model,
+        lambda m: spec.loss(m(*inputs, **kwargs), target),
+        config=MesaConfig(bits=args.bits),
+        threshold=args.threshold,
+        by_op=not args.no_by_op,
+        autocast_dtype=amp,
+        seed=args.seed,
+    )
+    print(json.dumps(report.to_dict(), indent=1) if args.format == "json" else report)
+    return 0 if report.ok else 1
+
+
 def _bench(args) -> int:
     from . import bench
 
@@ -106,6 +135,26 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--size", action="append", default=[], metavar="KEY=VALUE",
                    help="config overrides for hf: models, e.g. --size num_hidden_layers=4")
     r.set_defaults(func=_report)
+
+    v = sub.add_parser(
+        "verify",
+        help="exact vs converted on one batch: forward, every gradient, bytes, fallbacks",
+        description="MODEL as for 'report'. Exit code 0 when the forward is identical and every "
+        "gradient reaches --threshold, 1 otherwise, 2 on bad input.",
+    )
+    v.add_argument("model")
+    v.add_argument("--batch-size", type=int, default=2)
+    v.add_argument("--seq-len", type=int, default=128, help="tokens, for language models")
+    v.add_argument("--image-size", type=int, default=224, help="pixels, for vision models")
+    v.add_argument("--bits", type=int, default=8)
+    v.add_argument("--threshold", type=float, default=0.999, help="gradient cosine every parameter must reach")
+    v.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none")
+    v.add_argument("--no-by-op", action="store_true", help="skip the per-op error breakdown")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--format", choices=["table", "json"], default="table")
+    v.add_argument("--size", action="append", default=[], metavar="KEY=VALUE",
+                   help="config overrides for hf: models, e.g. --size num_hidden_layers=2")
+    v.set_defaults(func=_verify)
 
     b = sub.add_parser("bench", help="side-by-side benchmark; appends to a CSV, rewrites docs/benchmarks.md")
     b.add_argument("--model", default="vit:small")

@@ -23,7 +23,7 @@ from torch import nn
 
 from .units import format_bytes
 
-__all__ = ["MemoryReport", "measure", "process_memory", "reset_peak_rss"]
+__all__ = ["MemoryReport", "measure", "measure_call", "process_memory", "reset_peak_rss"]
 
 
 @dataclass
@@ -96,6 +96,24 @@ def measure(
             under ``"<loss>"``.
         autocast_dtype: run under ``torch.autocast`` with this dtype.
     """
+
+    def run(m):
+        out = m(*inputs, **kwargs)
+        return loss_fn(out) if loss_fn is not None else out
+
+    return measure_call(model, run, autocast_dtype=autocast_dtype, device_hint=inputs)
+
+
+def measure_call(
+    model: nn.Module,
+    fn: Callable[[nn.Module], object],
+    *,
+    autocast_dtype: Optional[torch.dtype] = None,
+    device_hint=(),
+) -> MemoryReport:
+    """Bytes kept for backward while ``fn(model)`` runs (a forward, and a
+    loss if ``fn`` computes one), by module; what is kept outside every module
+    of ``model`` counts under ``"<loss>"``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"measure expects an nn.Module, got {type(model).__name__}")
     excluded = set()
@@ -127,7 +145,7 @@ def measure(
     for m in names:
         handles.append(m.register_forward_pre_hook(pre))
         handles.append(m.register_forward_hook(post, always_call=True))
-    device_type = _device_type(model, inputs)
+    device_type = _device_type(model, device_hint)
     amp = (
         torch.autocast(device_type, dtype=autocast_dtype)
         if autocast_dtype is not None
@@ -135,11 +153,7 @@ def measure(
     )
     try:
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
-            out = model(*inputs, **kwargs)
-            if loss_fn is not None:
-                stack.clear()
-                loss = loss_fn(out)
-                del loss
+            out = fn(model)
         del out
     finally:
         for h in handles:

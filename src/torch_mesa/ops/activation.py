@@ -58,7 +58,7 @@ class _ActFn(torch.autograd.Function):
     def forward(ctx, x, kind: str, spec: QuantSpec, states):
         out = _act(x, kind)
         running = states.get(spec, "input") if states is not None else None
-        kept = keep(x, spec, running=running)
+        kept = keep(x, spec, op="activation", running=running)
         save(ctx, kept)
         ctx.kind = kind
         step = functools.partial(_act, kind=kind)
@@ -98,9 +98,9 @@ class _GatedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, kind: str, spec: QuantSpec, states):
         out = _gated(gate, up, kind=kind)
-        kept_gate = keep(gate, spec, running=states.get(spec, "gate") if states else None)
+        kept_gate = keep(gate, spec, op="gated", running=states.get(spec, "gate") if states else None)
         # up is needed only for the gate's gradient
-        kept_up = keep(up, spec, running=states.get(spec, "up") if states else None) if ctx.needs_input_grad[0] else None
+        kept_up = keep(up, spec, op="gated", running=states.get(spec, "up") if states else None) if ctx.needs_input_grad[0] else None
         save(ctx, kept_gate, kept_up)
         ctx.kind = kind
         if spec.keep_once and kept_up is not None:
@@ -184,8 +184,8 @@ class _MulFn(torch.autograd.Function):
     def forward(ctx, a, b, spec: QuantSpec, states):
         out = a * b
         # each factor is needed only for the other's gradient
-        kept_a = keep(a, spec, running=states.get(spec, "a") if states else None) if ctx.needs_input_grad[1] else None
-        kept_b = keep(b, spec, running=states.get(spec, "b") if states else None) if ctx.needs_input_grad[0] else None
+        kept_a = keep(a, spec, op="product", running=states.get(spec, "a") if states else None) if ctx.needs_input_grad[1] else None
+        kept_b = keep(b, spec, op="product", running=states.get(spec, "b") if states else None) if ctx.needs_input_grad[0] else None
         save(ctx, kept_a, kept_b)
         ctx.shapes, ctx.dtypes = (tuple(a.shape), tuple(b.shape)), (a.dtype, b.dtype)
         if spec.keep_once and kept_a is not None and kept_b is not None:

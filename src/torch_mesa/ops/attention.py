@@ -62,7 +62,7 @@ class _SoftmaxFn(torch.autograd.Function):
         inner = kept_of(x) if spec.keep_once else None
         ctx.from_output = inner is None
         if inner is None:
-            kept = quantized(out, spec, heads=_has_heads(out), running=_running(states, spec, "output"))
+            kept = quantized(out, spec, op="softmax", heads=_has_heads(out), running=_running(states, spec, "output"))
             ctx.mesa_out = kept if spec.keep_once else None
         else:
             kept = inner
@@ -135,8 +135,8 @@ class _MatmulFn(torch.autograd.Function):
         else:
             out = torch.baddbmm(bias, a, b, beta=beta, alpha=alpha)
         need_a, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
-        kept_a = keep(a, spec, heads=_has_heads(a), running=_running(states, spec, "a")) if need_a else None
-        kept_b = keep(b, spec, heads=_has_heads(b), running=_running(states, spec, "b")) if need_b else None
+        kept_a = keep(a, spec, op="matmul", heads=_has_heads(a), running=_running(states, spec, "a")) if need_a else None
+        kept_b = keep(b, spec, op="matmul", heads=_has_heads(b), running=_running(states, spec, "b")) if need_b else None
         save(ctx, kept_a, kept_b)
         if spec.keep_once and kept_a is not None and kept_b is not None:
             if bias is None:
@@ -216,7 +216,7 @@ class _EinsumFn(torch.autograd.Function):
         kept = []
         for i, (t, slot) in enumerate(((a, "a"), (b, "b"))):
             if ctx.needs_input_grad[1 - i]:
-                kept.append(keep(t, spec, heads=_has_heads(t), running=_running(states, spec, slot)))
+                kept.append(keep(t, spec, op="matmul", heads=_has_heads(t), running=_running(states, spec, slot)))
             else:
                 kept.append(None)
         save(ctx, *kept)
@@ -261,9 +261,9 @@ class _SDPAFn(torch.autograd.Function):
         out = fn(q, k, v, mask)
         save(
             ctx,
-            keep(q, spec, heads=True, running=_running(states, spec, "q")),
-            keep(k, spec, heads=True, running=_running(states, spec, "k")),
-            keep(v, spec, heads=True, running=_running(states, spec, "v")),
+            keep(q, spec, op="attention", heads=True, running=_running(states, spec, "q")),
+            keep(k, spec, op="attention", heads=True, running=_running(states, spec, "k")),
+            keep(v, spec, op="attention", heads=True, running=_running(states, spec, "v")),
             # a mask built from smaller tensors (a bias plus a broadcast shift
             # mask, as in Swin) is kept as those, exactly
             (kept_of(mask) if spec.keep_once else None) or exact(mask),

@@ -37,7 +37,7 @@ class _LinearFn(torch.autograd.Function):
         running = states.get(spec, "input") if states is not None else None
         # The input is needed only for the weight's gradient: a frozen weight
         # (adapters on a frozen base) keeps nothing of it, as PyTorch does.
-        kept_x = keep(x, spec, running=running) if ctx.needs_input_grad[1] else None
+        kept_x = keep(x, spec, op="linear", running=running) if ctx.needs_input_grad[1] else None
         save(ctx, kept_x, exact(weight))
         ctx.x_dtype = x.dtype
         ctx.compute_dtype = out.dtype

@@ -28,9 +28,11 @@ functions); all tensors travel through ``save_for_backward``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, FrozenSet, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -82,9 +84,43 @@ def exact(x: Optional[Tensor]) -> Recipe:
     return Recipe((x,), _identity, _versions((x,)))
 
 
-def quantized(x: Tensor, spec: QuantSpec, *, heads: bool = False, rows: bool = False,
+# Op kinds, for per-op error breakdowns (torch_mesa.verify): what each op keeps.
+OP_KINDS = ("linear", "norm", "activation", "gated", "product", "softmax", "matmul", "attention")
+_exact_ops: ContextVar[FrozenSet[str]] = ContextVar("torch_mesa_exact_ops", default=frozenset())
+_seen_ops: ContextVar[Optional[Set[str]]] = ContextVar("torch_mesa_seen_ops", default=None)
+
+
+@contextlib.contextmanager
+def exact_ops(kinds):
+    """Within this context, ops of these kinds keep their inputs exact instead
+    of quantized (for measuring each kind's share of the gradient error)."""
+    token = _exact_ops.set(frozenset(kinds))
+    try:
+        yield
+    finally:
+        _exact_ops.reset(token)
+
+
+@contextlib.contextmanager
+def record_ops():
+    """Collects the op kinds that quantize something within this context."""
+    seen: Set[str] = set()
+    token = _seen_ops.set(seen)
+    try:
+        yield seen
+    finally:
+        _seen_ops.reset(token)
+
+
+def quantized(x: Tensor, spec: QuantSpec, *, op: str, heads: bool = False, rows: bool = False,
               running: Optional[quant.RunningRange] = None) -> Recipe:
-    """A quantized copy of ``x`` (see :func:`keep` for the arguments)."""
+    """A quantized copy of ``x`` kept by an op of kind ``op`` (see :func:`keep`
+    for the other arguments)."""
+    seen = _seen_ops.get()
+    if seen is not None:
+        seen.add(op)
+    if op in _exact_ops.get():
+        return exact(x)
     if heads and spec.head_wise and x.dim() >= 3:
         # Ranges never shared across heads; within a head, group_size channels
         # share one (None: one range per head, Mesa's original choice).
@@ -102,12 +138,14 @@ def keep(
     x: Tensor,
     spec: QuantSpec,
     *,
+    op: str,
     heads: bool = False,
     rows: bool = False,
     running: Optional[quant.RunningRange] = None,
 ) -> Recipe:
     """How to keep input ``x``: the producer's attachment if it has a valid one,
-    else a quantized copy. ``heads``: ``x`` has a head dimension at -3
+    else a quantized copy. ``op``: the kind of op keeping it (one of
+    :data:`OP_KINDS`). ``heads``: ``x`` has a head dimension at -3
     (``(B, H, N, D)``) and, with ``spec.head_wise``, gets one range per head.
     ``rows``: quantize each row relative to its own centre and width (inputs
     of normalisation layers, which would amplify the error of small rows)."""
@@ -116,7 +154,7 @@ def keep(
     kept = kept_of(x) if spec.keep_once else None
     if kept is not None:
         return kept
-    return quantized(x, spec, heads=heads, rows=rows, running=running)
+    return quantized(x, spec, op=op, heads=heads, rows=rows, running=running)
 
 
 def kept_of(x) -> Optional[Recipe]:

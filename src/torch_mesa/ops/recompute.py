@@ -39,7 +39,7 @@ class RecomputeFn(torch.autograd.Function):
         out = fn(x, *params)
         autocast = AutocastState(x.device.type)
         running = states.get(spec, "input") if states is not None else None
-        kept = keep(x, spec, rows=rows, running=running)
+        kept = keep(x, spec, op="norm" if rows else "activation", rows=rows, running=running)
         save(ctx, kept, *[exact(p) for p in params])
         # Parameters are differentiated as the objects themselves: a module's
         # forward reaches them through its attributes, and what comes back

@@ -1,0 +1,307 @@
+"""``torch_mesa.verify``: check a model in one line before trusting it.
+
+Runs the model exact and converted on the same batch, from the same random
+state, and reports:
+
+* whether the forward outputs are identical (they must be: torch-mesa never
+  changes the forward);
+* every parameter's gradient against the exact one, worst first: cosine and
+  SQNR (dB); a gradient that is mathematically zero (an attention key bias,
+  which softmax ignores) is recognised as such, and then the converted one
+  must be negligible too;
+* the bytes kept for backward, in total and per module;
+* what was left exact and why (conversion report), and every routed call
+  that ran as PyTorch runs it (fallbacks), with its reason;
+* a per-op breakdown: for each kind of op that keeps something (linear
+  inputs, norms, activations, gated products, softmax, matmul, attention),
+  the gradient error when only that kind is compressed and everything else
+  is kept exact: which op contributes how much of the error.
+
+The model itself is not changed: the two runs use deep copies (so verify
+needs memory for two more copies of the parameters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .config import MesaConfig
+from .convert import ConversionReport, compress_, is_compressed, restore_
+from .measure import measure_call
+from .ops.recipes import OP_KINDS, exact_ops, record_ops
+from .units import format_bytes
+
+__all__ = ["ParamCheck", "VerifyReport", "verify"]
+
+
+@dataclass
+class ParamCheck:
+    """One parameter's converted gradient against the exact one."""
+
+    name: str
+    cosine: float  # 1.0 where the exact gradient is mathematically zero and the converted one negligible
+    sqnr_db: float
+    exact_norm: float
+    converted_norm: float
+    zero: bool  # the exact gradient is (numerically) zero
+    ok: bool
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found (``ok`` is the one-word answer)."""
+
+    threshold: float
+    forward_equal: bool
+    forward_max_diff: float
+    params: List[ParamCheck]
+    kept_exact: int
+    kept_converted: int
+    kept_by_module: Dict[str, Tuple[int, int]]
+    conversion: Optional[ConversionReport]
+    fallbacks: List[Tuple[str, str, str, int]]
+    by_op: Dict[str, Tuple[float, str, float]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.forward_equal and all(p.ok for p in self.params)
+
+    @property
+    def worst(self) -> Optional[ParamCheck]:
+        return self.params[0] if self.params else None
+
+    def failures(self) -> List[ParamCheck]:
+        return [p for p in self.params if not p.ok]
+
+    def __str__(self) -> str:
+        lines = [f"torch-mesa verify: {'OK' if self.ok else 'FAILED'} (gradient cosine threshold {self.threshold})"]
+        if self.forward_equal:
+            lines.append("forward: identical to the unconverted model")
+        else:
+            lines.append(f"forward: DIFFERS from the unconverted model (max |diff| {self.forward_max_diff:.3g})")
+        ratio = self.kept_converted / self.kept_exact if self.kept_exact else float("nan")
+        lines.append(f"kept for backward: {format_bytes(self.kept_exact)} -> {format_bytes(self.kept_converted)} "
+                     f"({ratio:.3f}x)")
+        bad = self.failures()
+        lines.append(f"gradients: {len(self.params)} parameters, {len(bad)} below the threshold; worst first:")
+        width = max([len(p.name) for p in self.params[:10]] + [9])
+        lines.append(f"  {'parameter':<{width}}  {'cosine':>9}  {'SQNR dB':>8}")
+        for p in self.params[:10]:
+            cos = "zero" if p.zero else f"{p.cosine:.6f}"
+            mark = "" if p.ok else "  <-- below threshold"
+            lines.append(f"  {p.name:<{width}}  {cos:>9}  {p.sqnr_db:>8.1f}{mark}")
+        if len(self.params) > 10:
+            lines.append(f"  ... and {len(self.params) - 10} more")
+        if self.by_op:
+            lines.append("error by op kind (only that kind compressed, the rest exact):")
+            for kind, (cos, name, db) in sorted(self.by_op.items(), key=lambda kv: kv[1][0]):
+                lines.append(f"  {kind:<11} worst cosine {cos:.6f} ({name}), median SQNR {db:.1f} dB")
+        if self.conversion is not None and self.conversion.skipped:
+            lines.append(f"left exact by the conversion: {len(self.conversion.skipped)}")
+            for name, kind, reason in self.conversion.skipped[:10]:
+                lines.append(f"  {name or '<root>'} ({kind}): {reason}")
+            if len(self.conversion.skipped) > 10:
+                lines.append(f"  ... and {len(self.conversion.skipped) - 10} more")
+        if self.fallbacks:
+            lines.append("calls that ran as PyTorch runs them (kept what PyTorch keeps):")
+            for module, func, reason, n in self.fallbacks:
+                lines.append(f"  {module or '<root>'}: {func} ({reason}) x{n}")
+        else:
+            lines.append("fallbacks: none (every routed call ran its torch-mesa op)")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "threshold": self.threshold,
+            "forward_equal": self.forward_equal,
+            "kept_exact": self.kept_exact,
+            "kept_converted": self.kept_converted,
+            "params": [p.__dict__ for p in self.params],
+            "by_op": {k: {"worst_cosine": v[0], "worst_param": v[1], "median_sqnr_db": v[2]}
+                      for k, v in self.by_op.items()},
+            "fallbacks": [list(f) for f in self.fallbacks],
+        }
+
+
+def _tensors(out) -> List[torch.Tensor]:
+    """Every tensor in a model output (tensors, tuples, dicts, ModelOutputs)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict) or hasattr(out, "items"):
+        return [t for v in out.values() for t in _tensors(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _tensors(v)]
+    return []
+
+
+def _default_loss(out) -> torch.Tensor:
+    loss = getattr(out, "loss", None)
+    if isinstance(loss, torch.Tensor) and loss.dim() == 0:
+        return loss
+    floats = [t for t in _tensors(out) if t.is_floating_point() and t.requires_grad]
+    if not floats:
+        raise ValueError("verify: the model's output has no tensor that requires grad; pass loss_fn=")
+    return floats[0].float().square().mean()
+
+
+def _caller(inputs) -> Callable[[nn.Module], Any]:
+    if callable(inputs) and not isinstance(inputs, (torch.Tensor, nn.Module)):
+        return inputs
+    if isinstance(inputs, torch.Tensor):
+        return lambda m: m(inputs)
+    if isinstance(inputs, dict):
+        return lambda m: m(**inputs)
+    if isinstance(inputs, (list, tuple)):
+        return lambda m: m(*inputs)
+    raise TypeError(
+        "verify(model, inputs): inputs must be a tensor, a tuple of positional inputs, a dict of "
+        f"keyword inputs, or a function fn(model) -> output or loss; got {type(inputs).__name__}"
+    )
+
+
+def _run(model, call, loss_fn, seed, autocast_dtype):
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model.zero_grad(set_to_none=True)
+        with amp:
+            out = call(model)
+            loss = loss_fn(out) if loss_fn is not None else (out if isinstance(out, torch.Tensor) and out.dim() == 0
+                                                           else _default_loss(out))
+        loss.backward()
+    outs = [t.detach() for t in _tensors(out)]
+    grads = {n: (p.grad.detach().clone() if p.grad is not None else None)
+             for n, p in model.named_parameters() if p.requires_grad}
+    return outs, grads
+
+
+def _compare(exact: Dict[str, Optional[torch.Tensor]], got: Dict[str, Optional[torch.Tensor]],
+             threshold: float) -> List[ParamCheck]:
+    norms = [g.double().norm().item() for g in exact.values() if g is not None]
+    nonzero = [n for n in norms if n > 0]
+    typical = statistics.median(nonzero) if nonzero else 0.0
+    checks = []
+    for name, e in exact.items():
+        c = got.get(name)
+        if e is None and c is None:
+            continue  # unused parameter in both
+        e = torch.zeros_like(c) if e is None else e
+        c = torch.zeros_like(e) if c is None else c
+        ed, cd = e.double().flatten(), c.double().flatten()
+        en, cn = ed.norm().item(), cd.norm().item()
+        noise = (cd - ed).norm().item()
+        sqnr = math.inf if noise == 0 else (10 * math.log10(en**2 / noise**2) if en > 0 else -math.inf)
+        zero = en <= 1e-6 * typical
+        if zero:
+            # mathematically zero (softmax ignores a shift shared by a row):
+            # the converted gradient must be negligible too
+            ok = cn <= 1e-3 * typical
+            cos = 1.0 if ok else 0.0
+        else:
+            cos = torch.nn.functional.cosine_similarity(cd, ed, 0).item() if cn > 0 else 0.0
+            ok = cos >= threshold and math.isfinite(cn)
+        checks.append(ParamCheck(name, cos, sqnr, en, cn, zero, ok))
+    checks.sort(key=lambda p: (p.ok, p.cosine, p.sqnr_db))
+    return checks
+
+
+def verify(
+    model: nn.Module,
+    inputs,
+    *,
+    config: Optional[MesaConfig] = None,
+    loss_fn: Optional[Callable[[Any], torch.Tensor]] = None,
+    threshold: float = 0.999,
+    by_op: bool = True,
+    autocast_dtype: Optional[torch.dtype] = None,
+    seed: int = 0,
+) -> VerifyReport:
+    """Run ``model`` exact and converted on the same batch and report forward
+    equality, per-parameter gradient fidelity, bytes kept, what was left exact
+    and every fallback (see the module docstring).
+
+    Args:
+        model: a plain model (converted here with ``config``) or one already
+            converted by :func:`compress_` (compared with its restored copy).
+            It is not modified.
+        inputs: a tensor, a tuple of positional inputs, a dict of keyword
+            inputs, or a function ``fn(model)`` returning the output or a
+            scalar loss.
+        config: the :class:`MesaConfig` to convert with (plain models only).
+        loss_fn: ``loss_fn(output) -> scalar``; default: the output's ``loss``
+            if it has one, else the mean square of its first float tensor.
+        threshold: the gradient cosine every parameter must reach.
+        by_op: also measure each op kind's share of the error (one more
+            forward and backward per kind present).
+        autocast_dtype: run both under ``torch.autocast`` with this dtype.
+        seed: the random state both runs start from (dropout draws alike).
+
+    Returns:
+        A :class:`VerifyReport`; ``report.ok`` is the verdict.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"verify expects an nn.Module, got {type(model).__name__}")
+    call = _caller(inputs)
+    conversion = None
+    converted = copy.deepcopy(model)
+    exact = copy.deepcopy(model)
+    if is_compressed(model):
+        if config is not None:
+            raise ValueError("verify: the model is already converted; config= applies to plain models only "
+                             "(call torch_mesa.restore_(model) to verify another config)")
+        restore_(exact)
+    else:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the report below says what was converted
+            conversion = compress_(converted, config)
+    scope = getattr(converted, "_mesa_scope", None)
+    if scope is not None:
+        scope.fallbacks.clear()
+
+    out_e, grads_e = _run(exact, call, loss_fn, seed, autocast_dtype)
+    with record_ops() as kinds:
+        out_c, grads_c = _run(converted, call, loss_fn, seed, autocast_dtype)
+    equal = len(out_e) == len(out_c) and all(
+        a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(out_e, out_c))
+    diff = max([(a.double() - b.double()).abs().max().item() for a, b in zip(out_e, out_c)
+                if a.shape == b.shape and a.numel()] + [0.0])
+    params = _compare(grads_e, grads_c, threshold)
+    fallbacks = [(m, f, r, n) for (m, f, r), n in sorted((scope.fallbacks if scope else {}).items())]
+
+    kept_e = measure_call(exact, lambda m: _loss_of(m, call, loss_fn), autocast_dtype=autocast_dtype)
+    kept_c = measure_call(converted, lambda m: _loss_of(m, call, loss_fn), autocast_dtype=autocast_dtype)
+    names = list(kept_e.by_module) + [n for n in kept_c.by_module if n not in kept_e.by_module]
+    by_module = {n: (kept_e.by_module.get(n, 0), kept_c.by_module.get(n, 0)) for n in names}
+
+    breakdown: Dict[str, Tuple[float, str, float]] = {}
+    if by_op and len(kinds) > 1:
+        for kind in [k for k in OP_KINDS if k in kinds]:
+            with exact_ops(set(OP_KINDS) - {kind}):
+                _, grads_k = _run(converted, call, loss_fn, seed, autocast_dtype)
+            checks = [p for p in _compare(grads_e, grads_k, threshold) if not p.zero]
+            if checks:
+                worst = min(checks, key=lambda p: p.cosine)
+                finite = [p.sqnr_db for p in checks if math.isfinite(p.sqnr_db)]
+                breakdown[kind] = (worst.cosine, worst.name, statistics.median(finite) if finite else math.inf)
+    return VerifyReport(threshold, equal, diff, params, kept_e.total_bytes, kept_c.total_bytes, by_module,
+                        conversion, fallbacks, breakdown)
+
+
+def _loss_of(model, call, loss_fn):
+    out = call(model)
+    if loss_fn is not None:
+        return loss_fn(out)
+    return out if isinstance(out, torch.Tensor) and out.dim() == 0 else _default_loss(out)
