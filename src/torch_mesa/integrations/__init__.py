@@ -13,6 +13,8 @@ by its module and name and the kind of op it is:
   normalisation): ``NewGELUActivation``, timm ``QuickGELU``...
 * ``"linear_t"``: a linear layer with an ``(in, out)`` weight and a bias,
   like GPT-2's ``Conv1D`` (its own forward gives the output).
+* ``"linear"``: an ``nn.Linear`` subclass whose own forward computes the
+  same product its own way (Falcon's ``FalconLinear``).
 
 Converting such a module installs a forward (an instance attribute, removed
 by ``restore_``): the class, the parameters and the ``state_dict`` stay as
@@ -42,7 +44,7 @@ __all__ = ["Rule", "RULES", "match", "install", "uninstall", "Forward"]
 class Rule:
     module_prefix: str  # prefix of type(m).__module__
     class_pattern: str  # fnmatch pattern on type(m).__name__
-    kind: str  # "norm" | "unary" | "linear_t"
+    kind: str  # "norm" | "unary" | "linear" | "linear_t"
     family: str = ""
 
 
@@ -112,9 +114,9 @@ class Forward:
             return original(*args, **kwargs)
         (x,) = args
         spec, states = m.mesa_spec, m.mesa_states
-        if self.kind == "linear_t":
+        if self.kind in ("linear", "linear_t"):
             return ops.linear(x, m.weight, m.bias, config=spec, states=states, forward_fn=original,
-                              transposed=True)
+                              transposed=self.kind == "linear_t")
         fn = functools.partial(_module_forward, forward=original)
         params = [p for p in m.parameters(recurse=False)]
         return ops.recompute(fn, x, params, rows=self.kind == "norm", config=spec, states=states)

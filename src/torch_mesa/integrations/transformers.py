@@ -13,6 +13,8 @@ RULES = (
     # GPT-2 style linear layer: weight stored (in, out), forward is addmm.
     Rule("transformers.pytorch_utils", "Conv1D", "linear_t", "transformers"),
     Rule("transformers.modeling_utils", "Conv1D", "linear_t", "transformers"),
+    # nn.Linear subclasses whose own forward is the same product written out
+    Rule("transformers.models.falcon", "FalconLinear", "linear", "transformers"),
     # ACT2FN activation modules (GELUActivation, NewGELUActivation,
     # FastGELUActivation, QuickGELUActivation, SiLUActivation, GELUTanh, ...).
     Rule("transformers.activations", "*", "unary", "transformers"),

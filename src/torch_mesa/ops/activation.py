@@ -28,7 +28,7 @@ from ..config import QuantSpec
 from ..quant.running import RangeStates
 from .recipes import combined, derived, keep, kept_of
 from .replay import AutocastState
-from .saving import as_spec, load, needs_saving, no_double_backward, run_with_kept, save
+from .saving import as_spec, fresh, load, needs_saving, no_double_backward, run_with_kept, save
 
 Tensor = torch.Tensor
 
@@ -63,7 +63,7 @@ class _ActFn(torch.autograd.Function):
         ctx.kind = kind
         step = functools.partial(_act, kind=kind)
         ctx.mesa_out = derived(kept, step, (), AutocastState(x.device.type)) if spec.keep_once else None
-        return out
+        return fresh(out, x)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -105,7 +105,7 @@ class _GatedFn(torch.autograd.Function):
         ctx.kind = kind
         if spec.keep_once and kept_up is not None:
             ctx.mesa_out = combined(kept_gate, kept_up, functools.partial(_gated, kind=kind))
-        return out
+        return fresh(out, gate, up)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -157,7 +157,7 @@ class _DropoutFn(torch.autograd.Function):
         if kept is not None:
             step = functools.partial(_apply_mask, shape=tuple(x.shape), scale=scale)
             ctx.mesa_out = derived(kept, step, (mask_packed,), AutocastState(x.device.type))
-        return out
+        return fresh(out, x)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -190,7 +190,7 @@ class _MulFn(torch.autograd.Function):
         ctx.shapes, ctx.dtypes = (tuple(a.shape), tuple(b.shape)), (a.dtype, b.dtype)
         if spec.keep_once and kept_a is not None and kept_b is not None:
             ctx.mesa_out = combined(kept_a, kept_b, operator.mul)
-        return out
+        return fresh(out, a, b)
 
     @staticmethod
     def backward(ctx, grad_out):

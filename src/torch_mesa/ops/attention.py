@@ -28,7 +28,7 @@ from ..config import QuantSpec
 from ..quant.running import RangeStates
 from .recipes import combined, derived, exact, keep, kept_of, quantized
 from .replay import AutocastState, RngReplay, grad_by_recompute
-from .saving import as_spec, load, needs_saving, run_with_kept, save
+from .saving import as_spec, fresh, load, needs_saving, run_with_kept, save
 
 Tensor = torch.Tensor
 
@@ -69,7 +69,7 @@ class _SoftmaxFn(torch.autograd.Function):
             ctx.mesa_out = derived(kept, fn, (), autocast)
         save(ctx, kept)
         ctx.fn, ctx.autocast, ctx.dim, ctx.x_dtype = fn, autocast, dim, x.dtype
-        return out
+        return fresh(out, x)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -148,7 +148,7 @@ class _MatmulFn(torch.autograd.Function):
         ctx.cd, ctx.alpha, ctx.beta = out.dtype, alpha, beta
         ctx.shapes = (tuple(a.shape), tuple(b.shape), None if bias is None else tuple(bias.shape))
         ctx.dtypes = (a.dtype, b.dtype, None if bias is None else bias.dtype)
-        return out
+        return fresh(out, a, b, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -225,7 +225,7 @@ class _EinsumFn(torch.autograd.Function):
             ctx.mesa_out = combined(kept[0], kept[1], step)
         ctx.step, ctx.autocast = step, AutocastState(a.device.type)
         ctx.meta = ((a.shape, a.dtype), (b.shape, b.dtype))
-        return out
+        return fresh(out, a, b)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -269,7 +269,7 @@ class _SDPAFn(torch.autograd.Function):
             (kept_of(mask) if spec.keep_once else None) or exact(mask),
         )
         ctx.fn, ctx.rng, ctx.autocast = fn, rng, AutocastState(q.device.type)
-        return out
+        return fresh(out, q, k, v, mask)
 
     @staticmethod
     def backward(ctx, grad_out):

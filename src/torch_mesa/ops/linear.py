@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..config import QuantSpec
 from ..quant.running import RangeStates
 from .recipes import exact, keep
-from .saving import as_spec, load, needs_saving, save
+from .saving import as_spec, fresh, load, needs_saving, save
 
 Tensor = torch.Tensor
 
@@ -43,7 +43,7 @@ class _LinearFn(torch.autograd.Function):
         ctx.compute_dtype = out.dtype
         ctx.has_bias = bias is not None
         ctx.transposed = transposed
-        return out
+        return fresh(out, x)
 
     @staticmethod
     def backward(ctx, grad_out):

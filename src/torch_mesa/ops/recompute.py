@@ -26,7 +26,7 @@ from ..config import QuantSpec
 from ..quant.running import RangeStates
 from .recipes import derived, exact, keep
 from .replay import AutocastState, grad_by_recompute
-from .saving import as_spec, load, needs_saving, run_with_kept, save
+from .saving import as_spec, fresh, load, needs_saving, run_with_kept, save
 
 Tensor = torch.Tensor
 
@@ -49,7 +49,7 @@ class RecomputeFn(torch.autograd.Function):
         ctx.fn, ctx.autocast = fn, autocast
         # How to rebuild `out`; attached to it by run_with_kept.
         ctx.mesa_out = derived(kept, fn, params, autocast) if spec.keep_once else None
-        return out
+        return fresh(out, x, *params)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -75,6 +75,22 @@ def load(ctx) -> List[Optional[Tensor]]:
     return out
 
 
+def fresh(out: Tensor, *inputs) -> Tensor:
+    """The output a Function's forward returns, never a view of a tensor made
+    inside it (``F.linear`` of a 3-D input is one): autograd forbids in-place
+    changes to such views (``ReLU(inplace=True)``, ``scores += mask`` after a
+    converted op), so it is handed out as a plain alias of the same storage
+    (no copy). A view of an *input* is copied instead, so that an in-place
+    change to it cannot reach the input behind autograd's back."""
+    if not isinstance(out, torch.Tensor) or not out._is_view():
+        return out
+    base = out._base
+    for t in inputs:
+        if isinstance(t, torch.Tensor) and (t is base or t._base is base or base._base is t):
+            return out.clone()
+    return out.detach()
+
+
 def run_with_kept(fn_cls, *args) -> Tensor:
     """``fn_cls.apply(*args)``, then attach to the output the recipe its
     forward left in ``ctx.mesa_out`` (the ctx is the output's ``grad_fn``)."""
