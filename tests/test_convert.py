@@ -139,7 +139,7 @@ def test_filter_fn_excludes_modules_and_their_functional_calls():
 
 def test_converting_nothing_warns():
     with pytest.warns(UserWarning, match="converted no layer"):
-        report = compress_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+        report = compress_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     assert report.num_converted == 0
 
 

@@ -303,10 +303,11 @@ def test_keep_once_shares_storages():
     params = {p.untyped_storage().data_ptr() for p in (w1, w2, lnw)}
     activations = [t for t in packed if t.untyped_storage().data_ptr() not in params]
     # LN keeps codes + lo + scale + row centre + row width (5), GELU codes +
-    # lo + scale (3), dropout its 1-bit mask (1): nothing else is new.
-    assert len({t.untyped_storage().data_ptr() for t in activations}) == 9
-    assert all(t.dtype in (torch.uint8, torch.float32) for t in activations)
-    assert len(storages) == 9 + 3
+    # lo + scale + row scale + channel scale (5), dropout its 1-bit mask (1):
+    # nothing else is new.
+    assert len({t.untyped_storage().data_ptr() for t in activations}) == 11
+    assert all(t.dtype in (torch.uint8, torch.float32, torch.bfloat16) for t in activations)
+    assert len(storages) == 11 + 3
     # the same dropout mask in the reference: same forward, close gradients
     torch.manual_seed(3)
     ref = F.linear(F.dropout(F.gelu(F.linear(F.layer_norm(x, (32,), lnw), w1)), 0.1), w2)

@@ -19,9 +19,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LAYOUTS = [((3,), 1), ((3,), 64), ((3,), None), ((1, 3), 1), ((1, 3), 65), ((2,), 5)]
 
 
-def _round_trip(x, bits, axes, group_size, stochastic=False, rows=False, prims=None):
+def _round_trip(x, bits, axes, group_size, stochastic=False, rows=None, prims=None):
     saved = ref.quantize(x, bits, axes, group_size, stochastic, rows=rows, prims=prims)
-    return saved, ref.dequantize(saved, x.shape, x.dtype, bits, axes, group_size, prims=prims)
+    return saved, ref.dequantize(saved, x.shape, x.dtype, bits, axes, group_size, rows=rows, prims=prims)
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])

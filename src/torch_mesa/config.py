@@ -31,6 +31,7 @@ _OVERRIDABLE = (
     "momentum",
     "keep_once",
     "kernel",
+    "token_scale",
 )
 
 
@@ -46,6 +47,7 @@ class QuantSpec:
     momentum: float
     keep_once: bool
     kernel: str
+    token_scale: bool = True
 
 
 def _check_bits(value: Any, where: str) -> None:
@@ -100,8 +102,9 @@ def _check_fields(values: Mapping[str, Any], where: str = "") -> None:
                 f"{where}momentum={m!r} must be in [0, 1): the weight of the old running range "
                 "(0.9 keeps 90% of the previous estimate each step)"
             )
-    if "keep_once" in values and not isinstance(values["keep_once"], bool):
-        raise TypeError(f"{where}keep_once must be True or False, got {values['keep_once']!r}")
+    for flag in ("keep_once", "token_scale"):
+        if flag in values and not isinstance(values[flag], bool):
+            raise TypeError(f"{where}{flag} must be True or False, got {values[flag]!r}")
     if "kernel" in values and values["kernel"] not in _KERNELS:
         raise ValueError(
             f"{where}kernel={values['kernel']!r} is not supported; use 'auto' (compiled when "
@@ -142,6 +145,13 @@ class MesaConfig:
             keep it once and recompute the cheap step in backward.
         kernel: ``"auto"`` (compiled quantizer, falling back to the reference
             with one warning), ``"compiled"`` or ``"reference"``.
+        token_scale: before the per-channel ranges apply, scale each channel
+            by its largest magnitude and then each token (each token of each
+            head for attention tensors) by its own: a token much smaller or
+            larger than the rest of the batch (a class token, a token with a
+            large norm) keeps its precision. Costs one fp32 per token and
+            tensor (for q, k, v: per token and head). Norm inputs are always
+            quantized relative to each token's own centre and width.
         policy: per-module overrides, ``{pattern: overrides}``; patterns are
             :mod:`fnmatch` patterns on qualified module names (``"head"``,
             ``"blocks.0"``, ``"*.mlp.*"``), overrides a dict of the fields
@@ -158,6 +168,7 @@ class MesaConfig:
     momentum: float = 0.9
     keep_once: bool = True
     kernel: str = "auto"
+    token_scale: bool = True
     policy: Tuple[Tuple[str, Optional[Tuple[Tuple[str, Any], ...]]], ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -244,6 +255,7 @@ class MesaConfig:
             momentum=values["momentum"],
             keep_once=values["keep_once"],
             kernel=values["kernel"],
+            token_scale=values["token_scale"],
         )
 
     # ------------------------------------------------------------ serialise

@@ -48,11 +48,20 @@ class Rule:
     family: str = ""
 
 
+# torch.nn's own activations beyond GELU/SiLU (which convert by class): their
+# forward is run exactly and recomputed in backward from the kept input.
+_TORCH_ACTIVATIONS = tuple(
+    Rule("torch.nn.modules.activation", name, "unary", "torch.nn")
+    for name in ("ReLU6", "LeakyReLU", "Hardswish", "Hardsigmoid", "Hardtanh", "Sigmoid", "Tanh",
+                 "Mish", "ELU", "CELU", "SELU", "Softplus")
+)
+
+
 def _rules() -> Tuple[Rule, ...]:
     from . import timm as _timm
     from . import transformers as _transformers
 
-    return _transformers.RULES + _timm.RULES
+    return _transformers.RULES + _timm.RULES + _TORCH_ACTIVATIONS
 
 
 RULES: Tuple[Rule, ...] = ()
@@ -91,6 +100,8 @@ def match(module: nn.Module) -> Optional[Tuple[str, str]]:
         if mod.startswith(rule.module_prefix) and fnmatch.fnmatchcase(name, rule.class_pattern):
             if rule.kind == "unary" and any(True for _ in module.parameters(recurse=False)):
                 return None  # an activation with parameters is not elementwise-only
+            if getattr(module, "inplace", False):
+                return None  # it would overwrite the input it keeps: left exact
             return rule.kind, rule.family
     kind = _generic_kind(module)
     return (kind, "torch.nn subclass") if kind else None

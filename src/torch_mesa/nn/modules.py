@@ -66,6 +66,13 @@ class MesaSiLU(MesaModule, nn.SiLU):
         return out
 
 
+class MesaReLU(MesaModule, nn.ReLU):
+    def forward(self, input: Tensor) -> Tensor:
+        if self.inplace:  # it overwrites its input: PyTorch's own, exact
+            return F.relu(input, inplace=True)
+        return ops.relu(input, config=self.mesa_spec, states=self.mesa_states)
+
+
 class MesaSoftmax(MesaModule, nn.Softmax):
     def forward(self, input: Tensor) -> Tensor:
         if self.dim is None:  # legacy implicit dim: leave it to PyTorch, exact
@@ -85,6 +92,7 @@ CONVERTIBLE: Dict[Type[nn.Module], Type[nn.Module]] = {
     nn.LayerNorm: MesaLayerNorm,
     nn.GELU: MesaGELU,
     nn.SiLU: MesaSiLU,
+    nn.ReLU: MesaReLU,
     nn.Softmax: MesaSoftmax,
     nn.Dropout: MesaDropout,
 }

@@ -9,7 +9,7 @@ PyTorch op: no cost, identical results.
 """
 
 from ..quant.running import RangeStates
-from .activation import dropout, gated, gelu, mul, silu
+from .activation import clamp, dropout, gated, gelu, mul, relu, sigmoid, silu, tanh
 from .attention import baddbmm, einsum, matmul, scaled_dot_product_attention, softmax
 from .linear import linear
 from .norm import layer_norm, rms_norm
@@ -18,6 +18,7 @@ from .recompute import recompute
 __all__ = [
     "RangeStates",
     "baddbmm",
+    "clamp",
     "dropout",
     "einsum",
     "gated",
@@ -27,8 +28,11 @@ __all__ = [
     "matmul",
     "mul",
     "recompute",
+    "relu",
     "rms_norm",
     "scaled_dot_product_attention",
+    "sigmoid",
     "silu",
     "softmax",
+    "tanh",
 ]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .. import quant
 from ..config import QuantSpec
 from ..quant.running import RangeStates
-from .recipes import combined, derived, keep, kept_of
+from .recipes import combined, derived, keep, kept_of, quantized
 from .replay import AutocastState
 from .saving import as_spec, fresh, load, needs_saving, no_double_backward, run_with_kept, save
 
@@ -35,16 +35,21 @@ Tensor = torch.Tensor
 _GELU_APPROX = ("none", "tanh")
 
 
+_ACTS = {
+    # kind: (forward, backward from the input)
+    "gelu": (F.gelu, lambda g, x: torch.ops.aten.gelu_backward(g, x)),
+    "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"),
+                  lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate="tanh")),
+    "silu": (F.silu, lambda g, x: torch.ops.aten.silu_backward(g, x)),
+}
+
+
 def _act(x: Tensor, kind: str) -> Tensor:
-    if kind == "silu":
-        return F.silu(x)
-    return F.gelu(x, approximate="tanh" if kind == "gelu_tanh" else "none")
+    return _ACTS[kind][0](x)
 
 
 def _act_backward(grad: Tensor, x: Tensor, kind: str) -> Tensor:
-    if kind == "silu":
-        return torch.ops.aten.silu_backward(grad, x)
-    return torch.ops.aten.gelu_backward(grad, x, approximate="tanh" if kind == "gelu_tanh" else "none")
+    return _ACTS[kind][1](grad, x)
 
 
 def _check_kind(kind: str) -> str:
@@ -88,6 +93,126 @@ def gelu(x: Tensor, approximate: str = "none", *, config=None, states: Optional[
 def silu(x: Tensor, *, config=None, states: Optional[RangeStates] = None) -> Tensor:
     """``F.silu`` that keeps its input compressed for backward."""
     return _activation(x, "silu", config, states)
+
+
+class _ReluFn(torch.autograd.Function):
+    """ReLU's own gradient needs only where its input is positive: kept as a
+    1-bit mask, exactly. Its output, quantized (zeros stay exact), is the
+    recipe a consuming Linear keeps instead of a copy of its own. The output,
+    not the input: an input may hold -inf by design (a masked score)."""
+
+    @staticmethod
+    def forward(ctx, x, spec: QuantSpec, states):
+        out = torch.relu(x)
+        ctx.shape = tuple(x.shape)
+        ctx.save_for_backward(quant.reference.pack((x > 0).reshape(-1).to(torch.uint8), 1))
+        if spec.keep_once:
+            running = states.get(spec, "output") if states is not None else None
+            ctx.mesa_out = quantized(out, spec, op="activation", running=running)
+        return fresh(out, x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        no_double_backward()
+        (mask_packed,) = ctx.saved_tensors
+        mask = quant.reference.unpack(mask_packed, 1, grad_out.numel()).reshape(ctx.shape).bool()
+        return grad_out * mask, None, None
+
+
+def relu(x: Tensor, *, config=None, states: Optional[RangeStates] = None) -> Tensor:
+    """``torch.relu`` keeping a 1-bit mask for its own backward; its output
+    is rebuilt for the next layer from the input quantized."""
+    spec = as_spec(config)
+    if spec is None or not needs_saving(x):
+        return torch.relu(x)
+    return run_with_kept(_ReluFn, x, spec, states)
+
+
+_SATURATING = {
+    "sigmoid": (torch.sigmoid, torch.ops.aten.sigmoid_backward),
+    "tanh": (torch.tanh, torch.ops.aten.tanh_backward),
+}
+
+
+class _SaturatingFn(torch.autograd.Function):
+    """Sigmoid and tanh keep their *output*, quantized, as PyTorch keeps it:
+    their derivative is a function of the output, which is bounded whatever
+    the input holds (router scores set to -inf by design come out as 0)."""
+
+    @staticmethod
+    def forward(ctx, x, kind: str, spec: QuantSpec, states):
+        out = _SATURATING[kind][0](x)
+        running = states.get(spec, "output") if states is not None else None
+        kept = quantized(out, spec, op="activation", running=running)
+        save(ctx, kept)
+        ctx.kind = kind
+        ctx.mesa_out = kept if spec.keep_once else None
+        return fresh(out, x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (y,) = load(ctx)
+        return _SATURATING[ctx.kind][1](grad_out.to(y.dtype), y), None, None, None
+
+
+def _saturating(x, kind, config, states):
+    spec = as_spec(config)
+    if spec is None or not needs_saving(x):
+        return _SATURATING[kind][0](x)
+    return run_with_kept(_SaturatingFn, x, kind, spec, states)
+
+
+def sigmoid(x: Tensor, *, config=None, states: Optional[RangeStates] = None) -> Tensor:
+    """``torch.sigmoid`` keeping its output compressed for backward."""
+    return _saturating(x, "sigmoid", config, states)
+
+
+def tanh(x: Tensor, *, config=None, states: Optional[RangeStates] = None) -> Tensor:
+    """``torch.tanh`` keeping its output compressed for backward."""
+    return _saturating(x, "tanh", config, states)
+
+
+# -------------------------------------------------------------------- clamp
+def _clamped(x: Tensor, *, lo, hi) -> Tensor:
+    return torch.clamp(x, lo, hi)
+
+
+class _ClampFn(torch.autograd.Function):
+    """``torch.clamp`` keeping a 1-bit mask of where the gradient passes
+    (PyTorch keeps the whole input); its output is rebuildable when its input
+    is (a clamp after a converted op)."""
+
+    @staticmethod
+    def forward(ctx, x, lo, hi, spec: QuantSpec):
+        out = torch.clamp(x, lo, hi)
+        inside = torch.ones_like(x, dtype=torch.bool)
+        if lo is not None:
+            inside &= x >= lo
+        if hi is not None:
+            inside &= x <= hi
+        mask_packed = quant.reference.pack(inside.reshape(-1).to(torch.uint8), 1)
+        ctx.shape = tuple(x.shape)
+        ctx.save_for_backward(mask_packed)
+        kept = kept_of(x) if spec.keep_once else None
+        if kept is not None:
+            ctx.mesa_out = derived(kept, functools.partial(_clamped, lo=lo, hi=hi), (), AutocastState(x.device.type))
+        return fresh(out, x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        no_double_backward()
+        (mask_packed,) = ctx.saved_tensors
+        mask = quant.reference.unpack(mask_packed, 1, grad_out.numel()).reshape(ctx.shape).bool()
+        return grad_out * mask, None, None, None
+
+
+def clamp(x: Tensor, min=None, max=None, *, config=None) -> Tensor:
+    """``torch.clamp(x, min, max)`` with numbers as bounds, keeping a 1-bit
+    mask for backward."""
+    spec = as_spec(config)
+    if spec is None or not needs_saving(x) or (min is None and max is None):
+        return torch.clamp(x, min, max)
+    return run_with_kept(_ClampFn, x, min, max, spec)
 
 
 def _gated(gate: Tensor, up: Tensor, *, kind: str) -> Tensor:

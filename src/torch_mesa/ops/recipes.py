@@ -112,6 +112,9 @@ def record_ops():
         _seen_ops.reset(token)
 
 
+_MIN_SCALED_ROW = 32
+
+
 def quantized(x: Tensor, spec: QuantSpec, *, op: str, heads: bool = False, rows: bool = False,
               running: Optional[quant.RunningRange] = None) -> Recipe:
     """A quantized copy of ``x`` kept by an op of kind ``op`` (see :func:`keep`
@@ -128,9 +131,14 @@ def quantized(x: Tensor, spec: QuantSpec, *, op: str, heads: bool = False, rows:
         group_size = spec.group_size if spec.group_size is not None else max(1, x.shape[-1])
     else:
         axes, group_size = (-1,), spec.group_size
-    tensors, layout = quant.compress(
-        x, spec.bits, axes, group_size, spec.stochastic, running, spec.kernel, rows=rows and x.dim() >= 1
-    )
+    # Norm inputs relative to each row's own centre and width; everything
+    # else, with token_scale, scaled per channel and then per row (a token
+    # far smaller or larger than the others keeps its precision).
+    # (Rows of fewer than 32 values, one head of a tiny model, skip the
+    # token scale: its 2 bytes per row would cost more than 6% there.)
+    mode = "row" if rows else ("scaled" if spec.token_scale and x.shape[-1] >= _MIN_SCALED_ROW else None)
+    tensors, layout = quant.compress(x, spec.bits, axes, group_size, spec.stochastic, running, spec.kernel,
+                                     rows=mode)
     return Recipe(tensors, functools.partial(_rebuild_quantized, layout=layout))
 
 

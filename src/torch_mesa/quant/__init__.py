@@ -34,7 +34,7 @@ class Layout:
     axes: Tuple[int, ...]
     group_size: Optional[int]
     kernel: str
-    rows: bool = False
+    rows: Optional[str] = None  # None, "row" or "scaled" (reference.ROW_MODES)
 
     @property
     def numel(self) -> int:
@@ -63,14 +63,19 @@ def compress(
     stochastic: bool = False,
     running: Optional[RunningRange] = None,
     kernel: str = "auto",
-    rows: bool = False,
+    rows: Optional[str] = None,
 ) -> Tuple[Tuple[Tensor, ...], Layout]:
     """Quantize ``x`` for keeping; returns ``(tensors to save, layout)``.
 
-    ``rows=True`` quantizes each row (last dimension) relative to its own
-    centre and width (see :func:`reference.row_stats`): for inputs of
-    normalisation layers.
+    ``rows``: ``"row"`` quantizes each row (last dimension) relative to its
+    own centre and width (inputs of normalisation layers); ``"scaled"``
+    scales each channel and then each row to a common range first (see
+    :mod:`.reference`); ``None``: per-channel ranges only.
     """
+    if rows is True:  # the former boolean
+        rows = "row"
+    if rows and x.dim() < 2:
+        rows = None  # a single row: per-channel ranges already fit it
     if x.dim() == 0:
         x = x.reshape(1)
         shape: Tuple[int, ...] = ()
@@ -85,8 +90,9 @@ def compress(
         zeros = torch.zeros(groups, dtype=torch.float32, device=x.device)
         saved = (packed, zeros, torch.ones_like(zeros))
         if rows:
-            row = torch.zeros(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
-            saved = saved + (row, torch.ones_like(row))
+            row = torch.ones(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
+            chan = torch.ones([1] * (x.dim() - 1) + [x.shape[-1]], dtype=torch.float32, device=x.device)
+            saved = saved + ((torch.zeros_like(row), row) if rows == "row" else (row.bfloat16(), chan))
         return saved, layout
     saved = reference.quantize(
         x,
@@ -113,6 +119,7 @@ def expand(saved: Tuple[Tensor, ...], layout: Layout) -> Tensor:
         layout.bits,
         layout.axes if layout.shape else (0,),
         layout.group_size,
+        rows=layout.rows,
         prims=_prims(layout.kernel),
     )
     return out.reshape(layout.shape)

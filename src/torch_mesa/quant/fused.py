@@ -7,8 +7,8 @@ keeps the quantizer a small fraction of a training step instead of costing
 about as much as the step (benchmarks/quantizer.py, docs/benchmarks.md).
 
 Only the passes over the activation are compiled (:class:`Primitives` of
-:mod:`.reference`): row statistics, per-channel min/max, quantize-and-pack,
-unpack-and-dequantize. The per-group bookkeeping in between works on one value
+:mod:`.reference`): row statistics, per-channel magnitudes and min/max,
+quantize-and-pack, unpack-and-dequantize. The per-group bookkeeping in between works on one value
 per channel and stays eager, exactly as in the reference, so the two paths
 agree bit for bit with nearest rounding. (Compiling that bookkeeping too was
 tried: Inductor's CPU code for an indexed broadcast along the innermost
@@ -87,6 +87,23 @@ def _layout(per_channel: torch.Tensor) -> str:
     return "c" + "".join("1" if n != 1 else "0" for n in per_channel.shape)
 
 
+_FRAME = ("centre", "width", "chan")
+
+
+def _frame_tag(frame: dict) -> str:
+    """Which row-mode tensors a call passes (``"cw-"``: centre and width)."""
+    return "".join(n[0] if frame.get(n) is not None else "-" for n in _FRAME)
+
+
+def _frame_args(frame: dict) -> tuple:
+    return tuple(frame[n] for n in _FRAME if frame.get(n) is not None)
+
+
+def _frame_of(tag: str, args: tuple) -> dict:
+    names = [n for n, c in zip(_FRAME, tag) if c != "-"]
+    return dict(zip(names, args))
+
+
 @functools.lru_cache(maxsize=None)
 def _row_stats(key: str) -> Callable:
     def row_stats(x):
@@ -96,42 +113,52 @@ def _row_stats(key: str) -> Callable:
 
 
 @functools.lru_cache(maxsize=None)
-def _minmax(key: str, axes: tuple, per_tensor: bool, rows: bool) -> Callable:
-    if rows:
+def _absmax(key: str, axes: tuple) -> Callable:
+    def absmax(x):
+        return ref.channel_absmax(x, axes)
 
-        def minmax(x, centre, width):
-            return ref.channel_minmax(x, axes, per_tensor, centre, width)
-
-    else:
-
-        def minmax(x):
-            return ref.channel_minmax(x, axes, per_tensor)
-
-    tag = "_".join(map(str, axes))
-    return _compile(minmax, f"{key}_{tag}_{int(per_tensor)}_{int(rows)}")
+    return _compile(absmax, f"absmax_{key}_{'_'.join(map(str, axes))}")
 
 
 @functools.lru_cache(maxsize=None)
-def _codes(key: str, layout: str, bits: int, stochastic: bool, rows: bool) -> Callable:
+def _scaled_rows(key: str, layout: str) -> Callable:
+    def scaled_rows(x, chan):
+        return ref.scaled_row_stats(x, chan)
+
+    return _compile(scaled_rows, f"scaledrows_{key}_{layout}")
+
+
+@functools.lru_cache(maxsize=None)
+def _minmax(key: str, axes: tuple, per_tensor: bool, tag: str) -> Callable:
+    def minmax(x, *frame):
+        return ref.channel_minmax(x, axes, per_tensor, **_frame_of(tag, frame))
+
+    axes_tag = "_".join(map(str, axes))
+    return _compile(minmax, f"{key}_{axes_tag}_{int(per_tensor)}_{tag.replace('-', 'x')}")
+
+
+@functools.lru_cache(maxsize=None)
+def _codes(key: str, layout: str, bits: int, stochastic: bool, tag: str) -> Callable:
     if stochastic:
 
-        def codes(x, lo_c, scale_c, seed, *row):
-            return ref.quantize_codes(x, lo_c, scale_c, bits, seed, *row)
+        def codes(x, lo_c, scale_c, seed, *frame):
+            return ref.quantize_codes(x, lo_c, scale_c, bits, seed, **_frame_of(tag, frame))
 
     else:
 
-        def codes(x, lo_c, scale_c, *row):
-            return ref.quantize_codes(x, lo_c, scale_c, bits, None, *row)
+        def codes(x, lo_c, scale_c, *frame):
+            return ref.quantize_codes(x, lo_c, scale_c, bits, None, **_frame_of(tag, frame))
 
-    return _compile(codes, f"{key}_{layout}_{bits}b_{int(stochastic)}_{int(rows)}")
+    return _compile(codes, f"{key}_{layout}_{bits}b_{int(stochastic)}_{tag.replace('-', 'x')}")
 
 
 @functools.lru_cache(maxsize=None)
-def _dequant(dtype: torch.dtype, ndim: int, layout: str, bits: int, rows: bool) -> Callable:
-    def dequant(packed, lo_c, scale_c, shape, *row):
-        return ref.dequantize_codes(packed, lo_c, scale_c, shape, dtype, bits, *row)
+def _dequant(dtype: torch.dtype, ndim: int, layout: str, bits: int, tag: str) -> Callable:
+    def dequant(packed, lo_c, scale_c, shape, *frame):
+        return ref.dequantize_codes(packed, lo_c, scale_c, shape, dtype, bits, **_frame_of(tag, frame))
 
-    return _compile(dequant, f"{str(dtype).replace('torch.', '')}_{ndim}d_{layout}_{bits}b_{int(rows)}")
+    name = f"{str(dtype).replace('torch.', '')}_{ndim}d_{layout}_{bits}b_{tag.replace('-', 'x')}"
+    return _compile(dequant, name)
 
 
 def available() -> bool:
@@ -167,45 +194,60 @@ def _run(compiled: Callable, eager: Callable, *args):
     return eager(*args)
 
 
+
 def row_stats(x):
     return _run(_row_stats(_key(x)), ref.row_stats, x)
 
 
-def channel_minmax(x, axes, per_tensor, centre=None, width=None):
-    row = () if centre is None else (centre, width)
+def channel_absmax(x, axes):
+    return _run(_absmax(_key(x), tuple(axes)), lambda t: ref.channel_absmax(t, axes), x)
+
+
+def scaled_row_stats(x, chan):
+    return _run(_scaled_rows(_key(x), _layout(chan)), ref.scaled_row_stats, x, chan)
+
+
+def channel_minmax(x, axes, per_tensor, **frame):
+    tag = _frame_tag(frame)
     return _run(
-        _minmax(_key(x), tuple(axes), per_tensor, bool(row)),
-        lambda t, *r: ref.channel_minmax(t, axes, per_tensor, *r),
+        _minmax(_key(x), tuple(axes), per_tensor, tag),
+        lambda t, *f: ref.channel_minmax(t, axes, per_tensor, **_frame_of(tag, f)),
         x,
-        *row,
+        *_frame_args(frame),
     )
 
 
-def quantize_codes(x, lo_c, scale_c, bits, seed=None, centre=None, width=None):
-    row = () if centre is None else (centre, width)
+def quantize_codes(x, lo_c, scale_c, bits, seed=None, **frame):
+    tag = _frame_tag(frame)
     lead = () if seed is None else (seed,)
+
+    def eager(t, lo, sc, *rest):
+        s, f = (rest[0], rest[1:]) if lead else (None, rest)
+        return ref.quantize_codes(t, lo, sc, bits, s, **_frame_of(tag, f))
+
     return _run(
-        _codes(_key(x), _layout(lo_c), bits, seed is not None, bool(row)),
-        lambda t, lo, sc, *rest: ref.quantize_codes(t, lo, sc, bits, *(rest if lead else (None,) + rest)),
+        _codes(_key(x), _layout(lo_c), bits, seed is not None, tag),
+        eager,
         x,
         lo_c,
         scale_c,
         *lead,
-        *row,
+        *_frame_args(frame),
     )
 
 
-def dequantize_codes(packed, lo_c, scale_c, shape, dtype, bits, centre=None, width=None):
-    row = () if centre is None else (centre, width)
+def dequantize_codes(packed, lo_c, scale_c, shape, dtype, bits, **frame):
+    tag = _frame_tag(frame)
     return _run(
-        _dequant(dtype, len(shape), _layout(lo_c), bits, bool(row)),
-        lambda p, lo, sc, sh, *r: ref.dequantize_codes(p, lo, sc, sh, dtype, bits, *r),
+        _dequant(dtype, len(shape), _layout(lo_c), bits, tag),
+        lambda p, lo, sc, sh, *f: ref.dequantize_codes(p, lo, sc, sh, dtype, bits, **_frame_of(tag, f)),
         packed,
         lo_c,
         scale_c,
         tuple(shape),
-        *row,
+        *_frame_args(frame),
     )
 
 
-PRIMS = ref.Primitives(row_stats, channel_minmax, quantize_codes, dequantize_codes)
+PRIMS = ref.Primitives(row_stats, channel_minmax, quantize_codes, dequantize_codes, channel_absmax,
+                       scaled_row_stats)

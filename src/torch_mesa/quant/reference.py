@@ -18,6 +18,31 @@ per byte for 8, 4 and 2 bits (the low bits hold the earlier element). ``lo``
 and ``scale`` are fp32, one per group; ``scale`` is at least the smallest
 normal fp32, so constant groups dequantize exactly to their value.
 
+Zero point (nearest rounding). When a group's range contains 0, ``lo`` and
+``scale`` are chosen so that 0 is a code and comes back as 0, and the range
+still covers every value (:func:`zero_point`): zeros (padding, a class token
+at initialisation, masked rows) are kept exactly, and nearest rounding does
+not move every zero of a channel the same way (an error a weight gradient
+would sum over every token). Stochastic rounding is unbiased at 0 already.
+
+Row modes. Before the per-channel ranges apply, each row (the last dimension;
+one token, or one token of one head) can be brought to a common scale, so a
+row far smaller or larger than the others (a class token, a token with a
+large norm) keeps its precision:
+
+* ``rows="row"``: ``(x - centre) / width`` with the row's own midpoint and
+  half-range (:func:`row_stats`); for inputs of normalisation layers, which
+  divide by each row's spread. Kept: ``centre`` and ``width``, fp32 per row.
+* ``rows="scaled"``: ``x / chan / width`` where ``chan`` is each channel's
+  largest magnitude over all rows and ``width`` each row's largest magnitude
+  after that (:func:`scaled_row_stats`): a per-token times per-channel
+  scaling. Dividing by ``chan`` first keeps a few outlier channels from
+  setting every row's width; raw zeros stay zeros. Kept: ``width`` (bfloat16
+  per row) and ``chan`` (fp32 per channel).
+
+Every statistic is a min or max, which any reduction order computes exactly:
+the fused path matches the reference bit for bit.
+
 Values outside the range (possible with running estimates) saturate at the
 nearest end; they never wrap around. A group whose range is not finite gets
 a NaN scale, so NaN/Inf in an activation shows up as NaN in the gradient
@@ -90,10 +115,34 @@ def row_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
     return centre, width
 
 
-def _as_float(x: Tensor, centre: Optional[Tensor], width: Optional[Tensor]) -> Tensor:
+def channel_absmax(x: Tensor, axes: Tuple[int, ...]) -> Tensor:
+    """Each channel's largest magnitude over every other dimension (fp32,
+    broadcastable against ``x``; at least the smallest normal fp32)."""
+    others = [d for d in range(x.dim()) if d not in axes]
+    a = x.float().abs()
+    if others:
+        a = a.amax(dim=others, keepdim=True)
+    return torch.clamp(a, min=_TINY)
+
+
+def scaled_row_stats(x: Tensor, chan: Tensor) -> Tensor:
+    """Each row's largest magnitude after dividing by ``chan``, ``(..., 1)``,
+    in bfloat16: it lies in (0, 1], and 2 bytes per row keep the cost small
+    for narrow rows (one head of one token); the rounded value is what both
+    quantizing and expanding use, so its rounding costs no accuracy."""
+    t = torch.clamp((x.float() / chan).abs().amax(-1, keepdim=True), min=_TINY)
+    return t.to(torch.bfloat16)
+
+
+def _as_float(x: Tensor, centre: Optional[Tensor], width: Optional[Tensor],
+              chan: Optional[Tensor] = None) -> Tensor:
     xf = x.float()
+    if chan is not None:
+        xf = xf / chan
     if centre is not None:
-        xf = (xf - centre) / width
+        xf = xf - centre
+    if width is not None:
+        xf = xf / width.float()
     return xf
 
 
@@ -103,11 +152,12 @@ def channel_minmax(
     per_tensor: bool,
     centre: Optional[Tensor] = None,
     width: Optional[Tensor] = None,
+    chan: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """fp32 min and max per channel (shape of the channel axes), or of the
     whole tensor (``(1,)``): the one pass over ``x`` that range estimation
-    needs. With ``centre``/``width`` (:func:`row_stats`), of the row-normalised ``x``."""
-    xf = _as_float(x, centre, width)
+    needs. With ``centre``/``width``/``chan`` (a row mode), of the normalised ``x``."""
+    xf = _as_float(x, centre, width, chan)
     if per_tensor:
         return xf.amin().reshape(1), xf.amax().reshape(1)
     others = [d for d in range(x.dim()) if d not in axes]
@@ -143,6 +193,19 @@ def scale_from_range(lo: Tensor, hi: Tensor, bits: int) -> Tensor:
     scale = torch.clamp(hi / qmax - lo / qmax, min=_TINY)
     finite = torch.isfinite(lo) & torch.isfinite(hi)
     return torch.where(finite, scale, torch.full_like(scale, float("nan")))
+
+
+def zero_point(lo: Tensor, hi: Tensor, scale: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
+    """``(lo, scale)`` of a range that still covers ``[lo, hi]`` and has 0 as
+    a code, where the range contains 0 inside: 0 gets the code ``z`` nearest
+    its place, and the step grows just enough for ``[-z * scale,
+    (qmax - z) * scale]`` to cover the range (at 8 bits by at most about one
+    part in ``min(z, qmax - z)``). Other ranges are unchanged."""
+    qmax = float(2**bits - 1)
+    z = torch.clamp(torch.round(-lo / scale), 1.0, qmax - 1.0)
+    step = torch.maximum(hi / (qmax - z), -lo / z)
+    inside = (lo < 0) & (hi > 0) & torch.isfinite(step)
+    return torch.where(inside, -z * step, lo), torch.where(inside, step, scale)
 
 
 def pack(codes: Tensor, bits: int) -> Tensor:
@@ -219,11 +282,12 @@ def quantize_codes(
     seed: Optional[Tensor] = None,
     centre: Optional[Tensor] = None,
     width: Optional[Tensor] = None,
+    chan: Optional[Tensor] = None,
 ) -> Tensor:
     """Packed codes of ``x`` given broadcastable per-channel ``lo`` and ``scale``;
     stochastic rounding when a ``seed`` is given, nearest otherwise."""
     qmax = float(2**bits - 1)
-    q = (_as_float(x, centre, width) - lo_c) / scale_c
+    q = (_as_float(x, centre, width, chan) - lo_c) / scale_c
     if seed is not None:
         q = torch.floor(q + uniform_from_seed(tuple(x.shape), seed))
     else:
@@ -241,12 +305,17 @@ def dequantize_codes(
     bits: int,
     centre: Optional[Tensor] = None,
     width: Optional[Tensor] = None,
+    chan: Optional[Tensor] = None,
 ) -> Tensor:
     numel = math.prod(shape)
     codes = unpack(packed, bits, numel).reshape(shape)
     out = codes.float() * scale_c + lo_c
+    if width is not None:
+        out = out * width.float()
     if centre is not None:
-        out = out * width + centre
+        out = out + centre
+    if chan is not None:
+        out = out * chan
     return out.to(dtype)
 
 
@@ -257,16 +326,31 @@ class Primitives(NamedTuple):
     channel_minmax: Callable
     quantize_codes: Callable
     dequantize_codes: Callable
+    channel_absmax: Callable
+    scaled_row_stats: Callable
 
 
 def _reference_prims() -> Primitives:
-    return Primitives(row_stats, channel_minmax, quantize_codes, dequantize_codes)
+    return Primitives(row_stats, channel_minmax, quantize_codes, dequantize_codes, channel_absmax,
+                      scaled_row_stats)
 
 
 def normalize_axes(axes, ndim: int) -> Tuple[int, ...]:
     if isinstance(axes, int):
         axes = (axes,)
     return tuple(sorted({a % ndim for a in axes}))
+
+
+ROW_MODES = (None, "row", "scaled")
+
+
+def _frame(saved_rows: Tuple[Tensor, ...], rows: Optional[str]) -> dict:
+    """The row-mode tensors kept after ``(packed, lo, scale)``, by name."""
+    if rows == "row":
+        return {"centre": saved_rows[0], "width": saved_rows[1]}
+    if rows == "scaled":
+        return {"width": saved_rows[0], "chan": saved_rows[1]}
+    return {}
 
 
 def quantize(
@@ -276,36 +360,47 @@ def quantize(
     group_size: Optional[int],
     stochastic: bool,
     *,
-    rows: bool = False,
+    rows: Optional[str] = None,
     update_range: Optional[Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]] = None,
     prims: Optional[Primitives] = None,
 ) -> Tuple[Tensor, ...]:
-    """Quantize ``x``; returns the tensors to keep:
-    ``(packed, lo, scale)``, plus ``(centre, width)`` with ``rows=True``.
+    """Quantize ``x``; returns the tensors to keep: ``(packed, lo, scale)``,
+    plus ``(centre, width)`` with ``rows="row"`` or ``(width, chan)`` with
+    ``rows="scaled"`` (see the module docstring).
 
     ``update_range(lo, hi) -> (lo, hi)`` replaces the dynamic per-group range
     (running estimates); values outside the returned range saturate.
     """
+    rows = {True: "row", False: None}.get(rows, rows) if isinstance(rows, bool) else rows
+    if rows not in ROW_MODES:
+        raise ValueError(f"rows={rows!r}; use one of {ROW_MODES}")
     p = prims or _reference_prims()
     axes = normalize_axes(axes, x.dim())
-    centre = width = None
-    if rows:
+    frame: dict = {}
+    kept_rows: Tuple[Tensor, ...] = ()
+    if rows == "row":
         centre, width = p.row_stats(x)
-        cmin, cmax = p.channel_minmax(x, axes, group_size is None, centre, width)
-    else:
-        cmin, cmax = p.channel_minmax(x, axes, group_size is None)
+        frame, kept_rows = {"centre": centre, "width": width}, (centre, width)
+    elif rows == "scaled":
+        chan = p.channel_absmax(x, axes)
+        width = p.scaled_row_stats(x, chan)
+        frame, kept_rows = {"width": width, "chan": chan}, (width, chan)
+    cmin, cmax = p.channel_minmax(x, axes, group_size is None, **frame)
     lo, hi = groups_from_channels(cmin, cmax, group_size)
     if update_range is not None:
         lo, hi = update_range(lo, hi)
     scale = scale_from_range(lo, hi, bits)
+    if not stochastic:
+        # Nearest rounding is a fixed function of x: without a zero point it
+        # would move every 0 of a group the same way, step after step.
+        # (Stochastic rounding is unbiased at 0 already.)
+        lo, scale = zero_point(lo, hi, scale, bits)
     shape = tuple(x.shape)
     lo_c = to_channels(lo, shape, axes, group_size)
     scale_c = to_channels(scale, shape, axes, group_size)
     seed = next_seed(x.device) if stochastic else None
-    if rows:
-        packed = p.quantize_codes(x, lo_c, scale_c, bits, seed, centre, width)
-        return packed, lo, scale, centre, width
-    return p.quantize_codes(x, lo_c, scale_c, bits, seed), lo, scale
+    packed = p.quantize_codes(x, lo_c, scale_c, bits, seed, **frame)
+    return (packed, lo, scale) + kept_rows
 
 
 def dequantize(
@@ -316,13 +411,15 @@ def dequantize(
     axes,
     group_size: Optional[int],
     *,
+    rows: Optional[str] = None,
     prims: Optional[Primitives] = None,
 ) -> Tensor:
     """Inverse of :func:`quantize` (up to the rounding)."""
+    rows = {True: "row", False: None}.get(rows, rows) if isinstance(rows, bool) else rows
     p = prims or _reference_prims()
     shape = tuple(shape)
     axes = normalize_axes(axes, len(shape))
     packed, lo, scale = saved[:3]
     lo_c = to_channels(lo, shape, axes, group_size)
     scale_c = to_channels(scale, shape, axes, group_size)
-    return p.dequantize_codes(packed, lo_c, scale_c, shape, dtype, bits, *saved[3:])
+    return p.dequantize_codes(packed, lo_c, scale_c, shape, dtype, bits, **_frame(tuple(saved[3:]), rows))

@@ -11,6 +11,7 @@ it. :func:`handlers` is the table the scope dispatches on.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict
 
 import torch
@@ -150,6 +151,26 @@ def _rms_norm(spec, states, args, kwargs):
     )
 
 
+def _normalized(x, *, p, eps):
+    return F.normalize(x, p=p, dim=-1, eps=eps)
+
+
+def _normalize(spec, states, args, kwargs):
+    """``F.normalize(x, dim=-1)``: a norm of each row, kept as its input
+    relative to the row (as LayerNorm's)."""
+    a = _args(("input", "p", "dim", "eps", "out"), args, kwargs)
+    if isinstance(a, Fallback):
+        return a
+    x = a.get("input")
+    if a.get("out") is not None:
+        return Fallback("out=")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() == 0 \
+            or a.get("dim", 1) % x.dim() != x.dim() - 1:
+        return NotImplemented  # along another dimension: PyTorch's own
+    fn = functools.partial(_normalized, p=a.get("p", 2.0), eps=a.get("eps", 1e-12))
+    return ops.recompute(fn, x, rows=True, config=spec, states=states)
+
+
 def _gelu(spec, states, args, kwargs):
     a = _args(("input", "approximate"), args, kwargs, approximate=lambda v: v not in ("none", "tanh"))
     if isinstance(a, Fallback):
@@ -169,6 +190,35 @@ def _dropout(spec, states, args, kwargs):
     if isinstance(a, Fallback):
         return a
     return ops.dropout(a["input"], a.get("p", 0.5), a.get("training", True), config=spec)
+
+
+def _unary(op):
+    """``torch.relu(x)``, ``x.sigmoid()``, ``F.relu(x, inplace=False)``..."""
+
+    def handler(spec, states, args, kwargs):
+        a = _args(("input", "inplace"), args, kwargs, inplace=bool)
+        if isinstance(a, Fallback):
+            return a
+        x = a.get("input")
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return NotImplemented
+        return op(x, config=spec, states=states)
+
+    return handler
+
+
+def _number(v) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _clamp(spec, states, args, kwargs):
+    a = _args(("input", "min", "max"), args, kwargs)
+    if isinstance(a, Fallback):
+        return a
+    x = a.get("input")
+    if not isinstance(x, torch.Tensor) or not (_number(a.get("min")) and _number(a.get("max"))):
+        return NotImplemented  # tensor bounds: PyTorch's clamp
+    return ops.clamp(x, a.get("min"), a.get("max"), config=spec)
 
 
 def _mul(spec, states, args, kwargs):
@@ -199,8 +249,20 @@ def handlers() -> Dict[Callable, Callable]:
         F.linear: _linear,
         F.layer_norm: _layer_norm,
         F.gelu: _gelu,
+        F.normalize: _normalize,
         F.silu: _silu,
         F.dropout: _dropout,
+        F.relu: _unary(ops.relu),
+        torch.relu: _unary(ops.relu),
+        torch.Tensor.relu: _unary(ops.relu),
+        torch.sigmoid: _unary(ops.sigmoid),
+        torch.Tensor.sigmoid: _unary(ops.sigmoid),
+        torch.tanh: _unary(ops.tanh),
+        torch.Tensor.tanh: _unary(ops.tanh),
+        torch.clamp: _clamp,
+        torch.Tensor.clamp: _clamp,
+        torch.clip: _clamp,
+        torch.Tensor.clip: _clamp,
         torch.mul: _mul,
         torch.Tensor.mul: _mul,
         torch.Tensor.__mul__: _mul,
