@@ -29,7 +29,11 @@ def test_converted_linear_keeps_codes_and_per_channel_ranges(bits):
     r = measure(lin, x)
     codes = -(-x.numel() * bits // 8)
     ranges = 2 * 64 * 4  # lo and scale, fp32, one per channel
-    assert r.total_bytes == codes + ranges
+    token_scale = 5 * 7 * 2 + 64 * 4  # bf16 per token, fp32 per channel
+    assert r.total_bytes == codes + ranges + token_scale
+    plain = nn.Linear(64, 32)
+    compress_(plain, MesaConfig(bits=bits, token_scale=False))
+    assert measure(plain, x).total_bytes == codes + ranges
 
 
 def test_layernorm_then_linear_is_kept_once():
@@ -39,7 +43,7 @@ def test_layernorm_then_linear_is_kept_once():
     r = measure(model, x)
     tokens = 4 * 9
     ln = tokens * 64 + 2 * 64 * 4 + 2 * tokens * 4  # codes, ranges, row centre/width
-    gelu = tokens * 128 + 2 * 128 * 4
+    gelu = tokens * 128 + 2 * 128 * 4 + tokens * 2 + 128 * 4  # codes, ranges, token scale (bf16), channel scale
     assert r.by_module == {"0": ln, "2": gelu}  # the Linears keep nothing new
     assert r.total_bytes == ln + gelu
 

@@ -262,22 +262,24 @@ def test_fewer_bits_report(name, capsys):
 
 
 def test_stochastic_rounding_gives_unbiased_gradients():
-    """The mean of 2-bit stochastic gradients converges to the exact gradient."""
+    """The mean of 2-bit stochastic gradients converges to the exact gradient:
+    the error power of the mean of n draws falls like 1/n (an unbiased
+    estimate), judged against the average error power of a single draw."""
     cfg = MesaConfig(bits=2, rounding="stochastic")
     x = with_outliers(2, 33, 64)
     w = torch.randn(16, 64, requires_grad=True)
     g = torch.randn(2, 33, 16)
     (exact,) = torch.autograd.grad(F.linear(x, w), w, g)
-    errors = {}
-    total = torch.zeros_like(exact)
+    single, total = [], torch.zeros_like(exact)
     for n in range(1, 257):
         (gw,) = torch.autograd.grad(ops.linear(x, w, config=cfg), w, g)
+        single.append((gw - exact).pow(2).sum().item())
         total += gw
-        if n in (1, 16, 256):
-            errors[n] = sqnr_db(total / n, exact)
-    # averaging n unbiased draws gains 10 log10(n) dB; allow 3 dB of slack
-    assert errors[16] >= errors[1] + 12 - 3
-    assert errors[256] >= errors[1] + 24 - 3
+        if n in (16, 256):
+            mean_power = (total / n - exact).pow(2).sum().item()
+            expected = sum(single) / len(single) / n  # unbiased: power / n
+            # within 3 dB of the 1/n law (a bias would stop the fall)
+            assert mean_power <= 2.0 * expected, (n, mean_power, expected)
 
 
 def test_keep_once_shares_storages():

@@ -32,6 +32,7 @@ _OVERRIDABLE = (
     "keep_once",
     "kernel",
     "token_scale",
+    "qk_rotation",
 )
 
 
@@ -48,6 +49,7 @@ class QuantSpec:
     keep_once: bool
     kernel: str
     token_scale: bool = True
+    qk_rotation: bool = True
 
 
 def _check_bits(value: Any, where: str) -> None:
@@ -102,7 +104,7 @@ def _check_fields(values: Mapping[str, Any], where: str = "") -> None:
                 f"{where}momentum={m!r} must be in [0, 1): the weight of the old running range "
                 "(0.9 keeps 90% of the previous estimate each step)"
             )
-    for flag in ("keep_once", "token_scale"):
+    for flag in ("keep_once", "token_scale", "qk_rotation"):
         if flag in values and not isinstance(values[flag], bool):
             raise TypeError(f"{where}{flag} must be True or False, got {values[flag]!r}")
     if "kernel" in values and values["kernel"] not in _KERNELS:
@@ -152,6 +154,11 @@ class MesaConfig:
             large norm) keeps its precision. Costs one fp32 per token and
             tensor (for q, k, v: per token and head). Norm inputs are always
             quantized relative to each token's own centre and width.
+        qk_rotation: keep attention queries and keys rotated along the head
+            dimension by a fixed orthonormal matrix (Hadamard), which leaves
+            ``q @ k^T`` unchanged and spreads outlier channels (rotary pairs
+            of trained models) over all channels before quantizing; costs one
+            head-dim x head-dim product per token and head, no memory.
         policy: per-module overrides, ``{pattern: overrides}``; patterns are
             :mod:`fnmatch` patterns on qualified module names (``"head"``,
             ``"blocks.0"``, ``"*.mlp.*"``), overrides a dict of the fields
@@ -169,6 +176,7 @@ class MesaConfig:
     keep_once: bool = True
     kernel: str = "auto"
     token_scale: bool = True
+    qk_rotation: bool = True
     policy: Tuple[Tuple[str, Optional[Tuple[Tuple[str, Any], ...]]], ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -256,6 +264,7 @@ class MesaConfig:
             keep_once=values["keep_once"],
             kernel=values["kernel"],
             token_scale=values["token_scale"],
+            qk_rotation=values["qk_rotation"],
         )
 
     # ------------------------------------------------------------ serialise

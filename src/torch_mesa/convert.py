@@ -97,11 +97,15 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+def _converted_layer(m: nn.Module) -> bool:
+    return isinstance(m, MesaModule) or isinstance(m.__dict__.get("forward"), integrations.Forward)
+
+
 def is_compressed(model: nn.Module) -> bool:
-    return hasattr(model, _SCOPE_ATTR) or any(
-        isinstance(m, MesaModule) or isinstance(m.__dict__.get("forward"), integrations.Forward)
-        for m in model.modules()
-    )
+    """True for a model (or part of one) converted by :func:`compress_`. A
+    layer object shared with another converted model (transformers'
+    module-level activation instances) does not make a model converted."""
+    return _converted_layer(model) or any(hasattr(m, _SCOPE_ATTR) for m in model.modules())
 
 
 def compress_(
@@ -156,6 +160,11 @@ def compress_(
             hooked[module] = name
             report.plan[name] = tag + "exact (filter_fn returned False); routes no call"
             continue
+        if _converted_layer(module):
+            # one layer object in two models, converted with the other one
+            # (it compresses whenever a converted model runs it)
+            report.plan[name] = tag + "converted already, as part of another model that shares this object"
+            continue
         spec = config.resolve(name)
         target = CONVERTIBLE.get(kind)
         family = integrations.match(module) if target is None else None
@@ -191,6 +200,9 @@ def compress_(
             integrations.install(module, family[0], spec)
         report.converted.append((name, kind.__name__, spec.bits))
 
+    # The model itself always opens the scope, converted layer or not: its
+    # converted layers compress only while a converted model runs.
+    hooked.setdefault(model, "")
     scope = Scope(config, hooked, exact=tuple(filtered))
     object.__setattr__(model, _SCOPE_ATTR, scope)
     report.routed_modules = len(hooked)

@@ -36,6 +36,7 @@ from typing import Optional, Tuple
 from torch import nn
 
 from .. import ops
+from ..routing.scope import inside_converted_model
 
 __all__ = ["Rule", "RULES", "match", "install", "uninstall", "Forward"]
 
@@ -48,12 +49,14 @@ class Rule:
     family: str = ""
 
 
-# torch.nn's own activations beyond GELU/SiLU (which convert by class): their
-# forward is run exactly and recomputed in backward from the kept input.
+# torch.nn's smooth activations beyond GELU/SiLU (which convert by class):
+# their forward is run exactly and recomputed in backward from the kept
+# input. Piecewise ones with kinks (Hardswish, Hardsigmoid, ReLU6, Hardtanh,
+# LeakyReLU) stay exact: near a kink a quantized input takes the wrong branch
+# of the derivative (LeViT's stem: gradient cosine 0.9989 when converted).
 _TORCH_ACTIVATIONS = tuple(
     Rule("torch.nn.modules.activation", name, "unary", "torch.nn")
-    for name in ("ReLU6", "LeakyReLU", "Hardswish", "Hardsigmoid", "Hardtanh", "Sigmoid", "Tanh",
-                 "Mish", "ELU", "CELU", "SELU", "Softplus")
+    for name in ("Sigmoid", "Tanh", "Mish", "ELU", "CELU", "SELU", "Softplus")
 )
 
 
@@ -121,7 +124,9 @@ class Forward:
     def __call__(self, *args, **kwargs):
         m = self.module
         original = type(m).forward.__get__(m)
-        if len(args) != 1 or kwargs:
+        if len(args) != 1 or kwargs or not inside_converted_model():
+            # other arguments, or a module object shared with a model nobody
+            # converted (transformers' module-level activations): as it is
             return original(*args, **kwargs)
         (x,) = args
         spec, states = m.mesa_spec, m.mesa_states

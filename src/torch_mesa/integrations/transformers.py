@@ -20,7 +20,7 @@ RULES = (
     Rule("transformers.activations", "*", "unary", "transformers"),
     # Per-model RMSNorm classes (Llama, Mistral, Qwen2, Gemma, ...) and T5's.
     Rule("transformers.models.", "*RMSNorm", "norm", "transformers"),
-    Rule("transformers.models.", "T5LayerNorm", "norm", "transformers"),
+    Rule("transformers.models.", "*T5LayerNorm", "norm", "transformers"),  # T5, MT5, UMT5, LongT5
 )
 
 # Activation classes that are not elementwise functions of their input alone.

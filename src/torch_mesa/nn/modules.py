@@ -18,8 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..config import MesaConfig
+from ..routing.scope import inside_converted_model
 
 Tensor = torch.Tensor
+
+
+_EXACT = MesaConfig(bits=None)
 
 
 class MesaModule:
@@ -27,6 +32,12 @@ class MesaModule:
 
     mesa_spec = None
     mesa_states = None
+
+    @property
+    def _spec(self):
+        """The layer's spec while a converted model runs; exact otherwise (a
+        layer object shared with a model nobody converted)."""
+        return self.mesa_spec if inside_converted_model() else _EXACT
 
     def extra_repr(self) -> str:  # type: ignore[override]
         base = super().extra_repr()  # type: ignore[misc]
@@ -37,7 +48,7 @@ class MesaModule:
 
 class MesaLinear(MesaModule, nn.Linear):
     def forward(self, input: Tensor) -> Tensor:
-        return ops.linear(input, self.weight, self.bias, config=self.mesa_spec, states=self.mesa_states)
+        return ops.linear(input, self.weight, self.bias, config=self._spec, states=self.mesa_states)
 
 
 class MesaLayerNorm(MesaModule, nn.LayerNorm):
@@ -48,19 +59,19 @@ class MesaLayerNorm(MesaModule, nn.LayerNorm):
             self.weight,
             self.bias,
             self.eps,
-            config=self.mesa_spec,
+            config=self._spec,
             states=self.mesa_states,
         )
 
 
 class MesaGELU(MesaModule, nn.GELU):
     def forward(self, input: Tensor) -> Tensor:
-        return ops.gelu(input, self.approximate, config=self.mesa_spec, states=self.mesa_states)
+        return ops.gelu(input, self.approximate, config=self._spec, states=self.mesa_states)
 
 
 class MesaSiLU(MesaModule, nn.SiLU):
     def forward(self, input: Tensor) -> Tensor:
-        out = ops.silu(input, config=self.mesa_spec, states=self.mesa_states)
+        out = ops.silu(input, config=self._spec, states=self.mesa_states)
         if self.inplace and not torch.is_grad_enabled():
             return input.copy_(out)
         return out
@@ -70,21 +81,21 @@ class MesaReLU(MesaModule, nn.ReLU):
     def forward(self, input: Tensor) -> Tensor:
         if self.inplace:  # it overwrites its input: PyTorch's own, exact
             return F.relu(input, inplace=True)
-        return ops.relu(input, config=self.mesa_spec, states=self.mesa_states)
+        return ops.relu(input, config=self._spec, states=self.mesa_states)
 
 
 class MesaSoftmax(MesaModule, nn.Softmax):
     def forward(self, input: Tensor) -> Tensor:
         if self.dim is None:  # legacy implicit dim: leave it to PyTorch, exact
             return F.softmax(input, self.dim, _stacklevel=5)
-        return ops.softmax(input, self.dim, config=self.mesa_spec, states=self.mesa_states)
+        return ops.softmax(input, self.dim, config=self._spec, states=self.mesa_states)
 
 
 class MesaDropout(MesaModule, nn.Dropout):
     def forward(self, input: Tensor) -> Tensor:
         if self.inplace and not torch.is_grad_enabled():
             return F.dropout(input, self.p, self.training, inplace=True)
-        return ops.dropout(input, self.p, self.training, config=self.mesa_spec)
+        return ops.dropout(input, self.p, self.training, config=self._spec)
 
 
 CONVERTIBLE: Dict[Type[nn.Module], Type[nn.Module]] = {
@@ -106,7 +117,7 @@ if hasattr(nn, "RMSNorm"):  # torch >= 2.4
                 self.normalized_shape,
                 self.weight,
                 self.eps,
-                config=self.mesa_spec,
+                config=self._spec,
                 states=self.mesa_states,
             )
 

@@ -135,8 +135,13 @@ class _MatmulFn(torch.autograd.Function):
         else:
             out = torch.baddbmm(bias, a, b, beta=beta, alpha=alpha)
         need_a, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
-        kept_a = keep(a, spec, op="matmul", heads=_has_heads(a), running=_running(states, spec, "a")) if need_a else None
-        kept_b = keep(b, spec, op="matmul", heads=_has_heads(b), running=_running(states, spec, "b")) if need_b else None
+        # q @ k^T of attention heads: both kept rotated along the contraction
+        # (head) dimension, which leaves the product unchanged
+        qk = _has_heads(a) and _has_heads(b)
+        kept_a = keep(a, spec, op="matmul", heads=_has_heads(a), running=_running(states, spec, "a"),
+                      rotate=-1 if qk else None) if need_a else None
+        kept_b = keep(b, spec, op="matmul", heads=_has_heads(b), running=_running(states, spec, "b"),
+                      rotate=-2 if qk else None) if need_b else None
         save(ctx, kept_a, kept_b)
         if spec.keep_once and kept_a is not None and kept_b is not None:
             if bias is None:
@@ -261,8 +266,8 @@ class _SDPAFn(torch.autograd.Function):
         out = fn(q, k, v, mask)
         save(
             ctx,
-            keep(q, spec, op="attention", heads=True, running=_running(states, spec, "q")),
-            keep(k, spec, op="attention", heads=True, running=_running(states, spec, "k")),
+            keep(q, spec, op="attention", heads=True, running=_running(states, spec, "q"), rotate=-1),
+            keep(k, spec, op="attention", heads=True, running=_running(states, spec, "k"), rotate=-1),
             keep(v, spec, op="attention", heads=True, running=_running(states, spec, "v")),
             # a mask built from smaller tensors (a bias plus a broadcast shift
             # mask, as in Swin) is kept as those, exactly

@@ -32,7 +32,7 @@ import contextlib
 import functools
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, FrozenSet, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, FrozenSet, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -113,24 +113,73 @@ def record_ops():
 
 
 _MIN_SCALED_ROW = 32
+_MAX_ROTATED = 256  # head dimensions up to this are rotated (a D x D product per row)
+_rotations: Dict[Tuple[int, str], Tensor] = {}
+
+
+def rotation(d: int, device) -> Tensor:
+    """A fixed orthonormal ``d x d`` matrix (fp32): Hadamard for powers of 2,
+    else the Q of a fixed-seed Gaussian's QR. Rotating q and k alike along
+    the head dimension leaves ``q @ k^T`` unchanged and spreads a few outlier
+    channels over all of them (as FlashAttention-3 does for FP8)."""
+    key = (d, str(device))
+    r = _rotations.get(key)
+    if r is None:
+        if d & (d - 1) == 0:
+            h = torch.ones(1, 1)
+            while h.shape[0] < d:
+                h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+            r = h / d**0.5
+        else:
+            g = torch.Generator().manual_seed(d)
+            r, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+            r = r.float()
+        r = _rotations[key] = r.to(device)
+    return r
+
+
+def _rotate(x: Tensor, dim: int, inverse: bool = False) -> Tensor:
+    """``x`` (fp32) rotated along ``dim`` (-1 or -2) by :func:`rotation`."""
+    r = rotation(x.shape[dim], x.device)
+    r = r.t() if inverse else r
+    xf = x.float()
+    return xf @ r if dim == -1 else (xf.transpose(-2, -1) @ r).transpose(-2, -1)
+
+
+def _rebuild_rotated(tensors: Sequence[Tensor], *, layout: quant.Layout, dim: int, dtype: torch.dtype) -> Tensor:
+    return _rotate(quant.expand(tuple(tensors), layout), dim, inverse=True).to(dtype)
 
 
 def quantized(x: Tensor, spec: QuantSpec, *, op: str, heads: bool = False, rows: bool = False,
-              running: Optional[quant.RunningRange] = None) -> Recipe:
+              running: Optional[quant.RunningRange] = None, rotate: Optional[int] = None) -> Recipe:
     """A quantized copy of ``x`` kept by an op of kind ``op`` (see :func:`keep`
-    for the other arguments)."""
+    for the other arguments). ``rotate``: the dimension (-1 or -2) along which
+    ``x`` is a query or key of attention; with ``spec.qk_rotation`` it is kept
+    rotated (see :func:`rotation`) and rotated back when rebuilt."""
     seen = _seen_ops.get()
     if seen is not None:
         seen.add(op)
     if op in _exact_ops.get():
         return exact(x)
+    # (Heads under 32 channels skip it: there a spike in one element spread
+    # over the whole row costs more than outlier channels do; measured in
+    # benchmarks/quant_study.py.)
+    if rotate is not None and spec.qk_rotation and x.dim() >= 2 and _MIN_SCALED_ROW <= x.shape[rotate] <= _MAX_ROTATED:
+        xr = _rotate(x, rotate)
+        inner = quantized(xr, spec, op=op, heads=heads, running=running)
+        return Recipe(inner.tensors, functools.partial(_rebuild_rotated, layout=inner.rebuild.keywords["layout"],
+                                                       dim=rotate, dtype=x.dtype))
+    axes, group_size = (-1,), spec.group_size
     if heads and spec.head_wise and x.dim() >= 3:
         # Ranges never shared across heads; within a head, group_size channels
         # share one (None: one range per head, Mesa's original choice).
-        axes = (x.dim() - 3, x.dim() - 1)
-        group_size = spec.group_size if spec.group_size is not None else max(1, x.shape[-1])
-    else:
-        axes, group_size = (-1,), spec.group_size
+        gs = spec.group_size if spec.group_size is not None else max(1, x.shape[-1])
+        groups = x.shape[-3] * -(-x.shape[-1] // gs)
+        # ... unless dim -3 is not heads but tokens (a (B, N, H, D) layout):
+        # ranges costing more than an eighth of the codes fall back to
+        # per channel
+        if 8 * groups <= x.numel() * spec.bits / 64:
+            axes, group_size = (x.dim() - 3, x.dim() - 1), gs
     # Norm inputs relative to each row's own centre and width; everything
     # else, with token_scale, scaled per channel and then per row (a token
     # far smaller or larger than the others keeps its precision).
@@ -156,6 +205,7 @@ def keep(
     heads: bool = False,
     rows: bool = False,
     running: Optional[quant.RunningRange] = None,
+    rotate: Optional[int] = None,
 ) -> Recipe:
     """How to keep input ``x``: the producer's attachment if it has a valid one,
     else a quantized copy. ``op``: the kind of op keeping it (one of
@@ -168,7 +218,7 @@ def keep(
     kept = kept_of(x) if spec.keep_once else None
     if kept is not None:
         return kept
-    return quantized(x, spec, op=op, heads=heads, rows=rows, running=running)
+    return quantized(x, spec, op=op, heads=heads, rows=rows, running=running, rotate=rotate)
 
 
 def kept_of(x) -> Optional[Recipe]:

@@ -5,6 +5,6 @@ routed function's arguments to an op), :mod:`.passthrough` (recipes through
 scaling, masking and casting steps).
 """
 
-from .scope import Scope
+from .scope import Scope, inside_converted_model
 
-__all__ = ["Scope"]
+__all__ = ["Scope", "inside_converted_model"]

@@ -188,6 +188,25 @@ def sub_step(spec, states, args, kwargs):
     return out if plan is None else _with_recipe(out, x, *plan)
 
 
+def extremum(kind: str):
+    """The handler of ``torch.max(scores, finfo.min)`` / ``torch.maximum`` /
+    ``torch.minimum`` (``kind`` "max" or "min") of a recipe-carrying tensor
+    and a constant: a clamp written as an extremum passes the recipe on."""
+    fn = torch.maximum if kind == "max" else torch.minimum
+
+    def handler(spec, states, args, kwargs):
+        pair = _bind2(args, kwargs)
+        if pair is None:
+            return NotImplemented
+        a, b = pair
+        for x, other in ((a, b), (b, a)):
+            if kept_of(x) is not None and isinstance(other, torch.Tensor) and _constant(other):
+                return _with_recipe(fn(a, b), x, fn, (other,))
+        return NotImplemented
+
+    return handler
+
+
 def _masked_fill_args(args, kwargs):
     names = ("input", "mask", "value")
     a = dict(zip(names, args), **kwargs)

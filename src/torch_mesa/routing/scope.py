@@ -35,6 +35,15 @@ __all__ = ["Scope"]
 
 
 _HANDLERS: Optional[Dict[Callable, Callable]] = None
+_running = threading.local()  # how many converted models' forwards run on this thread
+
+
+def inside_converted_model() -> bool:
+    """True while the forward of a model converted by ``compress_`` runs on
+    this thread. Converted layers compress only then: a layer object shared
+    with another, unconverted model (transformers' module-level activation
+    instances) runs there exactly as PyTorch runs it."""
+    return getattr(_running, "depth", 0) > 0
 
 
 class _Frame:
@@ -121,10 +130,12 @@ class Scope:
 
     def enter(self, name: str) -> None:
         stack = self.stack
-        if not stack and torch.is_grad_enabled():
-            mode = _Mode(self)
-            mode.__enter__()
-            self._local.mode = mode
+        if not stack:
+            _running.depth = getattr(_running, "depth", 0) + 1
+            if torch.is_grad_enabled():
+                mode = _Mode(self)
+                mode.__enter__()
+                self._local.mode = mode
         stack.append(_Frame(name))
 
     def _post(self, module, args, output):
@@ -133,12 +144,15 @@ class Scope:
 
     def exit(self) -> None:
         stack = self.stack
-        if stack:
-            stack.pop()
-        mode = self._local.mode
-        if not stack and mode is not None:
-            self._local.mode = None
-            mode.__exit__(None, None, None)
+        if not stack:
+            return
+        stack.pop()
+        if not stack:
+            _running.depth -= 1
+            mode = self._local.mode
+            if mode is not None:
+                self._local.mode = None
+                mode.__exit__(None, None, None)
 
     def spec_for(self, name: str) -> Optional[QuantSpec]:
         if name not in self._specs:

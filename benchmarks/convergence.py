@@ -1,0 +1,460 @@
+"""Convergence benchmark: does converted training end where exact training ends?
+
+Real training runs, exact against torch-mesa at 8, 4 and 2 bits, several
+seeds each. A seed sets the initialisation and the batch order; the exact and
+converted runs of one seed start from the same weights and see the same
+batches. Reported per task and setting: the final validation loss of every
+run, their mean and spread, the gap to the exact mean, and whether it is
+within the target (8 bits: 1% of the exact mean, or the exact runs' own seed
+spread where that is larger; 4 bits: 2%). After each exact run, the
+converted model's gradients on the *trained* weights are compared with the
+exact ones (``torch_mesa.verify``, 8 bits): the worst parameter cosine.
+
+Tasks (all data ships with an installed package or is generated here):
+
+* ``llama``: a character-level Llama-style LM (transformers
+  ``LlamaForCausalLM``: RMSNorm, SwiGLU, rotary, grouped-query SDPA attention)
+  on the English definitions of the ImageNet synsets that ship with timm
+  (1.7 MB of text; the last 10% held out).
+* ``gpt2``: the same corpus and schedule with a GPT-2-style model (LayerNorm,
+  GELU MLP, learned positions, eager attention).
+* ``bert``: a BERT-style encoder trained on masked-character prediction on
+  the same corpus (15% of characters masked; loss on the masked ones).
+* ``vit``: the demo's ViT (4 blocks, width 64) on scikit-learn's digits.
+
+    python benchmarks/convergence.py                      # everything (about an hour on 2 cores)
+    python benchmarks/convergence.py --tasks llama --settings exact,8 --seeds 0,1,2
+    python benchmarks/convergence.py --docs docs/benchmarks.md --figure docs/convergence.png
+
+``--settings`` takes ``exact``, ``8``, ``4``, ``2`` (bits with the default
+config) or a JSON MesaConfig (``'{"bits": 8, "rounding": "stochastic"}'``),
+separated by ``;``. ``--workers 2`` runs two trainings at a time, one thread
+each. Results are appended to ``--out`` (JSON lines) as they finish, and runs
+already there are not repeated, so an interrupted benchmark resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import torch_mesa
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = {"8": 0.01, "4": 0.02}  # relative gap to the exact mean
+
+
+# ---------------------------------------------------------------- data
+def corpus_text() -> str:
+    """English definitions of the ImageNet synsets, from timm's package data."""
+    import timm
+
+    path = Path(timm.__file__).parent / "data" / "_info" / "imagenet_synset_to_definition.txt"
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        parts = line.split("\t", 1)
+        if len(parts) == 2 and parts[1].strip():
+            lines.append(parts[1].strip())
+    return "\n".join(lines)
+
+
+_CORPUS = None
+
+
+def char_data():
+    """(train ids, validation ids, vocabulary size); id ``vocab - 1`` is free
+    for a mask token."""
+    global _CORPUS
+    if _CORPUS is None:
+        text = corpus_text()
+        chars = sorted(set(text))
+        stoi = {c: i for i, c in enumerate(chars)}
+        data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
+        n_val = len(data) // 10
+        _CORPUS = (data[:-n_val], data[-n_val:], len(chars) + 1)
+    return _CORPUS
+
+
+# ---------------------------------------------------------------- tasks
+class Task:
+    name = ""
+    steps = 300
+    lr = 3e-3
+    batch_size = 16
+
+    def build(self, seed: int) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def batch(self, step: int, seed: int):
+        raise NotImplementedError
+
+    def loss(self, model, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def val_batches(self) -> list:
+        raise NotImplementedError
+
+
+class CharLM(Task):
+    seq_len = 128
+
+    def __init__(self, kind: str):
+        self.name = kind
+
+    def build(self, seed):
+        import transformers
+
+        _, _, vocab = char_data()
+        torch.manual_seed(seed)
+        if self.name == "gpt2":
+            cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=self.seq_len, n_embd=128, n_layer=4,
+                                          n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+            model = transformers.GPT2LMHeadModel(cfg)
+            attn = "eager"
+        else:
+            cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=344,
+                                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                           max_position_embeddings=self.seq_len)
+            model = transformers.LlamaForCausalLM(cfg)
+            attn = "sdpa"
+        model.config._attn_implementation = attn
+        return model
+
+    def batch(self, step, seed):
+        train, _, _ = char_data()
+        g = torch.Generator().manual_seed(seed * 100003 + step)
+        starts = torch.randint(0, len(train) - self.seq_len - 1, (self.batch_size,), generator=g)
+        return torch.stack([train[s:s + self.seq_len] for s in starts.tolist()])
+
+    def loss(self, model, ids):
+        logits = model(input_ids=ids).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+    def val_batches(self):
+        _, val, _ = char_data()
+        n = self.seq_len
+        starts = torch.arange(0, len(val) - n - 1, (len(val) - n - 1) // 64)[:64]
+        ids = torch.stack([val[s:s + n] for s in starts.tolist()])
+        return [ids[i:i + 32] for i in range(0, len(ids), 32)]
+
+
+class MaskedLM(CharLM):
+    """BERT-style masked-character prediction (15% masked, loss on those)."""
+
+    def __init__(self):
+        self.name = "bert"
+
+    def build(self, seed):
+        import transformers
+
+        _, _, vocab = char_data()
+        torch.manual_seed(seed)
+        cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                      intermediate_size=512, max_position_embeddings=self.seq_len,
+                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        model = transformers.BertForMaskedLM(cfg)
+        model.config._attn_implementation = "eager"
+        return model
+
+    def _masked(self, ids, g):
+        _, _, vocab = char_data()
+        chosen = torch.rand(ids.shape, generator=g) < 0.15
+        inputs = ids.masked_fill(chosen, vocab - 1)
+        labels = ids.masked_fill(~chosen, -100)
+        return inputs, labels
+
+    def batch(self, step, seed):
+        ids = super().batch(step, seed)
+        return self._masked(ids, torch.Generator().manual_seed(seed * 7919 + step))
+
+    def loss(self, model, batch):
+        inputs, labels = batch
+        logits = model(input_ids=inputs).logits
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+
+    def val_batches(self):
+        g = torch.Generator().manual_seed(12345)
+        return [self._masked(ids, g) for ids in super().val_batches()]
+
+
+class DigitsViT(Task):
+    """The demo's ViT on scikit-learn's digits (classification)."""
+
+    name = "vit"
+    steps = 450
+    batch_size = 64
+
+    def __init__(self):
+        from torch_mesa.demo import load_digits
+
+        self.train_set, self.test_set = load_digits(seed=0)
+
+    def build(self, seed):
+        from torch_mesa.demo import build_model
+
+        model = build_model(seed=seed)
+        for m in model.modules():  # dropout off: runs differ by the conversion only
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        return model
+
+    def batch(self, step, seed):
+        x, y = self.train_set
+        g = torch.Generator().manual_seed(seed * 100003 + step)
+        idx = torch.randint(0, len(y), (self.batch_size,), generator=g)
+        return x[idx], y[idx]
+
+    def loss(self, model, batch):
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+    def val_batches(self):
+        x, y = self.test_set
+        return [(x[i:i + 128], y[i:i + 128]) for i in range(0, len(y), 128)]
+
+
+TASKS = {"llama": lambda: CharLM("llama"), "gpt2": lambda: CharLM("gpt2"), "bert": MaskedLM, "vit": DigitsViT}
+
+
+# ---------------------------------------------------------------- runs
+def parse_setting(s: str) -> Optional[torch_mesa.MesaConfig]:
+    if s == "exact":
+        return None
+    if s.isdigit():
+        return torch_mesa.MesaConfig(bits=int(s))
+    return torch_mesa.MesaConfig.from_dict(json.loads(s))
+
+
+def _validate(task, model) -> float:
+    model.eval()
+    with torch.no_grad():
+        vals = [task.loss(model, b).item() for b in task.val_batches()]
+    model.train()
+    return statistics.fmean(vals)
+
+
+def train(task_name: str, setting: str, seed: int, steps: Optional[int] = None, threads: int = 0) -> dict:
+    """One training run; returns its record (final validation loss, curve)."""
+    if threads:
+        torch.set_num_threads(threads)
+    task = TASKS[task_name]()
+    steps = steps or task.steps
+    model = task.build(seed)
+    model.train()
+    cfg = parse_setting(setting)
+    if cfg is not None:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch_mesa.compress_(model, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=task.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    curve = []
+    t0 = time.perf_counter()
+    for step in range(steps):
+        loss = task.loss(model, task.batch(step, seed))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        curve.append(round(loss.item(), 5))
+    record = {"task": task_name, "setting": setting, "seed": seed, "steps": steps, "val_loss": _validate(task, model),
+              "seconds": round(time.perf_counter() - t0, 1), "curve": curve}
+    if cfg is None:
+        # gradient fidelity of the default 8-bit conversion on the trained weights
+        batch = task.batch(10**6, seed)
+        report = torch_mesa.verify(model, lambda m: task.loss(m, batch), by_op=True)
+        worst = report.worst
+        record["trained_worst_cosine"] = worst.cosine if worst else 1.0
+        record["trained_worst_param"] = worst.name if worst else ""
+        record["trained_by_op"] = {k: v[0] for k, v in report.by_op.items()}
+    return record
+
+
+def _key(r) -> tuple:
+    return (r["task"], r["setting"], r["seed"], r["steps"])
+
+
+def load_results(path: Path) -> List[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- report
+def summarize(results: List[dict]) -> List[dict]:
+    rows = []
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    for task in tasks:
+        exact = [r["val_loss"] for r in results if r["task"] == task and r["setting"] == "exact"]
+        if not exact:
+            continue
+        e_mean = statistics.fmean(exact)
+        e_spread = max(exact) - min(exact)
+        settings = list(dict.fromkeys(r["setting"] for r in results if r["task"] == task))
+        for setting in settings:
+            vals = [r["val_loss"] for r in results if r["task"] == task and r["setting"] == setting]
+            mean = statistics.fmean(vals)
+            gap = (mean - e_mean) / e_mean
+            target = TARGETS.get(setting)
+            met = None
+            if target is not None and setting != "exact":
+                met = abs(mean - e_mean) <= max(target * e_mean, e_spread) if mean > e_mean else True
+            fid = [r["trained_worst_cosine"] for r in results
+                   if r["task"] == task and r["setting"] == "exact" and "trained_worst_cosine" in r]
+            rows.append({"task": task, "setting": setting, "n": len(vals), "mean": mean,
+                         "min": min(vals), "max": max(vals), "gap": gap, "exact_spread": e_spread,
+                         "target": target, "met": met,
+                         "trained_worst_cosine": min(fid) if fid and setting == "exact" else None})
+    return rows
+
+
+def markdown(rows: List[dict], command: str) -> str:
+    lines = [
+        f"`{command}`",
+        "",
+        "| task | setting | seeds | final val loss, mean (min-max) | vs exact mean | target | met |",
+        "|---|---|---:|---|---:|---|---|",
+    ]
+    for r in rows:
+        target = "" if r["target"] is None else f"<= {r['target']:.0%} or exact spread ({r['exact_spread']:.3f})"
+        met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        gap = "" if r["setting"] == "exact" else f"{r['gap']:+.2%}"
+        lines.append(f"| {r['task']} | {r['setting']} | {r['n']} | {r['mean']:.4f} ({r['min']:.4f}-{r['max']:.4f}) "
+                     f"| {gap} | {target} | {met} |")
+    fid = [r for r in rows if r["trained_worst_cosine"] is not None]
+    if fid:
+        lines += ["", "Worst parameter gradient cosine of the 8-bit conversion on the trained weights "
+                  "(`torch_mesa.verify` after each exact run; the worst over seeds): "
+                  + ", ".join(f"{r['task']} {r['trained_worst_cosine']:.5f}" for r in fid) + "."]
+    return "\n".join(lines)
+
+
+def figure(results: List[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    colors = {"8": "tab:blue", "4": "tab:orange", "2": "tab:red"}
+    for ax, task in zip(axes[0], tasks):
+        runs = [r for r in results if r["task"] == task]
+        exact = [r["curve"] for r in runs if r["setting"] == "exact"]
+        if exact:
+            n = min(len(c) for c in exact)
+            smooth = [_smooth(c[:n]) for c in exact]
+            lo = [min(c[i] for c in smooth) for i in range(n)]
+            hi = [max(c[i] for c in smooth) for i in range(n)]
+            ax.fill_between(range(n), lo, hi, color="0.6", alpha=0.5, label="exact (all seeds)")
+        for setting in dict.fromkeys(r["setting"] for r in runs if r["setting"] != "exact"):
+            for i, r in enumerate(x for x in runs if x["setting"] == setting):
+                ax.plot(_smooth(r["curve"]), color=colors.get(setting, "tab:green"), lw=0.8,
+                        label=f"torch-mesa {setting}-bit" if i == 0 and setting.isdigit() else
+                        (setting if i == 0 else None))
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (smoothed)")
+        finals = [v for c in exact for v in _smooth(c)[-50:]] if exact else []
+        if finals:
+            ax.set_ylim(min(finals) * 0.9, min(finals) * 1.6)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _smooth(curve, k: int = 20):
+    out, acc = [], 0.0
+    for i, v in enumerate(curve):
+        acc += v
+        if i >= k:
+            acc -= curve[i - k]
+        out.append(acc / min(i + 1, k))
+    return out
+
+
+def write_docs(path: Path, text: str) -> None:
+    start, end = "<!-- convergence:start -->", "<!-- convergence:end -->"
+    doc = path.read_text() if path.exists() else ""
+    block = f"{start}\n{text}\n{end}"
+    if start in doc and end in doc:
+        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end):]
+    else:
+        doc = doc.rstrip() + "\n\n## Convergence\n\n" + block + "\n"
+    path.write_text(doc)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default="llama,gpt2,bert,vit")
+    p.add_argument("--settings", default="exact;8;4;2")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=None, help="override every task's step count")
+    p.add_argument("--workers", type=int, default=1, help="trainings at a time (one thread each if > 1)")
+    p.add_argument("--out", default="benchmarks/convergence.jsonl")
+    p.add_argument("--docs", default=None, help="Markdown file whose convergence section is rewritten")
+    p.add_argument("--figure", default=None, help="PNG: exact runs as a band, converted runs as lines")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    done = {_key(r) for r in load_results(out)}
+    jobs = []
+    for task in args.tasks.split(","):
+        steps = args.steps or TASKS[task]().steps
+        for setting in args.settings.split(";"):
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                if (task, setting, seed, steps) not in done:
+                    jobs.append((task, setting, seed, steps))
+    print(f"{len(jobs)} runs to do ({len(done)} already in {out})", flush=True)
+    threads = 1 if args.workers > 1 else 0
+
+    def record(r):
+        with out.open("a") as f:
+            f.write(json.dumps(r) + "\n")
+        extra = f", trained worst cosine {r['trained_worst_cosine']:.5f}" if "trained_worst_cosine" in r else ""
+        print(f"{r['task']:6s} {r['setting']:8s} seed {r['seed']}: val loss {r['val_loss']:.4f} "
+              f"({r['seconds']:.0f} s{extra})", flush=True)
+
+    if args.workers > 1:
+        with ProcessPoolExecutor(args.workers) as pool:
+            for r in pool.map(_run_job, [(j, threads) for j in jobs]):
+                record(r)
+    else:
+        for j in jobs:
+            record(_run_job((j, threads)))
+    results = [r for r in load_results(out) if r["task"] in args.tasks.split(",")]
+    rows = summarize(results)
+    command = "python benchmarks/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = markdown(rows, command.strip())
+    print("\n" + text)
+    if args.figure:
+        figure(results, Path(args.figure))
+        text += f"\n\n![convergence: exact runs as a band, converted runs as lines]({Path(args.figure).name})"
+    if args.docs:
+        write_docs(Path(args.docs), text)
+
+
+def _run_job(job):
+    (task, setting, seed, steps), threads = job
+    return train(task, setting, seed, steps, threads)
+
+
+if __name__ == "__main__":
+    main()
