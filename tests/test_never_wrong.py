@@ -335,3 +335,29 @@ def test_recipe_inputs_changed_in_place_are_not_rebuilt(kind):
     ref = F.softmax(scores(q, k, saved, False), -1)
     assert torch.equal(ref, out)
     assert_grads_close(got, torch.autograd.grad(ref, [q, k], g), min_db=30.0, what=kind)
+
+
+# ------------------------------------------- layers shared between models
+def test_a_layer_shared_with_an_unconverted_model_runs_exactly_there():
+    """transformers keeps some activation modules at module level and shares
+    one object between every model that uses it (XLM, Flaubert). Converting
+    one model must not change another, and converting the second must work."""
+    shared_act = nn.GELU()
+    shared_norm = nn.LayerNorm(16)
+
+    def build(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(shared_norm, nn.Linear(16, 64), shared_act, nn.Linear(64, 16))
+
+    a, b = build(0), build(1)
+    b_plain = copy.deepcopy(b)
+    x = _x().requires_grad_()
+    compress_(a)
+    # b is untouched by a's conversion: exact forward and gradients, nothing compressed
+    assert measure(b, x).total_bytes == measure(b_plain, x).total_bytes
+    gb = torch.autograd.grad(b(x).square().mean(), x)[0]
+    assert torch.equal(gb, torch.autograd.grad(b_plain(x).square().mean(), x)[0])
+    # and b converts too (the shared layers are reported as converted with a)
+    report = compress_(b)
+    assert "another model" in report.plan["0"] and "another model" in report.plan["2"]
+    assert measure(b, x).total_bytes < 0.5 * measure(b_plain, x).total_bytes

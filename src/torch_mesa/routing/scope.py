@@ -28,7 +28,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..config import MesaConfig, QuantSpec
-from ..quant.running import RangeStates
+from ..quant.running import RangeStates, in_backward
 from . import calls
 
 __all__ = ["Scope"]
@@ -40,10 +40,12 @@ _running = threading.local()  # how many converted models' forwards run on this 
 
 def inside_converted_model() -> bool:
     """True while the forward of a model converted by ``compress_`` runs on
-    this thread. Converted layers compress only then: a layer object shared
-    with another, unconverted model (transformers' module-level activation
-    instances) runs there exactly as PyTorch runs it."""
-    return getattr(_running, "depth", 0) > 0
+    this thread, or a backward pass does (activation checkpointing recomputes
+    a layer's forward there, and model families checkpoint ``forward`` with
+    the module's hooks outside it). Converted layers compress only then: a
+    layer object shared with another, unconverted model (transformers'
+    module-level activation instances) runs there exactly as PyTorch runs it."""
+    return getattr(_running, "depth", 0) > 0 or in_backward()
 
 
 class _Frame:
