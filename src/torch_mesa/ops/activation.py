@@ -95,6 +95,18 @@ def silu(x: Tensor, *, config=None, states: Optional[RangeStates] = None) -> Ten
     return _activation(x, "silu", config, states)
 
 
+def _save_mask(ctx, mask: Tensor) -> None:
+    """Keep where the gradient passes, 1 bit per element (exact)."""
+    ctx.shape = tuple(mask.shape)
+    ctx.save_for_backward(quant.reference.pack_bits(mask))
+
+
+def _masked_grad(ctx, grad_out: Tensor) -> Tensor:
+    no_double_backward()
+    (packed,) = ctx.saved_tensors
+    return grad_out * quant.reference.unpack_bits(packed, ctx.shape)
+
+
 class _ReluFn(torch.autograd.Function):
     """ReLU's own gradient needs only where its input is positive: kept as a
     1-bit mask, exactly. Its output, quantized (zeros stay exact), is the
@@ -104,8 +116,7 @@ class _ReluFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, spec: QuantSpec, states):
         out = torch.relu(x)
-        ctx.shape = tuple(x.shape)
-        ctx.save_for_backward(quant.reference.pack((x > 0).reshape(-1).to(torch.uint8), 1))
+        _save_mask(ctx, x > 0)
         if spec.keep_once:
             running = states.get(spec, "output") if states is not None else None
             ctx.mesa_out = quantized(out, spec, op="activation", running=running)
@@ -113,10 +124,7 @@ class _ReluFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        no_double_backward()
-        (mask_packed,) = ctx.saved_tensors
-        mask = quant.reference.unpack(mask_packed, 1, grad_out.numel()).reshape(ctx.shape).bool()
-        return grad_out * mask, None, None
+        return _masked_grad(ctx, grad_out), None, None
 
 
 def relu(x: Tensor, *, config=None, states: Optional[RangeStates] = None) -> Tensor:
@@ -190,9 +198,7 @@ class _ClampFn(torch.autograd.Function):
             inside &= x >= lo
         if hi is not None:
             inside &= x <= hi
-        mask_packed = quant.reference.pack(inside.reshape(-1).to(torch.uint8), 1)
-        ctx.shape = tuple(x.shape)
-        ctx.save_for_backward(mask_packed)
+        _save_mask(ctx, inside)
         kept = kept_of(x) if spec.keep_once else None
         if kept is not None:
             ctx.mesa_out = derived(kept, functools.partial(_clamped, lo=lo, hi=hi), (), AutocastState(x.device.type))
@@ -200,10 +206,7 @@ class _ClampFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        no_double_backward()
-        (mask_packed,) = ctx.saved_tensors
-        mask = quant.reference.unpack(mask_packed, 1, grad_out.numel()).reshape(ctx.shape).bool()
-        return grad_out * mask, None, None, None
+        return _masked_grad(ctx, grad_out), None, None, None
 
 
 def clamp(x: Tensor, min=None, max=None, *, config=None) -> Tensor:
@@ -266,7 +269,7 @@ def gated(
 
 # ------------------------------------------------------------------ dropout
 def _apply_mask(x: Tensor, mask_packed: Tensor, *, shape, scale: float) -> Tensor:
-    mask = quant.reference.unpack(mask_packed, 1, x.numel()).reshape(shape).bool()
+    mask = quant.reference.unpack_bits(mask_packed, shape)
     return torch.ops.aten.native_dropout_backward(x, mask, scale)
 
 
@@ -274,7 +277,7 @@ class _DropoutFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p: float, spec: QuantSpec):
         out, mask = torch.native_dropout(x, p, True)
-        mask_packed = quant.reference.pack(mask.to(torch.uint8), 1)
+        mask_packed = quant.reference.pack_bits(mask)
         scale = 1.0 / (1.0 - p)
         ctx.shape, ctx.scale = tuple(x.shape), scale
         ctx.save_for_backward(mask_packed)

@@ -191,7 +191,7 @@ def quantized(x: Tensor, spec: QuantSpec, *, op: str, heads: bool = False, rows:
     return Recipe(tensors, functools.partial(_rebuild_quantized, layout=layout))
 
 
-def _is_weight(x: Tensor) -> bool:
+def is_weight(x: Tensor) -> bool:
     """A Parameter, or a view of one (``w.t()``, an expert's slice ``w[i]``):
     kept as it is, at no cost (its storage is held anyway), never quantized."""
     return isinstance(x, torch.nn.Parameter) or isinstance(x._base, torch.nn.Parameter)
@@ -213,7 +213,7 @@ def keep(
     (``(B, H, N, D)``) and, with ``spec.head_wise``, gets one range per head.
     ``rows``: quantize each row relative to its own centre and width (inputs
     of normalisation layers, which would amplify the error of small rows)."""
-    if _is_weight(x):
+    if is_weight(x):
         return exact(x)
     kept = kept_of(x) if spec.keep_once else None
     if kept is not None:

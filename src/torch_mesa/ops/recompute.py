@@ -35,11 +35,11 @@ class RecomputeFn(torch.autograd.Function):
     """``fn(x, *params)``; keeps ``x`` compressed and ``params`` as they are."""
 
     @staticmethod
-    def forward(ctx, x, spec: QuantSpec, states, fn, rows: bool, *params):
+    def forward(ctx, x, spec: QuantSpec, states, fn, rows: bool, op: str, *params):
         out = fn(x, *params)
         autocast = AutocastState(x.device.type)
         running = states.get(spec, "input") if states is not None else None
-        kept = keep(x, spec, op="norm" if rows else "activation", rows=rows, running=running)
+        kept = keep(x, spec, op=op, rows=rows, running=running)
         save(ctx, kept, *[exact(p) for p in params])
         # Parameters are differentiated as the objects themselves: a module's
         # forward reaches them through its attributes, and what comes back
@@ -55,9 +55,9 @@ class RecomputeFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, *loaded = load(ctx)
         params = [ref if ref is not None else t for ref, t in zip(ctx.param_refs, loaded)]
-        needs = [ctx.needs_input_grad[0]] + list(ctx.needs_input_grad[5:])
+        needs = [ctx.needs_input_grad[0]] + list(ctx.needs_input_grad[6:])
         grads = grad_by_recompute(ctx.fn, [x, *params], needs, grad_out, ctx.autocast)
-        return (grads[0], None, None, None, None, *grads[1:])
+        return (grads[0], None, None, None, None, None, *grads[1:])
 
 
 def recompute(
@@ -66,6 +66,7 @@ def recompute(
     params: Sequence[Optional[Tensor]] = (),
     *,
     rows: bool = False,
+    op: Optional[str] = None,
     config=None,
     states: Optional[RangeStates] = None,
 ) -> Tensor:
@@ -73,12 +74,15 @@ def recompute(
 
     ``fn`` must be deterministic and cheap (elementwise or a normalisation),
     and must return one tensor; ``params`` are the tensors it differentiates
-    besides ``x`` (a module's parameters when ``fn`` is its forward).
+    besides ``x`` (a module's parameters when ``fn`` is its forward). ``op``:
+    the kind of op for per-op error breakdowns (default "norm" with ``rows``,
+    else "activation").
     """
     spec = as_spec(config)
     if spec is None or not needs_saving(x, *params):
         return fn(x, *params)
-    out = run_with_kept(RecomputeFn, x, spec, states, fn, rows, *params)
+    op = op or ("norm" if rows else "activation")
+    out = run_with_kept(RecomputeFn, x, spec, states, fn, rows, op, *params)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"recompute(): fn must return one tensor, got {type(out).__name__}")
     return out

@@ -233,6 +233,15 @@ def unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
     return lanes.reshape(-1)[:numel]
 
 
+def pack_bits(mask: Tensor) -> Tensor:
+    """A boolean tensor kept 1 bit per element (dropout, ReLU and clamp masks)."""
+    return pack(mask.reshape(-1).to(torch.uint8), 1)
+
+
+def unpack_bits(packed: Tensor, shape: Tuple[int, ...]) -> Tensor:
+    return unpack(packed, 1, math.prod(shape)).reshape(shape).bool()
+
+
 _M32 = 0xFFFFFFFF
 
 

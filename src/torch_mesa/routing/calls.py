@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.recipes import is_weight
 from . import passthrough
 
 
@@ -107,22 +108,23 @@ def _einsum(spec, states, args, kwargs):
     return ops.einsum(args[0], a, b, config=spec, states=states)
 
 
-def _softmax(spec, states, args, kwargs):
-    a = _args(("input", "dim", "_stacklevel", "dtype"), args, kwargs)
-    if isinstance(a, Fallback):
-        return a
-    if a.get("dim") is None:
-        return Fallback("implicit dim")
-    return ops.softmax(a["input"], a["dim"], a.get("dtype"), config=spec, states=states)
+def _softmax_of(names):
+    """``F.softmax(input, dim, _stacklevel, dtype)`` or ``torch.softmax`` /
+    ``Tensor.softmax(input, dim, dtype)``."""
+
+    def handler(spec, states, args, kwargs):
+        a = _args(names, args, kwargs)
+        if isinstance(a, Fallback):
+            return a
+        if a.get("dim") is None:
+            return Fallback("implicit dim")
+        return ops.softmax(a["input"], a["dim"], a.get("dtype"), config=spec, states=states)
+
+    return handler
 
 
-def _tensor_softmax(spec, states, args, kwargs):
-    a = _args(("input", "dim", "dtype"), args, kwargs)
-    if isinstance(a, Fallback):
-        return a
-    if a.get("dim") is None:
-        return Fallback("implicit dim")
-    return ops.softmax(a["input"], a["dim"], a.get("dtype"), config=spec, states=states)
+_softmax = _softmax_of(("input", "dim", "_stacklevel", "dtype"))
+_tensor_softmax = _softmax_of(("input", "dim", "dtype"))
 
 
 def _linear(spec, states, args, kwargs):
@@ -169,6 +171,30 @@ def _normalize(spec, states, args, kwargs):
         return NotImplemented  # along another dimension: PyTorch's own
     fn = functools.partial(_normalized, p=a.get("p", 2.0), eps=a.get("eps", 1e-12))
     return ops.recompute(fn, x, rows=True, config=spec, states=states)
+
+
+def _grouped(x, w, *, mm, offs):
+    return mm(x, w, offs=offs)
+
+
+def _grouped_mm(mm):
+    """``F.grouped_mm(input, weight, offs=...)``: the experts of a mixture of
+    experts (transformers' MoE layers). The input is kept compressed, the
+    weight as itself; backward runs the grouped product again."""
+
+    def handler(spec, states, args, kwargs):
+        a = _args(("mat_a", "mat_b", "offs", "bias", "out_dtype"), args, kwargs)
+        if isinstance(a, Fallback):
+            return a
+        if a.get("bias") is not None or a.get("out_dtype") is not None:
+            return Fallback("bias or out_dtype")
+        x, w = a["mat_a"], a["mat_b"]
+        if not (_tensors(x, w) and is_weight(w) and x.is_floating_point()):
+            return NotImplemented  # two activations: PyTorch's own
+        fn = functools.partial(_grouped, mm=mm, offs=a.get("offs"))
+        return ops.recompute(fn, x, [w], op="linear", config=spec, states=states)
+
+    return handler
 
 
 def _gelu(spec, states, args, kwargs):
@@ -249,6 +275,8 @@ def handlers() -> Dict[Callable, Callable]:
         F.linear: _linear,
         F.layer_norm: _layer_norm,
         F.gelu: _gelu,
+        **({F.grouped_mm: _grouped_mm(F.grouped_mm)} if hasattr(F, "grouped_mm") else {}),
+        **({torch._grouped_mm: _grouped_mm(torch._grouped_mm)} if hasattr(torch, "_grouped_mm") else {}),
         F.normalize: _normalize,
         F.silu: _silu,
         F.dropout: _dropout,
