@@ -323,7 +323,10 @@ def handlers() -> Dict[Callable, Callable]:
         torch.Tensor.__itruediv__: passthrough.inplace(torch.Tensor.__itruediv__),
         torch.Tensor.to: passthrough.to_step,
         torch.Tensor.type: passthrough.type_step,
-        torch.Tensor.reshape: passthrough.reshape_step,
+        **{f: passthrough.shape_step(f) for f in (
+            torch.Tensor.reshape, torch.reshape, torch.Tensor.view, torch.Tensor.flatten, torch.flatten,
+            torch.Tensor.unflatten, torch.Tensor.transpose, torch.transpose, torch.Tensor.permute, torch.permute,
+            torch.Tensor.contiguous)},
     }
     if hasattr(F, "rms_norm"):
         table[F.rms_norm] = _rms_norm

@@ -290,6 +290,59 @@ def _reshaped(x, *, shape):
     return x.reshape(shape)
 
 
+def _shaped(x, *, shape):
+    return x.reshape(shape)
+
+
+def _permuted(x, *, dims):
+    return x.permute(dims)
+
+
+def shape_step(func):
+    """The handler of a view or reshape (``view``, ``reshape``, ``flatten``,
+    ``unflatten``, ``transpose``, ``permute``...) of a recipe-carrying tensor:
+    the output gets the recipe, then the same change of shape (attention
+    scores viewed between their heads and a batch of heads, as BLOOM and XGLM
+    do). Tensors without a recipe: PyTorch's own."""
+
+    def handler(spec, states, args, kwargs):
+        x = args[0] if args else None
+        if kept_of(x) is None:
+            return reshape_step(spec, states, args, kwargs) if func is torch.Tensor.reshape else NotImplemented
+        out = func(*args, **kwargs)
+        if not isinstance(out, torch.Tensor) or out is x or out.dtype != x.dtype:
+            return out  # the same tensor, or a reinterpretation of its bytes
+        if out.dim() == x.dim() and out.shape != x.shape and sorted(out.shape) == sorted(x.shape) \
+                and func in _PERMUTING:
+            dims = _permutation(func, x.dim(), args[1:], kwargs)
+            if dims is None:
+                return out
+            return _with_recipe(out, x, functools.partial(_permuted, dims=dims))
+        if out.numel() != x.numel() or func in _PERMUTING:
+            return out
+        return _with_recipe(out, x, functools.partial(_shaped, shape=tuple(out.shape)))
+
+    return handler
+
+
+_PERMUTING = (torch.Tensor.transpose, torch.transpose, torch.Tensor.permute, torch.permute)
+
+
+def _permutation(func, ndim, args, kwargs):
+    """The dims of ``permute`` equivalent to this transpose/permute call."""
+    if func in (torch.Tensor.transpose, torch.transpose):
+        if kwargs or len(args) != 2:
+            return None
+        d0, d1 = (int(a) % ndim for a in args)
+        dims = list(range(ndim))
+        dims[d0], dims[d1] = dims[d1], dims[d0]
+        return tuple(dims)
+    dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+    if kwargs or len(dims) != ndim:
+        return None
+    return tuple(int(d) % ndim for d in dims)
+
+
 def reshape_step(spec, states, args, kwargs):
     # A reshape that materialises a broadcast view (an attention mask
     # expanded over batch and heads) copies a small tensor into a large one;
