@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from torch_mesa import MesaConfig, compress_, measure, restore_
+from torch_mesa import MesaConfig, compress_, measure, restore_, verify
 
 from conftest import cosine
 
@@ -272,3 +272,20 @@ def test_swin_shift_mask_is_kept_as_its_small_parts():
     assert big == []
     out.sum().backward()  # and the kept parts rebuild the mask correctly
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_full_depth_swin_t_bias_tables_with_shifted_windows():
+    """Swin-T at its real widths and depths (2, 2, 6, 2), with shifted
+    windows: every parameter, the relative position bias tables included,
+    within cosine 0.999 of the exact gradient at 8 bits."""
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, img_size=128,
+                              window_size=4, drop_path_rate=0.0)
+    shifts = [b.shift_size for b in model.modules() if type(b).__name__ == "SwinTransformerBlock"]
+    assert len(shifts) == 12 and sum(1 for s in shifts if s not in (0, (0, 0))) >= 5
+    x = torch.randn(2, 3, 128, 128)
+    y = torch.tensor([1, 7])
+    report = verify(model, lambda m: torch.nn.functional.cross_entropy(m(x), y), by_op=False)
+    tables = [p for p in report.params if "relative_position_bias_table" in p.name]
+    assert len(tables) == 12 and all(p.cosine >= 0.999 for p in tables), tables
+    assert report.ok, str(report)
