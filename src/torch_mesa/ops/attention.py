@@ -117,10 +117,6 @@ def _matmul_in(a, b, *, dtype):
     return torch.matmul(a.to(dtype), b.to(dtype))
 
 
-def _baddbmm_in(a, b, bias, *, dtype, beta, alpha):
-    return torch.baddbmm(bias, a.to(dtype), b.to(dtype), beta=beta, alpha=alpha)
-
-
 class _MatmulFn(torch.autograd.Function):
     """``a @ b`` of two activations, or ``beta * bias + alpha * (a @ b)``
     (``torch.baddbmm``, as BLOOM computes ALiBi scores). Keeps each operand
@@ -147,8 +143,10 @@ class _MatmulFn(torch.autograd.Function):
             if bias is None:
                 ctx.mesa_out = combined(kept_a, kept_b, functools.partial(_matmul_in, dtype=out.dtype))
             elif bias.numel() < out.numel():
+                # the operands' recipes rebuilt as a pair, then the (small,
+                # ALiBi-like) bias added as baddbmm adds it
                 pair = combined(kept_a, kept_b, _pair)
-                step = functools.partial(_unpair_baddbmm, dtype=out.dtype, beta=beta, alpha=alpha)
+                step = functools.partial(_baddbmm_of_pair, dtype=out.dtype, beta=beta, alpha=alpha)
                 ctx.mesa_out = derived(pair, step, (bias,), AutocastState(a.device.type))
         ctx.cd, ctx.alpha, ctx.beta = out.dtype, alpha, beta
         ctx.shapes = (tuple(a.shape), tuple(b.shape), None if bias is None else tuple(bias.shape))
@@ -178,8 +176,9 @@ def _pair(a, b):
     return (a, b)
 
 
-def _unpair_baddbmm(pair, bias, *, dtype, beta, alpha):
-    return _baddbmm_in(pair[0], pair[1], bias, dtype=dtype, beta=beta, alpha=alpha)
+def _baddbmm_of_pair(pair, bias, *, dtype, beta, alpha):
+    a, b = pair
+    return torch.baddbmm(bias, a.to(dtype), b.to(dtype), beta=beta, alpha=alpha)
 
 
 def matmul(a: Tensor, b: Tensor, *, config=None, states: Optional[RangeStates] = None) -> Tensor:
