@@ -144,3 +144,26 @@ def test_report_hugging_face_family_and_config_json(tmp_path, capsys):
     assert code == 2 and "positions" in err
     code, out, err = run(["report", "hf:nosuchfamily"], capsys)
     assert code == 2 and "unknown Hugging Face model family" in err
+
+
+def test_verify_exit_codes_and_report(capsys):
+    """`torch-mesa verify`: 0 when every gradient reaches the bar, 1 when one
+    does not, with the worst parameters, the per-op breakdown and the
+    fallbacks in the output; JSON on request."""
+    pytest.importorskip("transformers")
+    sizes = ["--size", "num_hidden_layers=2", "--size", "hidden_size=64", "--size", "intermediate_size=128",
+             "--size", "num_attention_heads=4", "--size", "vocab_size=300"]
+    code, out, err = run(["verify", "hf:llama", "--seq-len", "32"] + sizes, capsys)
+    assert code == 0, err
+    assert "verify: OK" in out and "forward: identical" in out and "error by op kind" in out
+    assert "model.layers.0" in out and "fallbacks: none" in out
+    # an impossible bar fails, with exit code 1
+    code, out, err = run(["verify", "hf:llama", "--seq-len", "32", "--threshold", "1.0000001", "--no-by-op",
+                          "--format", "json"] + sizes, capsys)
+    assert code == 1
+    data = json.loads(out)
+    assert data["ok"] is False and data["forward_equal"] is True
+    assert data["kept_converted"] < 0.5 * data["kept_exact"]
+    # bad input: one line, exit 2
+    code, out, err = run(["verify", "nosuch:model"], capsys)
+    assert code == 2 and "cannot import" in err

@@ -7,8 +7,9 @@ state, and reports:
   changes the forward);
 * every parameter's gradient against the exact one, worst first: cosine and
   SQNR (dB); a gradient that is mathematically zero (an attention key bias,
-  which softmax ignores) is recognised as such, and then the converted one
-  must be negligible too;
+  which softmax ignores), or four orders of magnitude below the model's
+  median gradient, is recognised as such, and then the converted one must
+  differ from it by less than a thousandth of the median;
 * the bytes kept for backward, in total and per module;
 * what was left exact and why (conversion report), and every routed call
   that ran as PyTorch runs it (fallbacks), with its reason;
@@ -47,11 +48,11 @@ class ParamCheck:
     """One parameter's converted gradient against the exact one."""
 
     name: str
-    cosine: float  # 1.0 where the exact gradient is mathematically zero and the converted one negligible
+    cosine: float  # 1.0 where the exact gradient is zero and the converted one negligible
     sqnr_db: float
     exact_norm: float
     converted_norm: float
-    zero: bool  # the exact gradient is (numerically) zero
+    zero: bool  # the exact gradient is zero, or numerically negligible (then cosine is not judged)
     ok: bool
 
 
@@ -76,7 +77,10 @@ class VerifyReport:
 
     @property
     def worst(self) -> Optional[ParamCheck]:
-        return self.params[0] if self.params else None
+        """The failing parameter with the lowest cosine, else the lowest of
+        those whose cosine is judged (not zero or negligible)."""
+        judged = [p for p in self.params if not p.ok or not p.zero]
+        return judged[0] if judged else (self.params[0] if self.params else None)
 
     def failures(self) -> List[ParamCheck]:
         return [p for p in self.params if not p.ok]
@@ -95,7 +99,7 @@ class VerifyReport:
         width = max([len(p.name) for p in self.params[:10]] + [9])
         lines.append(f"  {'parameter':<{width}}  {'cosine':>9}  {'SQNR dB':>8}")
         for p in self.params[:10]:
-            cos = "zero" if p.zero else f"{p.cosine:.6f}"
+            cos = "~0" if p.zero else f"{p.cosine:.6f}"
             mark = "" if p.ok else "  <-- below threshold"
             lines.append(f"  {p.name:<{width}}  {cos:>9}  {p.sqnr_db:>8.1f}{mark}")
         if len(self.params) > 10:
@@ -211,8 +215,15 @@ def _compare(exact: Dict[str, Optional[torch.Tensor]], got: Dict[str, Optional[t
         else:
             cos = torch.nn.functional.cosine_similarity(cd, ed, 0).item() if cn > 0 else 0.0
             ok = cos >= threshold and math.isfinite(cn)
+            if not ok and en <= 1e-4 * typical and noise <= 1e-3 * typical and math.isfinite(cn):
+                # numerically negligible: four orders of magnitude below the
+                # model's typical gradient (a query/key whose attention is
+                # uniform), where a direction is fp32 noise; the difference
+                # is negligible next to every other gradient, so it passes
+                zero = True
+                ok = True
         checks.append(ParamCheck(name, cos, sqnr, en, cn, zero, ok))
-    checks.sort(key=lambda p: (p.ok, p.cosine, p.sqnr_db))
+    checks.sort(key=lambda p: (p.ok, p.zero, p.cosine, p.sqnr_db))
     return checks
 
 
