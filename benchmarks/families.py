@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from torch_mesa import MesaConfig, compress_, measure
-from torch_mesa.bench import device_name
+from torch_mesa.bench import device_name, replace_section
 from torch_mesa.zoo import ModelSpec, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,17 +140,10 @@ def main(argv=None):
     table = "\n".join(lines)
     print(table)
     if args.only is None:
-        start, end = "<!-- families:start -->", "<!-- families:end -->"
-        block = (f"{start}\n```\npython benchmarks/families.py\n```\n\nbf16 autocast, measured on "
-                 f"{device_name('cpu')}, torch {torch.__version__}.\n\n{table}\n{end}")
-        path = Path(args.docs)
-        text = path.read_text()
-        if start in text:
-            before, rest = text.split(start, 1)
-            text = before + block + rest.split(end, 1)[1]
-        else:
-            text = text.rstrip("\n") + "\n\n## Model families (bytes kept at 8 bits, bf16 autocast)\n\n" + block + "\n"
-        path.write_text(text)
+        replace_section(args.docs, "families",
+                        f"```\npython benchmarks/families.py\n```\n\nbf16 autocast, measured on "
+                        f"{device_name('cpu')}, torch {torch.__version__}.\n\n{table}",
+                        heading="Model families (bytes kept at 8 bits, bf16 autocast)")
 
 
 if __name__ == "__main__":

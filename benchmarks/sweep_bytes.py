@@ -285,29 +285,16 @@ def table(results, skipped):
 
 
 def write_docs(path, command, text):
-    start, end = "<!-- sweep-bytes:start -->", "<!-- sweep-bytes:end -->"
-    from torch_mesa.bench import device_name
+    from torch_mesa.bench import device_name, replace_section
 
-    block = (f"{start}\n```\n{command}\n```\n\nEach architecture of the test sweep's `HF` table with token inputs, "
-             f"built at hidden {HIDDEN}, {HEADS} heads of {HEAD_DIM}, feed-forward {FFN}, {LAYERS} layers, vocabulary "
-             f"{VOCAB}, dropout 0, train mode; batch {BATCH} x {SEQ} tokens, bf16 autocast; default `MesaConfig` "
-             f"(8 bits), quantizer run as the eager reference (`TORCH_MESA_KERNEL=reference`: the compiled kernel "
-             f"keeps the same bytes). Blocks: modules inside `nn.ModuleList` children. Loss: the model's own LM loss (labels = "
-             f"the inputs) unless noted. Measured on {device_name('cpu')}, torch {torch.__version__}, transformers "
-             f"{transformers.__version__}.\n\n{text}\n{end}")
-    path = Path(path)
-    doc = path.read_text()
-    if start in doc:
-        before, rest = doc.split(start, 1)
-        doc = before + block + rest.split(end, 1)[1]
-    else:
-        section = "## Swept architectures (bytes kept, bf16 autocast, 512 tokens)\n\n" + block + "\n\n"
-        if "\n## Soak" in doc:
-            before, after = doc.split("\n## Soak", 1)
-            doc = before + "\n" + section + "## Soak" + after
-        else:
-            doc = doc.rstrip("\n") + "\n\n" + section
-    path.write_text(doc)
+    body = (f"```\n{command}\n```\n\nEach architecture of the test sweep's `HF` table with token inputs, "
+            f"built at hidden {HIDDEN}, {HEADS} heads of {HEAD_DIM}, feed-forward {FFN}, {LAYERS} layers, vocabulary "
+            f"{VOCAB}, dropout 0, train mode; batch {BATCH} x {SEQ} tokens, bf16 autocast; default `MesaConfig` "
+            f"(8 bits), quantizer run as the eager reference (`TORCH_MESA_KERNEL=reference`: the compiled kernel "
+            f"keeps the same bytes). Blocks: modules inside `nn.ModuleList` children. Loss: the model's own LM loss (labels = "
+            f"the inputs) unless noted. Measured on {device_name('cpu')}, torch {torch.__version__}, transformers "
+            f"{transformers.__version__}.\n\n{text}")
+    replace_section(path, "sweep-bytes", body, heading="Swept architectures (bytes kept, bf16 autocast, 512 tokens)")
 
 
 def main(argv=None):

@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -249,18 +249,26 @@ def format_markdown(results: dict) -> str:
     return head + "\n\n" + "\n".join(lines)
 
 
-def update_docs(path: Path, results: dict, command: str) -> None:
-    key = f"{results['model']}|{results['device_kind']}|{results['amp']}|b{results['batch_size']}"
-    start, end = f"<!-- bench:{key}:start -->", f"<!-- bench:{key}:end -->"
-    block = f"{start}\n```\n{command}\n```\n\n{format_markdown(results)}\n{end}"
+def replace_section(path, name: str, body: str, heading: Optional[str] = None) -> None:
+    """Write ``body`` between the markers ``<!-- NAME:start -->`` and
+    ``<!-- NAME:end -->`` of the Markdown file ``path``, replacing what was
+    there; where the markers are missing, append them (under ``## heading``
+    when given). Benchmarks keep their tables current this way."""
+    path = Path(path)
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body}\n{end}"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     if start in text and end in text:
         before, rest = text.split(start, 1)
-        _, after = rest.split(end, 1)
-        text = before + block + after
+        text = before + block + rest.split(end, 1)[1]
     else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
+        text = text.rstrip("\n") + "\n\n" + (f"## {heading}\n\n" if heading else "") + block + "\n"
     path.write_text(text)
+
+
+def update_docs(path: Path, results: dict, command: str) -> None:
+    key = f"{results['model']}|{results['device_kind']}|{results['amp']}|b{results['batch_size']}"
+    replace_section(path, f"bench:{key}", f"```\n{command}\n```\n\n{format_markdown(results)}")
 
 
 def run_bench(args, progress=print) -> int:
