@@ -64,7 +64,7 @@ def test_row_normalised_keeps_relative_precision_of_small_rows():
     x = torch.randn(2, 50, 64)
     x[:, 0] *= 1e-3  # a token with a tiny spread (a class token at init)
     _, plain = _round_trip(x, 8, (2,), 1)
-    _, rows = _round_trip(x, 8, (2,), 1, rows=True)
+    _, rows = _round_trip(x, 8, (2,), 1, rows="row")
     assert sqnr_db(rows[:, 0], x[:, 0]) > 30
     assert sqnr_db(plain[:, 0], x[:, 0]) < 10
 
@@ -198,8 +198,8 @@ def test_fused_equals_reference_bit_for_bit(dtype, bits, axes, group_size):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_equals_reference_rows_and_noncontiguous(dtype):
     x = with_outliers(5, 65, 197, dtype=dtype, requires_grad=False).transpose(1, 2)  # (5, 197, 65)
-    a, ya = _round_trip(x, 8, (2,), 1, rows=True)
-    b, yb = _round_trip(x, 8, (2,), 1, rows=True, prims=fused.PRIMS)
+    a, ya = _round_trip(x, 8, (2,), 1, rows="row")
+    b, yb = _round_trip(x, 8, (2,), 1, rows="row", prims=fused.PRIMS)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
     assert torch.equal(ya, yb)

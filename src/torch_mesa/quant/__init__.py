@@ -72,8 +72,6 @@ def compress(
     scales each channel and then each row to a common range first (see
     :mod:`.reference`); ``None``: per-channel ranges only.
     """
-    if rows is True:  # the former boolean
-        rows = "row"
     if rows and x.dim() < 2:
         rows = None  # a single row: per-channel ranges already fit it
     if x.dim() == 0:

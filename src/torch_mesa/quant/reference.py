@@ -380,7 +380,6 @@ def quantize(
     ``update_range(lo, hi) -> (lo, hi)`` replaces the dynamic per-group range
     (running estimates); values outside the returned range saturate.
     """
-    rows = {True: "row", False: None}.get(rows, rows) if isinstance(rows, bool) else rows
     if rows not in ROW_MODES:
         raise ValueError(f"rows={rows!r}; use one of {ROW_MODES}")
     p = prims or _reference_prims()
@@ -424,7 +423,6 @@ def dequantize(
     prims: Optional[Primitives] = None,
 ) -> Tensor:
     """Inverse of :func:`quantize` (up to the rounding)."""
-    rows = {True: "row", False: None}.get(rows, rows) if isinstance(rows, bool) else rows
     p = prims or _reference_prims()
     shape = tuple(shape)
     axes = normalize_axes(axes, len(shape))
