@@ -160,6 +160,17 @@ def _both(out, a, b, fn):
     return out
 
 
+def _offset(out, x, other, a, b, fn, step):
+    """``out = fn(a, b)``, ``x`` (one of them) carrying a recipe and ``other``
+    the offset: both recipes combined when ``other`` has one too, else
+    ``x``'s recipe plus the offset where it is cheap to keep; otherwise
+    ``out`` as it is (kept by whoever consumes it)."""
+    if _both(out, a, b, fn) is not None:
+        return out
+    plan = _plan_offset(other, step, out.shape)
+    return out if plan is None else _with_recipe(out, x, *plan)
+
+
 def add_step(spec, states, args, kwargs):
     pair = _bind2(args, kwargs)
     if pair is None:
@@ -167,11 +178,7 @@ def add_step(spec, states, args, kwargs):
     a, b = pair
     for x, other in ((a, b), (b, a)):
         if kept_of(x) is not None:
-            out = a + b
-            if _both(out, a, b, operator.add) is not None:
-                return out
-            plan = _plan_offset(other, _plus, out.shape)
-            return out if plan is None else _with_recipe(out, x, *plan)
+            return _offset(a + b, x, other, a, b, operator.add, _plus)
     return NotImplemented
 
 
@@ -181,11 +188,7 @@ def sub_step(spec, states, args, kwargs):
     if pair is None or kept_of(pair[0]) is None:
         return NotImplemented
     x, other = pair
-    out = x - other
-    if _both(out, x, other, operator.sub) is not None:
-        return out
-    plan = _plan_offset(other, _minus, out.shape)
-    return out if plan is None else _with_recipe(out, x, *plan)
+    return _offset(x - other, x, other, x, other, operator.sub, _minus)
 
 
 def extremum(kind: str):
