@@ -98,6 +98,15 @@ def sdpa_grads(q, k, v, go, cfg):
     return torch.autograd.grad(out, [q, k, v], go)
 
 
+def row(label, grads_fn, *inputs):
+    """One table row: SQNR (dB) of each gradient ``grads_fn`` returns, per
+    layout, against the exact gradients (``cfg=None``)."""
+    exact = grads_fn(*inputs, None)
+    cells = [" / ".join(f"{sqnr(a, e):5.1f}" for a, e in zip(grads_fn(*inputs, cfg), exact))
+             for cfg in LAYOUTS.values()]
+    return f"{label:24s}" + "".join(f"{c:>38s}" for c in cells)
+
+
 def main():
     torch.manual_seed(0)
     w = torch.randn(64, C) / 16
@@ -107,35 +116,19 @@ def main():
     for kind in PATTERNS:
         gate = pattern(kind, 1)
         up = torch.where(gate.abs() > 100, 150 * torch.sign(gate), pattern(kind.replace("massive", ""), 2) * 0.5)
-        exact = swiglu_grads(gate, up, w, go, None)
-        cells = []
-        for cfg in LAYOUTS.values():
-            got = swiglu_grads(gate, up, w, go, cfg)
-            cells.append(" / ".join(f"{sqnr(a, e):5.1f}" for a, e in zip(got, exact)))
-        print(f"{kind:24s}" + "".join(f"{c:>38s}" for c in cells))
+        print(row(kind, swiglu_grads, gate, up, w, go))
     print("\nRMSNorm -> Linear: SQNR (dB) of the gradients of x / norm weight / Linear weight")
     nw = 1 + 0.1 * torch.randn(C)
     for kind in PATTERNS:
         x = pattern(kind, 3)
-        exact = norm_grads(x, nw, w, go, None)
-        cells = []
-        for cfg in LAYOUTS.values():
-            got = norm_grads(x, nw, w, go, cfg)
-            cells.append(" / ".join(f"{sqnr(a, e):5.1f}" for a, e in zip(got, exact)))
-        print(f"{kind:24s}" + "".join(f"{c:>38s}" for c in cells))
+        print(row(kind, norm_grads, x, nw, w, go))
     print("\nCausal SDPA, 4 heads of 64: SQNR (dB) of the gradients of q / k / v")
     for sharp, tokscale in ((4.0, False), (12.0, False), (12.0, True)):
         q, k, v = attention_inputs(sharp, tokscale)
         p = torch.softmax((q @ k.transpose(-2, -1)) / 8 + torch.full((N, N), float("-inf")).triu(1), -1)
         entropy = -(p.clamp_min(1e-12).log() * p).sum(-1).mean().item()
         go = torch.randn_like(q)
-        exact = sdpa_grads(q, k, v, go, None)
-        cells = []
-        for cfg in LAYOUTS.values():
-            got = sdpa_grads(q, k, v, go, cfg)
-            cells.append(" / ".join(f"{sqnr(a, e):5.1f}" for a, e in zip(got, exact)))
-        label = f"entropy {entropy:.2f}{' tokscale' if tokscale else ''}"
-        print(f"{label:24s}" + "".join(f"{c:>38s}" for c in cells))
+        print(row(f"entropy {entropy:.2f}{' tokscale' if tokscale else ''}", sdpa_grads, q, k, v, go))
 
 
 if __name__ == "__main__":
