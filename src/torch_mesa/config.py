@@ -152,8 +152,9 @@ class MesaConfig:
             head for attention tensors) by its own: a token much smaller or
             larger than the rest of the batch (a class token, a token with a
             large norm) keeps its precision. Costs one bfloat16 (2 bytes) per
-            token and tensor (for q, k, v: per token and head). Norm inputs are always
-            quantized relative to each token's own centre and width.
+            token and tensor (for q, k, v: per token and head). Norm inputs
+            are always quantized relative to each token's own centre and
+            width.
         qk_rotation: keep attention queries and keys rotated along the head
             dimension by a fixed orthonormal matrix (Hadamard), which leaves
             ``q @ k^T`` unchanged and spreads outlier channels (rotary pairs

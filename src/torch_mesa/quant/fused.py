@@ -4,22 +4,23 @@ Inductor turns the reference's chain of small eager kernels (float cast,
 subtract, divide, round, clamp, cast, pack; the per-channel and per-row
 reductions) into fused loops: C++/OpenMP on CPU, Triton on GPU. This is what
 keeps the quantizer a small fraction of a training step instead of costing
-about as much as the step (benchmarks/quantizer.py, docs/benchmarks.md).
+about as much as the step (step times in docs/benchmarks.md).
 
 Only the passes over the activation are compiled (:class:`Primitives` of
 :mod:`.reference`): row statistics, per-channel magnitudes and min/max,
-quantize-and-pack, unpack-and-dequantize. The per-group bookkeeping in between works on one value
-per channel and stays eager, exactly as in the reference, so the two paths
-agree bit for bit with nearest rounding. (Compiling that bookkeeping too was
-tried: Inductor's CPU code for an indexed broadcast along the innermost
-dimension read the wrong group in the tail of its vectorised loop.)
+quantize-and-pack, unpack-and-dequantize. The per-group bookkeeping in between
+works on one value per channel and stays eager, exactly as in the reference, so
+the two paths agree bit for bit with nearest rounding. (Compiling that
+bookkeeping too was tried: Inductor's CPU code for an indexed broadcast along
+the innermost dimension read the wrong group in the tail of its vectorised
+loop.)
 
-One compiled function is made per static setting (dtype, rank, bits,
-rounding, channel axes, row normalisation), each with a code object of its
-own, so Dynamo's limit of 8 variants per code object is only spent on shapes
-and strides (which its automatic dynamic-shape handling soon generalises). Where compilation is unavailable (no C++ compiler, an unsupported
-platform), the first failure emits one warning and the reference is used from
-then on.
+One compiled function is made per static setting (dtype, rank, bits, rounding,
+channel axes, row normalisation), each with a code object of its own, so
+Dynamo's limit of 8 variants per code object is only spent on shapes and
+strides (which its automatic dynamic-shape handling soon generalises). Where
+compilation is unavailable (no C++ compiler, an unsupported platform), the
+first failure emits one warning and the reference is used from then on.
 """
 
 from __future__ import annotations
@@ -192,7 +193,6 @@ def _run(compiled: Callable, eager: Callable, *args):
                 )
             return out
     return eager(*args)
-
 
 
 def row_stats(x):
