@@ -11,7 +11,8 @@ and expanded only when the gradient is computed. One call converts a model::
 """
 
 from .config import MesaConfig
-from .convert import ConversionReport, compress_, is_compressed, restore_
+from .checkpoint import from_pretrained, load_config, reapply_, save_conversion
+from .convert import ConversionReport, compress_, config_of, is_compressed, restore_
 from .measure import MemoryReport, measure
 from .verify import VerifyReport, verify
 
@@ -22,6 +23,11 @@ __all__ = [
     "MemoryReport",
     "MesaConfig",
     "compress_",
+    "config_of",
+    "from_pretrained",
+    "load_config",
+    "reapply_",
+    "save_conversion",
     "is_compressed",
     "measure",
     "restore_",

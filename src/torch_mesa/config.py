@@ -160,6 +160,12 @@ class MesaConfig:
             ``q @ k^T`` unchanged and spreads outlier channels (rotary pairs
             of trained models) over all channels before quantizing; costs one
             head-dim x head-dim product per token and head, no memory.
+        fused_loss: Hugging Face causal LMs of the families in
+            :mod:`torch_mesa.integrations.causal_lm` compute their head and
+            loss with :func:`torch_mesa.ops.linear_cross_entropy` when called
+            with ``labels`` while autograd records: the logits are never kept
+            (nor made whole), and the output's ``logits`` is ``None`` in those
+            calls. ``False`` keeps the model's own head and loss.
         policy: per-module overrides, ``{pattern: overrides}``; patterns are
             :mod:`fnmatch` patterns on qualified module names (``"head"``,
             ``"blocks.0"``, ``"*.mlp.*"``), overrides a dict of the fields
@@ -178,10 +184,13 @@ class MesaConfig:
     kernel: str = "auto"
     token_scale: bool = True
     qk_rotation: bool = True
+    fused_loss: bool = True
     policy: Tuple[Tuple[str, Optional[Tuple[Tuple[str, Any], ...]]], ...] = field(default=())
 
     def __post_init__(self) -> None:
         _check_fields({f: getattr(self, f) for f in _OVERRIDABLE})
+        if not isinstance(self.fused_loss, bool):
+            raise TypeError(f"fused_loss must be True or False, got {self.fused_loss!r}")
         object.__setattr__(self, "momentum", float(self.momentum))
         object.__setattr__(self, "policy", self._normalize_policy(self.policy))
 
@@ -271,6 +280,7 @@ class MesaConfig:
     # ------------------------------------------------------------ serialise
     def to_dict(self) -> dict:
         d = {f: getattr(self, f) for f in _OVERRIDABLE}
+        d["fused_loss"] = self.fused_loss
         d["policy"] = {p: (None if o is None else dict(o)) for p, o in self.policy}
         return d
 

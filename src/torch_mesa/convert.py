@@ -21,12 +21,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 from torch import nn
 
 from . import integrations
+from .integrations import causal_lm
 from .config import MesaConfig
 from .routing import Scope
 from .nn.modules import CONVERTIBLE, MesaModule
 from .ops import RangeStates
 
-__all__ = ["ConversionReport", "compress_", "restore_", "is_compressed"]
+__all__ = ["ConversionReport", "compress_", "config_of", "restore_", "is_compressed"]
 
 _SCOPE_ATTR = "_mesa_scope"
 _ORIGINAL_CLASS = "_mesa_original_class"
@@ -45,6 +46,10 @@ class ConversionReport:
         plan: what happens to every module, by qualified name (``""`` is the
             model itself): ``"converted (8 bits)"``, ``"routes its calls (8
             bits)"``, ``"exact: kept exact by policy"``... (:meth:`table`).
+        fused_losses: causal LMs whose head and loss run as one
+            :func:`~torch_mesa.ops.linear_cross_entropy` in calls with labels
+            (see :mod:`torch_mesa.integrations.causal_lm`); the plan says why
+            any other causal LM keeps its own.
     """
 
     converted: List[Tuple[str, str, int]] = field(default_factory=list)
@@ -52,6 +57,7 @@ class ConversionReport:
     unmatched_patterns: List[str] = field(default_factory=list)
     routed_modules: int = 0
     plan: Dict[str, str] = field(default_factory=dict)
+    fused_losses: List[str] = field(default_factory=list)
 
     def table(self) -> str:
         """One line per module: its name, type and what happens to it."""
@@ -78,6 +84,11 @@ class ConversionReport:
         lines.append(
             f"  functional calls (attention, F.*) routed inside {self.routed_modules} other modules"
         )
+        for name in self.fused_losses:
+            lines.append(f"  head and loss of {name or '<root>'}: fused, logits never kept (calls with labels)")
+        for name, what in self.plan.items():
+            if "head and loss are the model's own" in what:
+                lines.append(f"  {name or '<root>'}: {what.split('; ', 1)[-1]}")
         exact_scopes = [n for n, what in self.plan.items() if what.endswith("routes no call (exact by policy)")]
         if exact_scopes:
             lines.append(f"kept exact by policy with every call inside: {len(exact_scopes)} modules")
@@ -106,6 +117,29 @@ def is_compressed(model: nn.Module) -> bool:
     layer object shared with another converted model (transformers'
     module-level activation instances) does not make a model converted."""
     return _converted_layer(model) or any(hasattr(m, _SCOPE_ATTR) for m in model.modules())
+
+
+def config_of(model: nn.Module) -> Optional[MesaConfig]:
+    """The :class:`MesaConfig` ``model`` was converted with (None: not converted)."""
+    scope = getattr(model, _SCOPE_ATTR, None)
+    return scope.config if scope is not None else None
+
+
+class _SavePretrained:
+    """Installed as ``save_pretrained`` on a converted model that has one
+    (Hugging Face, peft): saves as before, then writes the torch-mesa config
+    (and running estimates) beside the weights (:mod:`torch_mesa.checkpoint`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory, *args, **kwargs):
+        out = type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            from .checkpoint import save_conversion
+
+            save_conversion(self.model, str(save_directory))
+        return out
 
 
 def compress_(
@@ -200,11 +234,15 @@ def compress_(
             integrations.install(module, family[0], spec)
         report.converted.append((name, kind.__name__, spec.bits))
 
+    _fuse_losses(names, config, report, filtered)
+
     # The model itself always opens the scope, converted layer or not: its
     # converted layers compress only while a converted model runs.
     hooked.setdefault(model, "")
     scope = Scope(config, hooked, exact=tuple(filtered))
     object.__setattr__(model, _SCOPE_ATTR, scope)
+    if callable(getattr(type(model), "save_pretrained", None)):
+        object.__setattr__(model, "save_pretrained", _SavePretrained(model))
     report.routed_modules = len(hooked)
     report.unmatched_patterns = [p for p, _ in config.policy if p not in used_patterns]
     for p in report.unmatched_patterns:
@@ -223,6 +261,26 @@ def compress_(
             stacklevel=2,
         )
     return report
+
+
+def _fuse_losses(names: Dict[str, nn.Module], config: MesaConfig, report: ConversionReport,
+                 filtered: List[str]) -> None:
+    """Causal LMs of the table get their head and loss fused (unless
+    ``fused_loss=False``, or the model is left exact); others say why not."""
+    for name, module in names.items():
+        rule, reason = causal_lm.match(module)
+        if rule is None and not reason:
+            continue
+        if not config.fused_loss:
+            reason = "its head and loss are the model's own: MesaConfig(fused_loss=False)"
+        elif name in filtered or config.resolve(name) is None:
+            reason = "its head and loss are the model's own: the model is kept exact"
+        if rule is None or reason:
+            report.plan[name] = report.plan.get(name, "") + "; " + reason
+            continue
+        causal_lm.install(module, rule)
+        report.fused_losses.append(name)
+        report.plan[name] = report.plan.get(name, "") + "; head and loss fused (linear_cross_entropy)"
 
 
 _LISTED_WORDS = ("Norm", "Act", "GELU", "GLU", "Swish", "Attention", "Linear", "Conv1D", "Softmax")
@@ -251,9 +309,13 @@ def restore_(model: nn.Module) -> int:
     if scope is None and not is_compressed(model):
         raise ValueError("restore_: this model was not converted by torch_mesa.compress_")
     families = sum(integrations.uninstall(m) for m in model.modules())
+    for m in model.modules():
+        causal_lm.uninstall(m)
     if scope is not None:
         scope.remove()
         object.__delattr__(model, _SCOPE_ATTR)
+    if isinstance(model.__dict__.get("save_pretrained"), _SavePretrained):
+        del model.__dict__["save_pretrained"]
     for module in converted:
         module.__class__ = getattr(module, _ORIGINAL_CLASS)
         for attr in (_ORIGINAL_CLASS, "mesa_spec", "mesa_states"):

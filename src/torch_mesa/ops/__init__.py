@@ -12,6 +12,7 @@ from ..quant.running import RangeStates
 from .activation import clamp, dropout, gated, gelu, mul, relu, sigmoid, silu, tanh
 from .attention import baddbmm, einsum, matmul, scaled_dot_product_attention, softmax
 from .linear import linear
+from .loss import linear_cross_entropy
 from .norm import layer_norm, rms_norm
 from .recompute import recompute
 
@@ -25,6 +26,7 @@ __all__ = [
     "gelu",
     "layer_norm",
     "linear",
+    "linear_cross_entropy",
     "matmul",
     "mul",
     "recompute",
