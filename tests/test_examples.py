@@ -35,7 +35,7 @@ def test_finetune_causal_lm():
     for model in ("gpt2", "llama"):
         out = run("finetune_causal_lm.py", "--model", model, "--steps", "20", "--batch-size", "4",
                   "--seq-len", "64")
-        assert _ratio(out) < 0.6  # small model: the loss over the vocabulary weighs a lot
+        assert _ratio(out) < 0.25  # head and loss fused: the logits are not kept
         losses = [float(x) for x in re.findall(r"loss ([\d.]+)", out)]
         assert losses[-1] < losses[0]
         assert "sample:" in out
@@ -46,3 +46,16 @@ def test_train_timm_vit():
     pytest.importorskip("sklearn")
     out = run("train_timm_vit.py", "--epochs", "1")
     assert _ratio(out) < 0.4 and "test accuracy" in out
+
+
+def test_finetune_lora():
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    out = run("finetune_lora.py", "--steps", "20", "--vocab", "2000", "--width", "128", "--layers", "2",
+              "--seq-len", "64")
+    assert "head and loss of base_model.model: fused" in out
+    assert _ratio(out) <= 0.30  # issue target for LoRA on a frozen base
+    cos = float(re.search(r"worst cosine ([\d.]+)", out).group(1))
+    assert cos >= 0.999
+    losses = [float(x) for x in re.findall(r"loss ([\d.]+)", out)]
+    assert losses[-1] < losses[0]
