@@ -443,3 +443,18 @@ def test_large_vocabulary_bytes(amp):
     torch_mesa.compress_(model)
     conv = measure_call(model, run, autocast_dtype=amp).total_bytes
     assert conv <= 0.2 * plain, (conv, plain)
+
+
+@pytest.mark.parametrize("tuple_out", [False, True], ids=["dict", "tuple"])
+def test_verify_with_labels(tuple_out):
+    """verify() on a call with labels: no logits and a loss within 1e-5 are
+    what the fused head promises, said so; anything else still fails."""
+    model = _llama()
+    batch = dict(_batch(), return_dict=not tuple_out)
+    report = torch_mesa.verify(model, batch, by_op=False)
+    assert report.ok and report.forward_equal, str(report)
+    assert any("not returned" in n for n in report.forward_notes)
+    assert any("within 1e-5" in n for n in report.forward_notes)
+    assert "except where the head and loss are fused" in str(report)
+    plain = torch_mesa.verify(model, {"input_ids": batch["input_ids"]}, by_op=False)
+    assert plain.ok and not plain.forward_notes
