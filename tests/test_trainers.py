@@ -2,7 +2,6 @@
 from_pretrained, the transformers.Trainer callback and the Lightning
 callback (tiny models, a few steps, CPU)."""
 
-import os
 import warnings
 
 import pytest
