@@ -458,3 +458,27 @@ def test_verify_with_labels(tuple_out):
     assert "except where the head and loss are fused" in str(report)
     plain = torch_mesa.verify(model, {"input_ids": batch["input_ids"]}, by_op=False)
     assert plain.ok and not plain.forward_notes
+
+
+@pytest.mark.parametrize("case", ["llama-sdpa", "gemma2", "cohere", "granite", "gpt2-sdpa"])
+def test_causal_lm_under_bf16_autocast_and_checkpointing(case):
+    """The probe is made in the autocast dtype, so the family's change of the
+    logits is checked in bf16 too; with Hugging Face's gradient
+    checkpointing on, the same loss and gradients."""
+    model = _causal(case)
+    model.train()
+    conv = copy.deepcopy(model)
+    assert torch_mesa.compress_(conv).fused_losses == [""]
+    batch = _batch()
+    for m in (model, conv):
+        (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(**batch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            got = conv(**batch)
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=0)
+    g_want, g_got = _grads_of(model, want.loss), _grads_of(conv, got.loss)
+    judged = [n for n in g_want if g_want[n].norm() > 1e-6]
+    assert min(_cosine(g_got[n].float(), g_want[n].float()) for n in judged) >= 0.999
