@@ -59,3 +59,17 @@ def test_finetune_lora():
     assert cos >= 0.999
     losses = [float(x) for x in re.findall(r"loss ([\d.]+)", out)]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("trainer", ["hf", "lightning"])
+def test_trainer_callbacks(trainer):
+    pytest.importorskip("transformers")
+    if trainer == "lightning":
+        pytest.importorskip("pytorch_lightning")
+    out = run("trainer_callbacks.py", "--trainer", trainer, "--steps", "10")
+    assert "warning: torch-mesa: resuming from" in out  # the callback was handed 4 bits
+    resumed = re.search(r"resumed run: continued to step (\d+) with (MesaConfig\(.*\))", out)
+    assert resumed and int(resumed.group(1)) == 10
+    assert "bits=8" in resumed.group(2) and "range_estimate='running'" in resumed.group(2)
+    if trainer == "hf":
+        assert "mesa_config.json" in out and "mesa_ranges.pt" in out
