@@ -51,9 +51,11 @@ class Rule:
 
 # torch.nn's smooth activations beyond GELU/SiLU (which convert by class):
 # their forward is run exactly and recomputed in backward from the kept
-# input. Piecewise ones with kinks (Hardswish, Hardsigmoid, ReLU6, Hardtanh,
-# LeakyReLU) stay exact: near a kink a quantized input takes the wrong branch
-# of the derivative (LeViT's stem: gradient cosine 0.9989 when converted).
+# input. Piecewise ones with kinks must not be recomputed from a quantized
+# input (near a kink it takes the wrong branch: LeViT's stem gave cosine
+# 0.9989 that way): ReLU6, Hardswish, Hardsigmoid and LeakyReLU have ops of
+# their own that keep which piece applies exactly (nn.modules); Hardtanh
+# stays exact.
 _TORCH_ACTIVATIONS = tuple(
     Rule("torch.nn.modules.activation", name, "unary", "torch.nn")
     for name in ("Sigmoid", "Tanh", "Mish", "ELU", "CELU", "SELU", "Softplus")

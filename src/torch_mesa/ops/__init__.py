@@ -9,7 +9,9 @@ PyTorch op: no cost, identical results.
 """
 
 from ..quant.running import RangeStates
-from .activation import clamp, dropout, gated, gelu, mul, relu, sigmoid, silu, tanh
+from .activation import (clamp, dropout, gated, gelu, hardsigmoid, hardswish, leaky_relu, mul, relu, relu6, sigmoid,
+                         silu, tanh)
+from .conv import batch_norm, conv
 from .attention import baddbmm, einsum, matmul, scaled_dot_product_attention, softmax
 from .linear import linear
 from .loss import linear_cross_entropy
@@ -19,18 +21,24 @@ from .recompute import recompute
 __all__ = [
     "RangeStates",
     "baddbmm",
+    "batch_norm",
+    "conv",
     "clamp",
     "dropout",
     "einsum",
     "gated",
     "gelu",
+    "hardsigmoid",
+    "hardswish",
     "layer_norm",
+    "leaky_relu",
     "linear",
     "linear_cross_entropy",
     "matmul",
     "mul",
     "recompute",
     "relu",
+    "relu6",
     "rms_norm",
     "scaled_dot_product_attention",
     "sigmoid",

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .. import quant
 from ..config import QuantSpec
 from ..quant.running import RangeStates
-from .recipes import combined, derived, keep, kept_of, quantized
+from .recipes import combined, derived, exact, keep, kept_of, quantized
 from .replay import AutocastState
 from .saving import as_spec, fresh, load, needs_saving, no_double_backward, run_with_kept, save
 
@@ -117,14 +117,105 @@ class _ReluFn(torch.autograd.Function):
     def forward(ctx, x, spec: QuantSpec, states):
         out = torch.relu(x)
         _save_mask(ctx, x > 0)
-        if spec.keep_once:
-            running = states.get(spec, "output") if states is not None else None
-            ctx.mesa_out = quantized(out, spec, op="activation", running=running)
+        ctx.mesa_out = _output_recipe(out, spec, states)
         return fresh(out, x)
 
     @staticmethod
     def backward(ctx, grad_out):
         return _masked_grad(ctx, grad_out), None, None
+
+
+def _output_recipe(out: Tensor, spec: QuantSpec, states):
+    """The quantized output a consuming Linear or convolution keeps instead
+    of a copy of its own (shared by all consumers). 4- and 5-D outputs are
+    taken as ``(N, C, *spatial)`` feature maps, with ranges per channel."""
+    if not spec.keep_once:
+        return None
+    running = states.get(spec, "output") if states is not None else None
+    return quantized(out, spec, op="activation", running=running, channels_first=out.dim() in (4, 5))
+
+
+# Piecewise-linear activations: where each piece applies is kept exactly
+# (1 bit per element and boundary), so a quantized value can never take the
+# wrong branch at a kink; only Hardswish's middle piece, whose slope depends
+# on the input, also keeps the input quantized.
+_PIECEWISE = {
+    "relu6": F.relu6,
+    "hardsigmoid": F.hardsigmoid,
+    "hardswish": F.hardswish,
+    "leaky_relu": F.leaky_relu,
+}
+
+
+class _PiecewiseFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kind: str, slope: float, spec: QuantSpec, states):
+        out = _PIECEWISE[kind](x, slope) if kind == "leaky_relu" else _PIECEWISE[kind](x)
+        if kind == "relu6":
+            masks = [(x > 0) & (x < 6)]
+        elif kind == "hardsigmoid":
+            masks = [(x > -3) & (x < 3)]
+        elif kind == "leaky_relu":
+            masks = [x > 0]
+        else:  # hardswish: 0 below -3, x / 3 + 1/2 in [-3, 3], 1 above 3
+            masks = [x >= -3, x > 3]
+        ctx.shape = tuple(x.shape)
+        packed = [quant.reference.pack_bits(m) for m in masks]
+        kept = None
+        if kind == "hardswish":
+            running = states.get(spec, "input") if states is not None else None
+            kept = keep(x, spec, op="activation", running=running, channels_first=x.dim() in (4, 5))
+        save(ctx, *[exact(p) for p in packed], kept)
+        ctx.kind, ctx.slope, ctx.n_masks = kind, slope, len(masks)
+        ctx.mesa_out = _output_recipe(out, spec, states)
+        return fresh(out, x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        loaded = load(ctx)
+        masks = [quant.reference.unpack_bits(p, ctx.shape) for p in loaded[:ctx.n_masks]]
+        kind = ctx.kind
+        if kind == "relu6":
+            g = grad_out * masks[0]
+        elif kind == "hardsigmoid":
+            g = torch.where(masks[0], grad_out * (1.0 / 6.0), torch.zeros_like(grad_out))
+        elif kind == "leaky_relu":
+            g = grad_out * torch.where(masks[0], 1.0, ctx.slope).to(grad_out.dtype)
+        else:
+            x = loaded[-1]
+            mid = masks[0] & ~masks[1]
+            slope = torch.where(mid, x.to(grad_out.dtype) / 3 + 0.5, masks[1].to(grad_out.dtype))
+            g = grad_out * slope
+        return g, None, None, None, None
+
+
+def _piecewise(kind: str, x: Tensor, slope: float, config, states) -> Tensor:
+    spec = as_spec(config)
+    if spec is None or not needs_saving(x) or not x.is_floating_point():
+        return _PIECEWISE[kind](x, slope) if kind == "leaky_relu" else _PIECEWISE[kind](x)
+    return run_with_kept(_PiecewiseFn, x, kind, float(slope), spec, states)
+
+
+def relu6(x: Tensor, *, config=None, states: Optional[RangeStates] = None) -> Tensor:
+    """``F.relu6`` keeping a 1-bit mask of its linear piece (exact)."""
+    return _piecewise("relu6", x, 0.0, config, states)
+
+
+def hardsigmoid(x: Tensor, *, config=None, states: Optional[RangeStates] = None) -> Tensor:
+    """``F.hardsigmoid`` keeping a 1-bit mask of its linear piece (exact)."""
+    return _piecewise("hardsigmoid", x, 0.0, config, states)
+
+
+def leaky_relu(x: Tensor, negative_slope: float = 0.01, *, config=None,
+               states: Optional[RangeStates] = None) -> Tensor:
+    """``F.leaky_relu`` keeping a 1-bit sign mask (exact)."""
+    return _piecewise("leaky_relu", x, negative_slope, config, states)
+
+
+def hardswish(x: Tensor, *, config=None, states: Optional[RangeStates] = None) -> Tensor:
+    """``F.hardswish`` keeping which piece each element is on (2 bits,
+    exact) and its input quantized (the middle piece's slope)."""
+    return _piecewise("hardswish", x, 0.0, config, states)
 
 
 def relu(x: Tensor, *, config=None, states: Optional[RangeStates] = None) -> Tensor:

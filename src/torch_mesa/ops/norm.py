@@ -55,7 +55,7 @@ def layer_norm(
     if spec is None or not needs_saving(x, weight, bias):
         return F.layer_norm(x, shape, weight, bias, eps)
     fn = functools.partial(_layer_norm, shape=shape, eps=eps)
-    return run_with_kept(RecomputeFn, x, spec, states, fn, True, "norm", weight, bias)
+    return run_with_kept(RecomputeFn, x, spec, states, fn, True, "norm", False, None, weight, bias)
 
 
 def rms_norm(
@@ -73,4 +73,4 @@ def rms_norm(
     if spec is None or not needs_saving(x, weight):
         return F.rms_norm(x, shape, weight, eps)
     fn = functools.partial(_rms_norm, shape=shape, eps=eps)
-    return run_with_kept(RecomputeFn, x, spec, states, fn, True, "norm", weight)
+    return run_with_kept(RecomputeFn, x, spec, states, fn, True, "norm", False, None, weight)

@@ -85,7 +85,7 @@ def exact(x: Optional[Tensor]) -> Recipe:
 
 
 # Op kinds, for per-op error breakdowns (torch_mesa.verify): what each op keeps.
-OP_KINDS = ("linear", "norm", "activation", "gated", "product", "softmax", "matmul", "attention")
+OP_KINDS = ("linear", "conv", "norm", "activation", "gated", "product", "softmax", "matmul", "attention")
 _exact_ops: ContextVar[FrozenSet[str]] = ContextVar("torch_mesa_exact_ops", default=frozenset())
 _seen_ops: ContextVar[Optional[Set[str]]] = ContextVar("torch_mesa_seen_ops", default=None)
 
@@ -151,7 +151,8 @@ def _rebuild_rotated(tensors: Sequence[Tensor], *, layout: quant.Layout, dim: in
 
 
 def quantized(x: Tensor, spec: QuantSpec, *, op: str, heads: bool = False, rows: bool = False,
-              running: Optional[quant.RunningRange] = None, rotate: Optional[int] = None) -> Recipe:
+              running: Optional[quant.RunningRange] = None, rotate: Optional[int] = None,
+              channels_first: bool = False) -> Recipe:
     """A quantized copy of ``x`` kept by an op of kind ``op`` (see :func:`keep`
     for the other arguments). ``rotate``: the dimension (-1 or -2) along which
     ``x`` is a query or key of attention; with ``spec.qk_rotation`` it is kept
@@ -169,6 +170,12 @@ def quantized(x: Tensor, spec: QuantSpec, *, op: str, heads: bool = False, rows:
         inner = quantized(xr, spec, op=op, heads=heads, running=running)
         return Recipe(inner.tensors, functools.partial(_rebuild_rotated, layout=inner.rebuild.keywords["layout"],
                                                        dim=rotate, dtype=x.dtype))
+    if channels_first and x.dim() >= 3:
+        # (N, C, *spatial): ranges per channel group along dim 1, over the
+        # batch and every position (convolutions, batch norms)
+        tensors, layout = quant.compress(x, spec.bits, (1,), spec.group_size, spec.stochastic, running,
+                                         spec.kernel, rows=None)
+        return Recipe(tensors, functools.partial(_rebuild_quantized, layout=layout))
     axes, group_size = (-1,), spec.group_size
     if heads and spec.head_wise and x.dim() >= 3:
         # Ranges never shared across heads; within a head, group_size channels
@@ -206,19 +213,23 @@ def keep(
     rows: bool = False,
     running: Optional[quant.RunningRange] = None,
     rotate: Optional[int] = None,
+    channels_first: bool = False,
 ) -> Recipe:
     """How to keep input ``x``: the producer's attachment if it has a valid one,
     else a quantized copy. ``op``: the kind of op keeping it (one of
     :data:`OP_KINDS`). ``heads``: ``x`` has a head dimension at -3
     (``(B, H, N, D)``) and, with ``spec.head_wise``, gets one range per head.
     ``rows``: quantize each row relative to its own centre and width (inputs
-    of normalisation layers, which would amplify the error of small rows)."""
+    of normalisation layers, which would amplify the error of small rows).
+    ``channels_first``: ``x`` is ``(N, C, *spatial)``, ranges per channel
+    along dim 1 (convolutions, batch norms)."""
     if is_weight(x):
         return exact(x)
     kept = kept_of(x) if spec.keep_once else None
     if kept is not None:
         return kept
-    return quantized(x, spec, op=op, heads=heads, rows=rows, running=running, rotate=rotate)
+    return quantized(x, spec, op=op, heads=heads, rows=rows, running=running, rotate=rotate,
+                     channels_first=channels_first)
 
 
 def kept_of(x) -> Optional[Recipe]:

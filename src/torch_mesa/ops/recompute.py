@@ -35,11 +35,11 @@ class RecomputeFn(torch.autograd.Function):
     """``fn(x, *params)``; keeps ``x`` compressed and ``params`` as they are."""
 
     @staticmethod
-    def forward(ctx, x, spec: QuantSpec, states, fn, rows: bool, op: str, *params):
-        out = fn(x, *params)
+    def forward(ctx, x, spec: QuantSpec, states, fn, rows: bool, op: str, channels_first: bool, forward, *params):
+        out = fn(x, *params) if forward is None else forward()
         autocast = AutocastState(x.device.type)
         running = states.get(spec, "input") if states is not None else None
-        kept = keep(x, spec, op=op, rows=rows, running=running)
+        kept = keep(x, spec, op=op, rows=rows, running=running, channels_first=channels_first)
         save(ctx, kept, *[exact(p) for p in params])
         # Parameters are differentiated as the objects themselves: a module's
         # forward reaches them through its attributes, and what comes back
@@ -55,9 +55,9 @@ class RecomputeFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, *loaded = load(ctx)
         params = [ref if ref is not None else t for ref, t in zip(ctx.param_refs, loaded)]
-        needs = [ctx.needs_input_grad[0]] + list(ctx.needs_input_grad[6:])
+        needs = [ctx.needs_input_grad[0]] + list(ctx.needs_input_grad[8:])
         grads = grad_by_recompute(ctx.fn, [x, *params], needs, grad_out, ctx.autocast)
-        return (grads[0], None, None, None, None, None, *grads[1:])
+        return (grads[0], None, None, None, None, None, None, None, *grads[1:])
 
 
 def recompute(
@@ -69,6 +69,8 @@ def recompute(
     op: Optional[str] = None,
     config=None,
     states: Optional[RangeStates] = None,
+    channels_first: bool = False,
+    forward: Optional[Callable[[], Tensor]] = None,
 ) -> Tensor:
     """``fn(x, *params)`` keeping only ``x`` (compressed) for backward.
 
@@ -76,13 +78,17 @@ def recompute(
     and must return one tensor; ``params`` are the tensors it differentiates
     besides ``x`` (a module's parameters when ``fn`` is its forward). ``op``:
     the kind of op for per-op error breakdowns (default "norm" with ``rows``,
-    else "activation").
+    else "activation"). ``channels_first``: ``x`` is ``(N, C, *spatial)``,
+    kept with ranges per channel (dim 1). ``forward``: computes the output
+    instead of ``fn(x, *params)`` (an op with side effects done once, such as
+    a batch norm's running statistics; ``fn`` must compute the same output
+    without them).
     """
     spec = as_spec(config)
     if spec is None or not needs_saving(x, *params):
-        return fn(x, *params)
+        return fn(x, *params) if forward is None else forward()
     op = op or ("norm" if rows else "activation")
-    out = run_with_kept(RecomputeFn, x, spec, states, fn, rows, op, *params)
+    out = run_with_kept(RecomputeFn, x, spec, states, fn, rows, op, channels_first, forward, *params)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"recompute(): fn must return one tensor, got {type(out).__name__}")
     return out

@@ -233,6 +233,21 @@ def _unary(op):
     return handler
 
 
+def _conv(spec, states, args, kwargs):
+    a = _args(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args, kwargs)
+    if isinstance(a, Fallback):
+        return a
+    return ops.conv(a["input"], a["weight"], a.get("bias"), a.get("stride", 1), a.get("padding", 0),
+                    a.get("dilation", 1), a.get("groups", 1), config=spec, states=states)
+
+
+def _leaky_relu(spec, states, args, kwargs):
+    a = _args(("input", "negative_slope", "inplace"), args, kwargs, inplace=bool)
+    if isinstance(a, Fallback):
+        return a
+    return ops.leaky_relu(a["input"], a.get("negative_slope", 0.01), config=spec, states=states)
+
+
 def _number(v) -> bool:
     return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
 
@@ -280,6 +295,13 @@ def handlers() -> Dict[Callable, Callable]:
         F.normalize: _normalize,
         F.silu: _silu,
         F.dropout: _dropout,
+        F.conv1d: _conv,
+        F.conv2d: _conv,
+        F.conv3d: _conv,
+        F.relu6: _unary(ops.relu6),
+        F.hardswish: _unary(ops.hardswish),
+        F.hardsigmoid: _unary(ops.hardsigmoid),
+        F.leaky_relu: _leaky_relu,
         F.relu: _unary(ops.relu),
         torch.relu: _unary(ops.relu),
         torch.Tensor.relu: _unary(ops.relu),

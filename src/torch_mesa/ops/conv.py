@@ -1,0 +1,166 @@
+"""Convolutions and batch norms with a compressed input kept for backward.
+
+``conv(x, weight, bias, stride, padding, dilation, groups)`` (1-, 2- or 3-D,
+by the weight's rank) runs ``F.conv{1,2,3}d`` exactly and keeps its input
+(for the weight's gradient only; nothing when the weight is frozen) as
+8/4/2-bit codes with one range per input channel, over the batch and every
+position; or, when the input is a converted op's output (a ReLU after a
+batch norm), nothing new: that op's kept tensors. Backward is PyTorch's own
+``convolution_backward`` with the rebuilt input, in the dtype the forward
+ran in (the autocast dtype under autocast): the input's gradient needs only
+the weight, so the input's compression touches the weight's gradient only.
+
+``batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
+eps)`` runs ``F.batch_norm`` exactly (batch statistics and the running
+statistics' update as PyTorch does them, once) and keeps its input
+compressed per channel; backward recomputes the normalisation from the
+rebuilt input (with its own batch statistics in training mode) for autograd
+to differentiate, as LayerNorm does here.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..config import QuantSpec
+from ..quant.running import RangeStates
+from .recipes import exact, keep
+from .recompute import recompute
+from .saving import as_spec, fresh, load, needs_saving, save
+
+Tensor = torch.Tensor
+
+__all__ = ["conv", "batch_norm"]
+
+_CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+
+
+def _tuple(v, n: int):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def explicit_padding(padding, weight: Tensor, dilation) -> Optional[tuple]:
+    """``padding`` as one int per spatial dim, or None where it is not
+    symmetric (``"same"`` with an even effective kernel)."""
+    n = weight.dim() - 2
+    if padding == "valid":
+        return (0,) * n
+    if padding == "same":
+        d = _tuple(dilation, n)
+        total = [d[i] * (weight.shape[2 + i] - 1) for i in range(n)]
+        if any(t % 2 for t in total):
+            return None
+        return tuple(t // 2 for t in total)
+    return _tuple(padding, n)
+
+
+class _ConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, spec: QuantSpec,
+                states: Optional[RangeStates]):
+        out = _CONV[weight.dim()](x, weight, bias, stride, padding, dilation, groups)
+        running = states.get(spec, "input") if states is not None else None
+        kept_x = keep(x, spec, op="conv", running=running, channels_first=True) if ctx.needs_input_grad[1] else None
+        save(ctx, kept_x, exact(weight))
+        ctx.conf = (stride, padding, dilation, groups)
+        ctx.x_shape, ctx.x_dtype, ctx.compute_dtype = x.shape, x.dtype, out.dtype
+        ctx.has_bias = bias is not None
+        return fresh(out, x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = load(ctx)
+        stride, padding, dilation, groups = ctx.conf
+        cd = ctx.compute_dtype
+        n = weight.dim() - 2
+        need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        g = grad_out.to(cd)
+        xin = x.to(cd) if x is not None else torch.empty(ctx.x_shape, dtype=cd, device=g.device).as_strided(
+            ctx.x_shape, [0] * len(ctx.x_shape))  # only its shape matters for the input's gradient
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            g, xin, weight.to(cd), [weight.shape[0]] if ctx.has_bias else None,
+            _tuple(stride, n), _tuple(padding, n), _tuple(dilation, n), False, (0,) * n, groups, need)
+        return (gx.to(ctx.x_dtype) if need[0] else None, gw.to(weight.dtype) if need[1] else None,
+                gb.to(weight.dtype) if need[2] else None, None, None, None, None, None, None)
+
+
+def conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: Union[int, Sequence[int]] = 1,
+    padding: Union[int, Sequence[int], str] = 0,
+    dilation: Union[int, Sequence[int]] = 1,
+    groups: int = 1,
+    *,
+    config=None,
+    states: Optional[RangeStates] = None,
+) -> Tensor:
+    """``F.conv1d/2d/3d`` (by ``weight.dim()``) keeping its input compressed
+    per channel. ``padding="same"`` with an even effective kernel (PyTorch
+    pads it unevenly) runs as PyTorch runs it."""
+    spec = as_spec(config)
+    fn = _CONV.get(weight.dim())
+    if fn is None:
+        raise ValueError(f"conv: weight of rank {weight.dim()}; expected 3, 4 or 5 (1-, 2- or 3-D)")
+    pad = explicit_padding(padding, weight, dilation)
+    if spec is None or pad is None or x.dim() != weight.dim() or not needs_saving(x, weight, bias):
+        return fn(x, weight, bias, stride, padding, dilation, groups)
+    return _ConvFn.apply(x, weight, bias, stride, pad, dilation, groups, spec, states)
+
+
+# A batch norm over fewer values per channel runs as PyTorch runs it: its
+# statistics, from so few values, amplify any error of the rebuilt input
+# (LeViT's heads normalise a batch of 4 pooled vectors: converted, the
+# gradients upstream fell to cosine -0.3), and what it keeps is small.
+_MIN_PER_CHANNEL = 64
+
+
+def _batch_norm_train(x, weight, bias, *, eps):
+    return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+
+
+def _batch_norm_eval(x, weight, bias, *, mean, var, eps):
+    return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+
+def batch_norm(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    config=None,
+    states: Optional[RangeStates] = None,
+) -> Tensor:
+    """``F.batch_norm`` keeping its input compressed per channel (dim 1).
+
+    The forward is PyTorch's, updating the running statistics once; the
+    backward differentiates the same normalisation of the rebuilt input
+    (batch statistics in training mode, the running ones, as constants,
+    in eval mode). Fewer than 64 values per channel: PyTorch's own, exact.
+    """
+    spec = as_spec(config)
+    if (spec is None or x.dim() < 2 or x.numel() < _MIN_PER_CHANNEL * x.shape[1]
+            or not needs_saving(x, weight, bias)):
+        return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    if training:
+        fn = functools.partial(_batch_norm_train, eps=eps)
+    else:
+        fn = functools.partial(_batch_norm_eval, mean=running_mean.detach().clone(),
+                               var=running_var.detach().clone(), eps=eps)
+    # The exact forward (updates the running statistics), then the kept input
+    # and the recompute recipe from recompute(); its own forward output is
+    # discarded in favour of PyTorch's.
+    out = recompute(fn, x, (weight, bias), op="norm", config=spec, states=states, channels_first=True,
+                    forward=lambda: F.batch_norm(x, running_mean, running_var, weight, bias, training,
+                                                 momentum, eps))
+    return out
