@@ -292,5 +292,71 @@ class MesaConfig:
             raise ValueError(f"unknown MesaConfig field(s) {unknown}; allowed: {sorted(known)}")
         return cls(**dict(d))
 
+    @classmethod
+    def from_mesa_policy(cls, path: Any, model: Any, *, base: Optional["MesaConfig"] = None) -> "MesaConfig":
+        """A config that does on ``model`` what a policy file of the original
+        Mesa did (``ms.policy.deploy_on_init(model, path)``)::
+
+            cfg = MesaConfig.from_mesa_policy("policy.txt", model)
+            torch_mesa.compress_(model, cfg)
+
+        The file is read as Mesa's ``read_policy`` reads it: ``on <tag>:``
+        sections (``#`` comments; a later section for the same tag replaces
+        an earlier one); in a section, ``by_index: all`` or ``by_index: 1 2``
+        (optionally ``by_tag``) opens a block and the ``enable``/``level``/
+        ``ema_decay`` lines after it apply to those layers; later blocks
+        override earlier ones. Layer ``i`` of a tag is the ``i``-th module of
+        that tag in ``model.modules()`` order
+        (:func:`torch_mesa.mesa_policy.mesa_layers` lists them): ``fc``
+        nn.Linear (and subclasses, GPT-2's Conv1D), ``conv`` nn.Conv1d/2d/3d,
+        ``bn`` nn.BatchNorm1d/2d/3d, ``relu`` nn.ReLU, ``layernorm``
+        nn.LayerNorm, ``gelu`` nn.GELU and GELU-named activation classes;
+        ``softmax`` each nn.Softmax and each innermost attention module
+        (class name ending in "Attention") without one, ``matmul`` two per
+        attention module (``q @ k^T``, ``attn @ v``): softmax and matmul are
+        calls the attention module makes, routed with its one setting.
+
+        The result is ``base`` (default ``MesaConfig()``) with one exact-name
+        policy entry per layer of those tags appended to ``base.policy``:
+        ``None`` (exact) where the file does not enable the layer (Mesa's
+        layers start disabled), else ``bits`` from ``level`` (256 -> 8,
+        16 -> 4, 4 -> 2; ``base.bits``, or 8, when not given) and
+        ``range_estimate="running", momentum=ema_decay`` where ``ema_decay``
+        is given (``base``'s range estimate otherwise). Everything Mesa had
+        no tag for (dropout, SiLU, RMSNorm, other modules' calls) and the
+        other fields (``group_size``, ``head_wise``, ``rounding``...) follow
+        ``base``: ``base=MesaConfig(bits=None)`` compresses only what the
+        file enables.
+
+        Quantization groups are not in the file: Mesa's ``quant_groups``
+        (``ms.policy.convert_by_num_groups(model, g)``) split each tensor's
+        channels into ``g`` contiguous groups with one range each (attention
+        tensors: along heads, so ``g = num_heads`` is one range per head);
+        ``convert_by_group_size(model, s)`` gave Linear/LayerNorm/Conv2d/
+        BatchNorm2d inputs groups of ``s`` channels. torch-mesa's
+        ``group_size`` is the channels per range: ``convert_by_group_size(m,
+        s)`` is ``base=MesaConfig(group_size=s)``, ``g`` groups of a
+        ``C``-channel tensor are ``group_size=C // g``, one range per tensor
+        is ``group_size=None``, and ``head_wise=True`` (the default) keeps one
+        range per head for attention tensors. The default ``group_size=1``
+        (one range per channel) is finer than any Mesa setting.
+
+        Raises:
+            FileNotFoundError: ``path`` is not a file.
+            torch_mesa.mesa_policy.MesaPolicyError (a ValueError): with the
+                file and line: a malformed line, an unknown tag, a bad value,
+                a level other than 256/16/4, an index out of range for this
+                model (the message says how many layers of the tag it has),
+                a key Mesa applied that has no counterpart (``quant_groups``),
+                or layers torch-mesa keeps with one setting given different
+                ones. Keys Mesa itself ignored (``fp_forward``, ``stable``...)
+                and Mesa's other silent no-ops only warn.
+
+        See ``docs/mesa_policy.md``.
+        """
+        from .mesa_policy import config_from_mesa_policy
+
+        return config_from_mesa_policy(path, model, base=base, _stacklevel=3)
+
     def replace(self, **changes: Any) -> "MesaConfig":
         return dataclasses.replace(self, **changes)
