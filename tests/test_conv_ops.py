@@ -184,3 +184,39 @@ def test_batch_norm_small_batches_run_exactly():
     w = torch.ones(16, requires_grad=True)
     out = ops.batch_norm(x, None, None, w, None, True)
     assert out.grad_fn.name() == F.batch_norm(x, None, None, w, None, True).grad_fn.name()
+
+
+@pytest.mark.parametrize("conf", [dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=2),
+                                  dict(kernel_size=3, stride=2, ceil_mode=True), dict(kernel_size=3, dilation=2)])
+def test_max_pool2d_keeps_positions_only(conf):
+    x = torch.randn(4, 6, 15, 15, requires_grad=True)
+    ref = F.max_pool2d(x, **conf)
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        out = ops.max_pool2d(x, **conf)
+    assert torch.equal(out, ref)
+    assert sum(sizes) == out.numel() * 2  # int16 positions, nothing of the input
+    (g,), (r,) = _grads(out, (x,)), _grads(ref, (x,))
+    assert torch.equal(g, r)
+
+
+def test_inplace_relu_converts():
+    """ReLU(inplace=True), as ResNets write it: the same tensor is overwritten,
+    a 1-bit mask kept, and the next convolution keeps the output once."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
+    conv = copy.deepcopy(model)
+    assert torch_mesa.compress_(conv).counts() == {"Conv2d": 2, "ReLU": 2, "MaxPool2d": 1, "Linear": 1}
+    x = torch.randn(4, 3, 16, 16)
+    a, b = model(x), conv(x)
+    assert torch.equal(a, b)
+    a.square().mean().backward()
+    b.square().mean().backward()
+    for p, q in zip(model.parameters(), conv.parameters()):
+        assert cosine(q.grad, p.grad) >= 0.999
+    assert torch_mesa.measure(conv, x).total_bytes < 0.3 * torch_mesa.measure(model, x).total_bytes
+    leaf = torch.randn(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf"):  # as PyTorch refuses it
+        ops.relu(leaf, inplace=True)

@@ -79,9 +79,7 @@ class MesaSiLU(MesaModule, nn.SiLU):
 
 class MesaReLU(MesaModule, nn.ReLU):
     def forward(self, input: Tensor) -> Tensor:
-        if self.inplace:  # it overwrites its input: PyTorch's own, exact
-            return F.relu(input, inplace=True)
-        return ops.relu(input, config=self._spec, states=self.mesa_states)
+        return ops.relu(input, inplace=self.inplace, config=self._spec, states=self.mesa_states)
 
 
 class MesaSoftmax(MesaModule, nn.Softmax):
@@ -154,23 +152,32 @@ class MesaBatchNorm3d(_MesaBatchNorm, nn.BatchNorm3d):
 
 class _MesaPiecewise(MesaModule):
     _op = None
+    _torch = None  # the torch.nn class
 
     def forward(self, input: Tensor) -> Tensor:
         if getattr(self, "inplace", False):  # it overwrites its input: PyTorch's own, exact
-            return type(self).__mro__[2].forward(self, input)
+            return type(self)._torch.forward(self, input)
         return type(self)._op(input, config=self._spec, states=self.mesa_states)
 
 
 class MesaReLU6(_MesaPiecewise, nn.ReLU6):
-    _op = staticmethod(ops.relu6)
+    _op, _torch = staticmethod(ops.relu6), nn.ReLU6
 
 
 class MesaHardswish(_MesaPiecewise, nn.Hardswish):
-    _op = staticmethod(ops.hardswish)
+    _op, _torch = staticmethod(ops.hardswish), nn.Hardswish
 
 
 class MesaHardsigmoid(_MesaPiecewise, nn.Hardsigmoid):
-    _op = staticmethod(ops.hardsigmoid)
+    _op, _torch = staticmethod(ops.hardsigmoid), nn.Hardsigmoid
+
+
+class MesaMaxPool2d(MesaModule, nn.MaxPool2d):
+    def forward(self, input: Tensor) -> Tensor:
+        if self.return_indices:
+            return super().forward(input)
+        return ops.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode,
+                              config=self._spec)
 
 
 class MesaLeakyReLU(MesaModule, nn.LeakyReLU):
@@ -184,6 +191,7 @@ CONVERTIBLE: Dict[Type[nn.Module], Type[nn.Module]] = {
     nn.Conv1d: MesaConv1d,
     nn.Conv2d: MesaConv2d,
     nn.Conv3d: MesaConv3d,
+    nn.MaxPool2d: MesaMaxPool2d,
     nn.ReLU6: MesaReLU6,
     nn.Hardswish: MesaHardswish,
     nn.Hardsigmoid: MesaHardsigmoid,

@@ -11,7 +11,7 @@ PyTorch op: no cost, identical results.
 from ..quant.running import RangeStates
 from .activation import (clamp, dropout, gated, gelu, hardsigmoid, hardswish, leaky_relu, mul, relu, relu6, sigmoid,
                          silu, tanh)
-from .conv import batch_norm, conv
+from .conv import batch_norm, conv, max_pool2d
 from .attention import baddbmm, einsum, matmul, scaled_dot_product_attention, softmax
 from .linear import linear
 from .loss import linear_cross_entropy
@@ -35,6 +35,7 @@ __all__ = [
     "linear",
     "linear_cross_entropy",
     "matmul",
+    "max_pool2d",
     "mul",
     "recompute",
     "relu",

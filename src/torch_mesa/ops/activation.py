@@ -114,15 +114,19 @@ class _ReluFn(torch.autograd.Function):
     not the input: an input may hold -inf by design (a masked score)."""
 
     @staticmethod
-    def forward(ctx, x, spec: QuantSpec, states):
-        out = torch.relu(x)
+    def forward(ctx, x, spec: QuantSpec, states, inplace: bool):
         _save_mask(ctx, x > 0)
+        if inplace:  # ReLU(inplace=True): the same tensor, overwritten
+            out = x.relu_()
+            ctx.mark_dirty(x)
+        else:
+            out = torch.relu(x)
         ctx.mesa_out = _output_recipe(out, spec, states)
-        return fresh(out, x)
+        return out if inplace else fresh(out, x)
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _masked_grad(ctx, grad_out), None, None
+        return _masked_grad(ctx, grad_out), None, None, None
 
 
 def _output_recipe(out: Tensor, spec: QuantSpec, states):
@@ -218,13 +222,14 @@ def hardswish(x: Tensor, *, config=None, states: Optional[RangeStates] = None) -
     return _piecewise("hardswish", x, 0.0, config, states)
 
 
-def relu(x: Tensor, *, config=None, states: Optional[RangeStates] = None) -> Tensor:
-    """``torch.relu`` keeping a 1-bit mask for its own backward; its output
-    is rebuilt for the next layer from the input quantized."""
+def relu(x: Tensor, *, inplace: bool = False, config=None, states: Optional[RangeStates] = None) -> Tensor:
+    """``torch.relu`` (``relu_`` with ``inplace``) keeping a 1-bit mask for
+    its own backward; its output is rebuilt for the next layer from the
+    output quantized."""
     spec = as_spec(config)
     if spec is None or not needs_saving(x):
-        return torch.relu(x)
-    return run_with_kept(_ReluFn, x, spec, states)
+        return torch.relu_(x) if inplace else torch.relu(x)
+    return run_with_kept(_ReluFn, x, spec, states, bool(inplace))
 
 
 _SATURATING = {

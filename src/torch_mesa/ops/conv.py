@@ -34,7 +34,7 @@ from .saving import as_spec, fresh, load, needs_saving, save
 
 Tensor = torch.Tensor
 
-__all__ = ["conv", "batch_norm"]
+__all__ = ["conv", "batch_norm", "max_pool2d"]
 
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
@@ -164,3 +164,43 @@ def batch_norm(
                     forward=lambda: F.batch_norm(x, running_mean, running_var, weight, bias, training,
                                                  momentum, eps))
     return out
+
+
+def _pair(v):
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+class _MaxPool2dFn(torch.autograd.Function):
+    """Keeps where each maximum came from (its index in the input plane, in
+    the smallest integer type that holds it), not the input: backward only
+    routes each gradient back to its position."""
+
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode):
+        out, idx = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
+        plane = x.shape[-1] * x.shape[-2]
+        small = torch.int16 if plane <= torch.iinfo(torch.int16).max else torch.int32
+        save(ctx, exact(idx.to(small)))
+        ctx.conf = (_pair(kernel_size), _pair(stride if stride else kernel_size), _pair(padding), _pair(dilation),
+                    ceil_mode)
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (idx,) = load(ctx)
+        k, s, p, d, ceil = ctx.conf
+        shape_only = torch.empty((), dtype=grad_out.dtype, device=grad_out.device).expand(ctx.x_shape)
+        gx = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, shape_only, k, s, p, d, ceil,
+                                                             idx.to(torch.int64))
+        return gx.to(ctx.x_dtype), None, None, None, None, None
+
+
+def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False, *,
+               config=None) -> Tensor:
+    """``F.max_pool2d`` keeping the maxima's positions (2 or 4 bytes per
+    output) instead of the input and 8-byte indices: exact, any ``bits``."""
+    spec = as_spec(config)
+    if spec is None or x.dim() != 4 or not needs_saving(x):
+        return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    return _MaxPool2dFn.apply(x, kernel_size, stride, padding, dilation, ceil_mode)

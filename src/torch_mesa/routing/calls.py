@@ -241,6 +241,25 @@ def _conv(spec, states, args, kwargs):
                     a.get("dilation", 1), a.get("groups", 1), config=spec, states=states)
 
 
+def _relu(spec, states, args, kwargs):
+    a = _args(("input", "inplace"), args, kwargs)
+    if isinstance(a, Fallback):
+        return a
+    x = a.get("input")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return NotImplemented
+    return ops.relu(x, inplace=bool(a.get("inplace", False)), config=spec, states=states)
+
+
+def _max_pool2d(spec, states, args, kwargs):
+    a = _args(("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"), args, kwargs,
+              return_indices=bool)
+    if isinstance(a, Fallback):
+        return a
+    return ops.max_pool2d(a["input"], a["kernel_size"], a.get("stride"), a.get("padding", 0), a.get("dilation", 1),
+                          a.get("ceil_mode", False), config=spec)
+
+
 def _leaky_relu(spec, states, args, kwargs):
     a = _args(("input", "negative_slope", "inplace"), args, kwargs, inplace=bool)
     if isinstance(a, Fallback):
@@ -298,11 +317,12 @@ def handlers() -> Dict[Callable, Callable]:
         F.conv1d: _conv,
         F.conv2d: _conv,
         F.conv3d: _conv,
+        F.max_pool2d: _max_pool2d,
         F.relu6: _unary(ops.relu6),
         F.hardswish: _unary(ops.hardswish),
         F.hardsigmoid: _unary(ops.hardsigmoid),
         F.leaky_relu: _leaky_relu,
-        F.relu: _unary(ops.relu),
+        F.relu: _relu,
         torch.relu: _unary(ops.relu),
         torch.Tensor.relu: _unary(ops.relu),
         torch.sigmoid: _unary(ops.sigmoid),
