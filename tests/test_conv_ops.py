@@ -162,7 +162,7 @@ def test_piecewise_modules_convert(name):
 @pytest.mark.parametrize("shape", [(256, 16), (32, 16, 10), (8, 16, 6, 6)], ids=["2d", "3d", "4d"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_batch_norm_op(shape, training):
-    """``ops.batch_norm`` (not used by conversion yet, see nn/modules.py):
+    """``ops.batch_norm`` (what conversion uses with ``batch_norm=True``):
     PyTorch's forward, running statistics updated once, gradients from the
     rebuilt input."""
     x = (with_outliers(*shape, seed=4) * 3 + 1).detach().requires_grad_()
@@ -220,3 +220,39 @@ def test_inplace_relu_converts():
     leaf = torch.randn(3, requires_grad=True)
     with pytest.raises(RuntimeError, match="leaf"):  # as PyTorch refuses it
         ops.relu(leaf, inplace=True)
+
+
+def _timm(name, batch):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10)
+    return model.train(), torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def test_batch_norm_on_request_resnet():
+    """ResNet-18 with batch norms converted too: forward and running
+    statistics identical, every gradient within the bar, and the bytes of
+    the batch norms' inputs gone."""
+    model, x = _timm("resnet18", 8)
+    report = torch_mesa.verify(model, x, config=MesaConfig(batch_norm=True), by_op=False)
+    assert report.ok, str(report)
+    assert report.conversion.counts()["BatchNorm2d"] == 20
+    default = torch_mesa.verify(model, x, by_op=False)
+    assert report.kept_converted < 0.6 * default.kept_converted
+    conv = copy.deepcopy(model)
+    torch_mesa.compress_(conv, MesaConfig(batch_norm=True))
+    conv(x), model(x)
+    for a, b in zip(conv.buffers(), model.buffers()):
+        assert torch.equal(a, b)
+
+
+def test_batch_norm_on_request_flagged_where_its_scale_is_undone():
+    """Why batch norms are exact by default: in MobileNetV3 a batch norm's
+    output reaches the loss through ReLU and a depthwise convolution into the
+    next batch norm, which undoes its scale; its weight's gradient is almost
+    0 (correlation 1e-7 between the upstream gradient and the normalised
+    input) and the rebuilt input's error dominates it. verify() says so."""
+    model, x = _timm("mobilenetv3_small_100", 8)
+    report = torch_mesa.verify(model, x, config=MesaConfig(batch_norm=True), by_op=False)
+    assert not report.ok and report.worst.name.endswith("bn1.weight")
+    assert torch_mesa.verify(model, x, by_op=False).ok

@@ -63,7 +63,9 @@ def test_report_lists_converted_and_skipped_layers():
     cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Hardtanh())
     report = compress_(cnn)
     reasons = {name: why for name, _, why in report.skipped}
-    assert reasons["1"].startswith("batch norms are not converted yet")
+    assert reasons["1"].startswith("batch norms convert with MesaConfig(batch_norm=True) only")
+    restore_(cnn)
+    assert compress_(cnn, MesaConfig(batch_norm=True)).counts() == {"Conv2d": 1, "BatchNorm2d": 1}
     assert reasons["2"] == "no torch-mesa op for this layer type"
 
 

@@ -226,6 +226,17 @@ def test_conv_bn_relu_tags():
     assert layers["conv"] == ["0", "3", "5"] and layers["bn"] == ["1", "4", "6"] and layers["relu"] == ["2"]
 
 
+def test_enabled_bn_layers_convert(tmp_path):
+    """Mesa compressed the batch norms a file enables: torch-mesa converts
+    exactly those (batch norms are otherwise exact by default)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    text = "on conv:\n  by_index: all\n  enable: True\non bn:\n  by_index: 0\n  enable: True\n"
+    cfg = _config(_file(tmp_path, text), model)
+    assert cfg.resolve("1").batch_norm and cfg.resolve("4") is None
+    report = torch_mesa.compress_(model, cfg)
+    assert report.plan["1"].endswith("converted (8 bits)") and "exact" in report.plan["4"]
+
+
 def test_several_tags_in_one_header(tmp_path):
     model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4))
     cfg = _config(_file(tmp_path, "on fc gelu:\n  by_index: 0\n  enable: True\n"), model)

@@ -201,6 +201,9 @@ def compress_(
             continue
         spec = config.resolve(name)
         target = CONVERTIBLE.get(kind)
+        if target is not None and issubclass(kind, nn.modules.batchnorm._BatchNorm) and (
+                spec is None or not spec.batch_norm):
+            target = None  # batch norms convert on request only (MesaConfig.batch_norm)
         family = integrations.match(module) if target is None else None
         if target is None and family is None:
             # Its functional calls are routed with its own spec (or none).
@@ -209,10 +212,10 @@ def compress_(
             report.plan[name] = tag + calls
             if not list(module.children()) and _worth_listing(module):
                 base = next((b for b in CONVERTIBLE if isinstance(module, b)), None)
-                if base is not None:
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    reason = "batch norms convert with MesaConfig(batch_norm=True) only (see its docstring)"
+                elif base is not None:
                     reason = f"subclass of nn.{base.__name__} with its own forward"
-                elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    reason = "batch norms are not converted yet (ops.batch_norm exists; see docs/design.md)"
                 else:
                     reason = "no torch-mesa op for this layer type"
                 report.skipped.append((name, kind.__name__, reason))

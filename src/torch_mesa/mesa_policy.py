@@ -517,11 +517,14 @@ def config_from_mesa_policy(path: Union[str, "os.PathLike[str]"], model: nn.Modu
         if any(r is None for _, _, r, _ in parts):
             mixed.append(f"{name or '<model>'} (" + ", ".join(f"{t} {i}: {d}" for t, i, _, d in parts) + ")")
         bits, ema = result
-        entries.append((_escape(name), {
+        overrides = {
             "bits": bits,
             "range_estimate": "running" if ema is not None else base.range_estimate,
             "momentum": ema if ema is not None else base.momentum,
-        }))
+        }
+        if any(t == "bn" for t, _, r, _ in parts if r is not None):
+            overrides["batch_norm"] = True  # Mesa compressed the batch norms the file enables
+        entries.append((_escape(name), overrides))
     if mixed:
         notes.append(
             f"{path}: softmax and matmul are calls of one attention module in torch-mesa, kept with "

@@ -118,12 +118,13 @@ class MesaConv3d(_MesaConvNd, nn.Conv3d):
     pass
 
 
-# Not in CONVERTIBLE yet: converted, EfficientFormerV2's BatchNormAct2d gave
-# a gradient cosine of 0.9947 on its own weight in the architecture sweep
-# (random init, 8 bits); batch norms stay exact until that is understood.
-# The classes and ops.batch_norm are tested and usable by hand.
+# Converted only with MesaConfig(batch_norm=True) (see its docstring); with
+# it off, _MesaBatchNorm runs PyTorch's own forward.
 class _MesaBatchNorm(MesaModule):
     def forward(self, input: Tensor) -> Tensor:
+        spec = self._spec
+        if spec is None or not spec.batch_norm:
+            return nn.modules.batchnorm._BatchNorm.forward(self, input)
         # nn.BatchNorm's own bookkeeping (batches tracked, the averaging
         # factor, which statistics), then the op.
         self._check_input_dim(input)
@@ -135,7 +136,7 @@ class _MesaBatchNorm(MesaModule):
         use_running = not self.training or self.track_running_stats
         return ops.batch_norm(input, self.running_mean if use_running else None,
                               self.running_var if use_running else None, self.weight, self.bias, batch_stats,
-                              factor, self.eps, config=self._spec, states=self.mesa_states)
+                              factor, self.eps, config=spec, states=self.mesa_states)
 
 
 class MesaBatchNorm1d(_MesaBatchNorm, nn.BatchNorm1d):
@@ -191,6 +192,9 @@ CONVERTIBLE: Dict[Type[nn.Module], Type[nn.Module]] = {
     nn.Conv1d: MesaConv1d,
     nn.Conv2d: MesaConv2d,
     nn.Conv3d: MesaConv3d,
+    nn.BatchNorm1d: MesaBatchNorm1d,
+    nn.BatchNorm2d: MesaBatchNorm2d,
+    nn.BatchNorm3d: MesaBatchNorm3d,
     nn.MaxPool2d: MesaMaxPool2d,
     nn.ReLU6: MesaReLU6,
     nn.Hardswish: MesaHardswish,

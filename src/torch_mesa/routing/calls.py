@@ -260,6 +260,18 @@ def _max_pool2d(spec, states, args, kwargs):
                           a.get("ceil_mode", False), config=spec)
 
 
+def _batch_norm(spec, states, args, kwargs):
+    if not spec.batch_norm:
+        return NotImplemented  # exact unless asked for (MesaConfig.batch_norm)
+    a = _args(("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"), args,
+              kwargs)
+    if isinstance(a, Fallback):
+        return a
+    return ops.batch_norm(a["input"], a["running_mean"], a["running_var"], a.get("weight"), a.get("bias"),
+                          a.get("training", False), a.get("momentum", 0.1), a.get("eps", 1e-5),
+                          config=spec, states=states)
+
+
 def _leaky_relu(spec, states, args, kwargs):
     a = _args(("input", "negative_slope", "inplace"), args, kwargs, inplace=bool)
     if isinstance(a, Fallback):
@@ -318,6 +330,7 @@ def handlers() -> Dict[Callable, Callable]:
         F.conv2d: _conv,
         F.conv3d: _conv,
         F.max_pool2d: _max_pool2d,
+        F.batch_norm: _batch_norm,
         F.relu6: _unary(ops.relu6),
         F.hardswish: _unary(ops.hardswish),
         F.hardsigmoid: _unary(ops.hardsigmoid),
