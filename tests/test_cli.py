@@ -121,6 +121,24 @@ def test_bench_tiny_writes_csv_and_docs(tmp_path, capsys):
     assert md.read_text().count("bench:vit:tiny|cpu|none|b2:start") == 1
 
 
+def test_bench_mesa_suite(tmp_path, capsys, monkeypatch):
+    """The Mesa table's machinery on two tiny models (the real suite builds
+    DeiT-B and runs for minutes: benchmarks, not tests; the peak-memory
+    children are tested by test_bench_tiny_writes_csv_and_docs)."""
+    from torch_mesa import bench
+
+    monkeypatch.setattr(bench, "MESA_SUITE", (("tiny", "vit:tiny", (100, 45)), ("tiny again", "vit:tiny", (10, 5))))
+    md = tmp_path / "b.md"
+    argv = ["bench", "--suite", "mesa", "--image-size", "32", "--batch-size", "2", "--skip-peak", "--docs", str(md)]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    text = md.read_text()
+    assert "Mesa's results table, side by side" in text and "torch-mesa bench --suite mesa" in text
+    rows = [line for line in text.splitlines() if line.startswith("| tiny")]
+    assert len(rows) == 2 and rows[0].endswith("| 0.450 |") and rows[1].endswith("| 0.500 |")
+    assert 0 < float(rows[0].split("|")[4]) < 0.5  # bytes kept, converted / unconverted
+
+
 def test_python_dash_m_entry_point():
     res = subprocess.run([sys.executable, "-m", "torch_mesa", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "demo" in res.stdout and "report" in res.stdout

@@ -93,6 +93,8 @@ def _verify(args) -> int:
 def _bench(args) -> int:
     from . import bench
 
+    if args.suite == "mesa":
+        return bench.run_mesa_suite(args)
     return bench.run_bench(args)
 
 
@@ -158,6 +160,9 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="side-by-side benchmark; appends to a CSV, rewrites docs/benchmarks.md")
     b.add_argument("--model", default="vit:small")
+    b.add_argument("--suite", choices=["mesa"], default=None,
+                   help="Mesa's model set (DeiT-Ti/S/B, Swin-T, PVT-v2-b1): bytes and peak memory, "
+                        "beside Mesa's published ratios")
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--image-size", type=int, default=224)
     b.add_argument("--seq-len", type=int, default=512)

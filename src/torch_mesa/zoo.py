@@ -123,7 +123,10 @@ def _timm(name: str, image_size: int) -> ModelSpec:
         raise ModelError(f"unknown timm model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
 
     def build():
-        return timm.create_model(name, pretrained=False, img_size=image_size)
+        try:
+            return timm.create_model(name, pretrained=False, img_size=image_size)
+        except TypeError:  # a model without an image size argument (PVT-v2, CNNs): any size works
+            return timm.create_model(name, pretrained=False)
 
     return ModelSpec(f"timm:{name}", build, "image", image_size=image_size)
 
