@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from torch_mesa import MesaConfig, compress_
 from torch_mesa.measure import measure_call
-from torch_mesa.bench import device_name, replace_section
+from torch_mesa.tools.bench import device_name, replace_section
 
 SETTINGS = {
     "default": {},
@@ -44,7 +44,7 @@ SETTINGS = {
 
 
 def vit():
-    from torch_mesa.models import vit_small
+    from torch_mesa.tools.models import vit_small
 
     torch.manual_seed(0)
     model = vit_small(num_classes=100)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import multiprocessing
 import statistics
 import subprocess
@@ -50,7 +49,7 @@ import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -58,8 +57,7 @@ from torch import nn
 
 import torch_mesa
 from torch_mesa import MesaConfig
-from torch_mesa.bench import device_name, replace_section
-from torch_mesa.measure import measure_call
+from torch_mesa.tools.bench import device_name, replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -200,7 +198,7 @@ class DigitsCNN(convergence.DigitsTask):
     batch_size = 64
 
     def __init__(self):
-        from torch_mesa.demo import load_digits
+        from torch_mesa.tools.demo import load_digits
 
         up = lambda x: F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)  # noqa: E731
         (x, y), (xt, yt) = load_digits(seed=0)

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_mesa
-from torch_mesa.bench import replace_section
+from torch_mesa.tools.bench import replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"8": 0.01, "4": 0.02}  # relative gap to the exact mean
@@ -179,7 +179,7 @@ class DigitsBERT(DigitsTask):
     lr = 1e-3
 
     def __init__(self):
-        from torch_mesa.demo import load_digits
+        from torch_mesa.tools.demo import load_digits
 
         (x, y), (xt, yt) = load_digits(seed=0)
         cls = lambda n: torch.full((n, 1), 17, dtype=torch.long)  # noqa: E731
@@ -209,12 +209,12 @@ class DigitsViT(DigitsTask):
     steps = 450
 
     def __init__(self):
-        from torch_mesa.demo import load_digits
+        from torch_mesa.tools.demo import load_digits
 
         self.train_set, self.test_set = load_digits(seed=0)
 
     def build(self, seed):
-        from torch_mesa.demo import build_model
+        from torch_mesa.tools.demo import build_model
 
         model = build_model(seed=seed)
         for m in model.modules():  # dropout off: runs differ by the conversion only

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from torch_mesa import MesaConfig, compress_, measure
-from torch_mesa.bench import device_name, replace_section
-from torch_mesa.zoo import ModelSpec, resolve
+from torch_mesa.tools.bench import device_name, replace_section
+from torch_mesa.tools.zoo import ModelSpec, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -31,7 +31,6 @@ import argparse
 import copy
 import gc
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_mesa import MesaConfig, compress_
-from torch_mesa.bench import device_name, replace_section
+from torch_mesa.tools.bench import device_name, replace_section
 from torch_mesa.measure import measure_call, process_memory, reset_peak_rss
 from torch_mesa.ops import linear_cross_entropy
 
@@ -240,7 +239,7 @@ def part_lora(mode: str, progress) -> dict:
 # ---------------------------------------------------- fresh-process peak memory
 def _child_env():
     # glibc hands large freed blocks back at once, so the resident set follows
-    # what is allocated (as in torch_mesa.bench's peak memory)
+    # what is allocated (as in torch_mesa.tools.bench's peak memory)
     return dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
 
 

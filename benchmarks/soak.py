@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_mesa
-from torch_mesa.models import VisionTransformer
+from torch_mesa.tools.models import VisionTransformer
 
 
 def live_tensor_bytes() -> int:

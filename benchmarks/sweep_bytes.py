@@ -285,7 +285,7 @@ def table(results, skipped):
 
 
 def write_docs(path, command, text):
-    from torch_mesa.bench import device_name, replace_section
+    from torch_mesa.tools.bench import device_name, replace_section
 
     body = (f"```\n{command}\n```\n\nEach architecture of the test sweep's `HF` table with token inputs, "
             f"built at hidden {HIDDEN}, {HEADS} heads of {HEAD_DIM}, feed-forward {FFN}, {LAYERS} layers, vocabulary "

@@ -2,7 +2,7 @@
 
     python examples/quickstart.py
 
-Builds the reference ViT-S/16 layout from torch_mesa.models (random weights),
+Builds the reference ViT-S/16 layout from torch_mesa.tools.models (random weights),
 prints the bytes one batch keeps for backward before and after
 ``torch_mesa.compress_``, then trains a few steps to show nothing else changes.
 """
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_mesa
-from torch_mesa.models import vit_small
+from torch_mesa.tools.models import vit_small
 
 
 def main():

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import torch_mesa
-from torch_mesa.models import VisionTransformer
+from torch_mesa.tools.models import VisionTransformer
 
 
 def tiny():

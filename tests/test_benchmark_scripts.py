@@ -53,7 +53,7 @@ def test_summary_gaps_and_targets(convergence):
 
 
 def test_replace_section_keeps_the_rest_of_the_file(tmp_path):
-    from torch_mesa.bench import replace_section
+    from torch_mesa.tools.bench import replace_section
 
     doc = tmp_path / "b.md"
     doc.write_text("# B\n\nintro\n\n<!-- t:start -->\nold\n<!-- t:end -->\n\n## After\n\ntail\n")

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from torch_mesa import cli
+from torch_mesa.tools import cli
 
 
 def run(argv, capsys):
@@ -35,7 +35,7 @@ def test_demo_short_run(tmp_path, capsys):
 
 
 def test_demo_peak_memory_in_fresh_processes():
-    from torch_mesa.demo import _peak_child
+    from torch_mesa.tools.demo import _peak_child
 
     plain = _peak_child(None, 64, "cpu", 0)
     mesa = _peak_child(8, 64, "cpu", 0)
@@ -60,7 +60,7 @@ def test_report_table_json_csv(capsys):
 
 
 def test_report_callable_model(capsys):
-    code, out, _ = run(["report", "torch_mesa.models:vit_tiny", "--image-size", "32", "--batch-size", "1",
+    code, out, _ = run(["report", "torch_mesa.tools.models:vit_tiny", "--image-size", "32", "--batch-size", "1",
                         "--depth", "1"], capsys)
     assert code == 0 and "blocks" in out
 
@@ -125,7 +125,7 @@ def test_bench_mesa_suite(tmp_path, capsys, monkeypatch):
     """The Mesa table's machinery on two tiny models (the real suite builds
     DeiT-B and runs for minutes: benchmarks, not tests; the peak-memory
     children are tested by test_bench_tiny_writes_csv_and_docs)."""
-    from torch_mesa import bench
+    from torch_mesa.tools import bench
 
     monkeypatch.setattr(bench, "MESA_SUITE", (("tiny", "vit:tiny", (100, 45)), ("tiny again", "vit:tiny", (10, 5))))
     md = tmp_path / "b.md"

@@ -9,7 +9,7 @@ from torch import nn
 
 import torch_mesa
 from torch_mesa import MesaConfig, compress_, restore_
-from torch_mesa.models import VisionTransformer
+from torch_mesa.tools.models import VisionTransformer
 from torch_mesa.nn import MesaModule
 
 from conftest import cosine
@@ -219,7 +219,7 @@ def test_import_and_conversion_never_import_optional_families():
 
     code = (
         "import sys, torch_mesa\n"
-        "from torch_mesa.models import vit_tiny\n"
+        "from torch_mesa.tools.models import vit_tiny\n"
         "torch_mesa.compress_(vit_tiny(image_size=32))\n"
         "heavy = [m for m in ('timm', 'transformers', 'matplotlib', 'sklearn') if m in sys.modules]\n"
         "assert not heavy, heavy\n"

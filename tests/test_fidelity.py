@@ -90,7 +90,7 @@ def test_briefly_trained_language_model(kind):
 
 def test_briefly_trained_vit_on_digits():
     pytest.importorskip("sklearn")
-    from torch_mesa.demo import build_model, load_digits
+    from torch_mesa.tools.demo import build_model, load_digits
 
     (x, y), _ = load_digits()
     model = build_model(seed=0)

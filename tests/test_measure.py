@@ -8,7 +8,7 @@ from torch import nn
 
 import torch_mesa
 from torch_mesa import MesaConfig, compress_, measure
-from torch_mesa.models import VisionTransformer
+from torch_mesa.tools.models import VisionTransformer
 
 pytestmark = pytest.mark.usefixtures("reference_kernel")
 

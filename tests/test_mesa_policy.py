@@ -11,7 +11,7 @@ from torch import nn
 import torch_mesa
 from torch_mesa import MesaConfig
 from torch_mesa.mesa_policy import MesaPolicyError, mesa_layers, read_mesa_policy
-from torch_mesa.models import VisionTransformer
+from torch_mesa.tools.models import VisionTransformer
 
 FAST = MesaConfig(kernel="reference")  # eager quantizer: no compile time in these short runs
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from torch_mesa import MesaConfig, compress_
-from torch_mesa.models import VisionTransformer
+from torch_mesa.tools.models import VisionTransformer
 
 from conftest import cosine, sqnr_db
 

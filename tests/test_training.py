@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from torch_mesa import MesaConfig, compress_
-from torch_mesa.models import VisionTransformer
+from torch_mesa.tools.models import VisionTransformer
 
 
 def tiny_vit(**kw):

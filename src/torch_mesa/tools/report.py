@@ -16,8 +16,8 @@ from typing import List, Optional
 
 import torch
 
-from . import MesaConfig, compress_, measure
-from .units import format_bytes
+from torch_mesa import MesaConfig, compress_, measure
+from torch_mesa.units import format_bytes
 from .zoo import ModelError, parse_sizes, resolve
 
 __all__ = ["run_report", "compare"]

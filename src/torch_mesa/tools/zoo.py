@@ -3,7 +3,7 @@
 Accepted names:
 
 * ``vit:tiny`` / ``vit:small`` / ``vit:base``: the reference ViT of
-  :mod:`torch_mesa.models` (ViT-Ti/S/B-16 layouts).
+  :mod:`torch_mesa.tools.models` (ViT-Ti/S/B-16 layouts).
 * ``timm:NAME``: ``timm.create_model(NAME, pretrained=False)`` (random init).
 * ``hf:FAMILY``: a Hugging Face transformers model built from
   ``AutoConfig.for_model(FAMILY, **sizes)`` (random init; ``gpt2``,

@@ -68,7 +68,7 @@ def _verify(args) -> int:
 
     import torch
 
-    from . import MesaConfig, verify
+    from torch_mesa import MesaConfig, verify
     from .zoo import parse_sizes, resolve
 
     spec = resolve(args.model, image_size=args.image_size, seq_len=args.seq_len, sizes=parse_sizes(args.size))

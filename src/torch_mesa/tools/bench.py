@@ -1,6 +1,6 @@
 """`torch-mesa bench`: unconverted vs checkpointing vs torch-mesa, side by side.
 
-For one model (any name :mod:`torch_mesa.zoo` accepts) and each configuration
+For one model (any name :mod:`torch_mesa.tools.zoo` accepts) and each configuration
 
 * ``baseline``: the model as built;
 * ``checkpoint``: ``torch.utils.checkpoint`` around each Transformer block;
@@ -46,8 +46,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import MesaConfig, compress_, measure
-from .measure import process_memory, reset_peak_rss
+from torch_mesa import MesaConfig, compress_, measure
+from torch_mesa.measure import process_memory, reset_peak_rss
 from .zoo import ModelError, resolve
 
 __all__ = ["run_bench", "run_mesa_suite"]
@@ -187,7 +187,7 @@ def peak_memory(args, config: str) -> Dict[str, int]:
         torch.cuda.empty_cache()
         return {"peak": peak, "rest": rest}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, "-m", "torch_mesa.bench", "--peak-child", config] + _child_argv(args)
+    cmd = [sys.executable, "-m", "torch_mesa.tools.bench", "--peak-child", config] + _child_argv(args)
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"peak-memory run of {config} failed:\n{res.stderr[-2000:]}")

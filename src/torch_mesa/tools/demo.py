@@ -2,7 +2,7 @@
 
 The data is scikit-learn's bundled handwritten digits (1,797 8x8 images, no
 download). The model is the reference Vision Transformer of
-:mod:`torch_mesa.models` with 2x2 patches (17 tokens). Both runs start from
+:mod:`torch_mesa.tools.models` with 2x2 patches (17 tokens). Both runs start from
 the same weights and see the same batches in the same order; the only
 difference is ``torch_mesa.compress_``. Reported side by side:
 
@@ -31,9 +31,9 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from .units import format_bytes
-from . import MesaConfig, compress_, measure
-from .measure import process_memory, reset_peak_rss
+from torch_mesa.units import format_bytes
+from torch_mesa import MesaConfig, compress_, measure
+from torch_mesa.measure import process_memory, reset_peak_rss
 from .models import VisionTransformer
 
 __all__ = ["DemoResult", "run_demo"]
@@ -132,7 +132,7 @@ def _train(model, train, test, *, epochs, batch_size, lr, device, seed, progress
 def _peak_child(bits: Optional[int], batch_size: int, device: str, seed: int) -> int:
     """Run one training step in a fresh process; return its peak memory rise."""
     code = (
-        "import sys, json; from torch_mesa.demo import _peak_of_one_step; "
+        "import sys, json; from torch_mesa.tools.demo import _peak_of_one_step; "
         f"print(json.dumps(_peak_of_one_step({bits!r}, {batch_size}, {device!r}, {seed})))"
     )
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # freed blocks go back at once
