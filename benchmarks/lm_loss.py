@@ -370,9 +370,7 @@ def part_loss(mode: str, repeats: int, progress) -> dict:
                 row[c]["cos_w"] = F.cosine_similarity(gw, ref[1], dim=0).item()
                 row[c]["cos_x"] = F.cosine_similarity(gx, ref[2], dim=0).item()
         times = {c: [] for c in LOSS_CONFIGS}
-        for c, args in inputs.items():
-            loss_step(*args)  # warm-up (the step above was one too)
-        for _ in range(repeats):
+        for _ in range(repeats):  # the step above (gradients) was the warm-up
             for c, args in inputs.items():
                 t0 = time.perf_counter()
                 loss_step(*args)
@@ -414,7 +412,9 @@ def markdown(res: dict, command: str, mode: str) -> str:
              f"{lm['num_attention_heads']} heads, {lm['num_key_value_heads']} KV heads, untied head, SDPA")
     L = [f"```\n{command}\n```", "",
          f"Measured on {device_name('cpu')}; torch {torch.__version__}, transformers {transformers.__version__}, "
-         f"peft {peft_version}; total run {res['runtime_s'] / 60:.1f} min. Models are "
+         f"peft {peft_version}; total run {res['runtime_s'] / 60:.1f} min, load average "
+         f"{res['load'][0]:.1f} at the start and {res['load'][1]:.1f} at the end (other jobs share this "
+         f"machine: times are indicative, bytes and peak memory are not affected). Models are "
          f"`transformers.LlamaConfig` / `LlamaForCausalLM` with random weights: {shape}"
          + (" (the layers reduced in number from a real Llama's to fit this machine; the head and its "
             "vocabulary are full size). " if mode == "full" else
@@ -483,7 +483,7 @@ def markdown(res: dict, command: str, mode: str) -> str:
           f"\"x exact\": `keep_exact=True` (the fusion alone); \"x 8-bit\": the default, x kept in 8 bits. "
           f"Peak rise: fresh process per configuration as above, median of {s['repeats']}; time: "
           f"forward + backward in one process, configurations interleaved, median of {s['repeats']} after "
-          f"a warm-up; gradient cosines against the full-logits run.", "",
+          f"a warm-up (the step that gives the gradients); gradient cosines against the full-logits run.", "",
           "| vocabulary | computation | kept (MiB) | peak rise (MiB) | ratio | time (s) | ratio | "
           "loss rel. diff | cosine, dw | cosine, dx |",
           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -534,12 +534,14 @@ def main(argv=None):
         print(f"[{time.time() - start:6.0f} s] {msg}", flush=True)
 
     progress(f"lm_loss benchmark ({mode}) on {device_name('cpu')}, torch {torch.__version__}")
+    load0 = os.getloadavg()[0]
     res = {"lm": part_lm(mode, progress), "lora": part_lora(mode, progress)}
     res["peak"] = peaks(lambda c: ["--child", "lm", "--mode", mode, "--config", c], PEAK_CONFIGS,
                         s["repeats"], progress, f"training step, vocabulary {s['lm']['vocab_size']}",
                         parallel=args.quick)
     res["loss"] = part_loss(mode, s["repeats"], progress)
     res["runtime_s"] = time.time() - start
+    res["load"] = (load0, os.getloadavg()[0])
     command = "python benchmarks/lm_loss.py" + (" --quick" if args.quick else "") + (
         f" --docs {args.docs}" if args.docs else "")
     text = markdown(res, command, mode)
