@@ -258,13 +258,13 @@ def digits_runs(settings, seeds, steps, workers, quick, progress=print) -> List[
         progress(f"  digits {r['setting']:5s} seed {r['seed']}: val loss {r['val_loss']:.4f}, "
                  f"accuracy {r['val_acc']:.2%} ({r['seconds']:.0f} s{extra})")
 
-    if workers > 1:  # one thread each; spawned, so no OpenMP state is forked
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for r in pool.map(train_run, jobs):
-                done(r)
-    else:
-        for j in jobs:
-            done(train_run(j))
+    # Each run in a fresh process (spawned, one thread): stochastic rounding
+    # draws its seeds from a per-process call counter mixed with the seed, so
+    # a run repeats exactly only when nothing ran before it in its process.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             max_tasks_per_child=1) as pool:
+        for r in pool.map(train_run, jobs):
+            done(r)
     return results
 
 
@@ -318,7 +318,7 @@ def markdown(a, command: str, minutes: float) -> str:
         f"Measured on {device_name('cpu')}; torch {torch.__version__}, timm {timm.__version__}, "
         f"commit {_commit()}, {datetime.date.today().isoformat()}; the whole command took {minutes:.1f} min. "
         "All converted settings convert batch norms (`MesaConfig(batch_norm=True)`) unless the row says "
-        "otherwise; 8 and 4 bits round to nearest, 2 bits stochastically (the defaults).",
+        "otherwise; 8 bits round to nearest, 4 and 2 bits stochastically (the defaults).",
         "",
         f"**ResNet-50** (timm `resnet50`, random weights built with `zero_init_last=False`, train mode, fp32). "
         f"One `torch_mesa.verify` per setting on one batch of {a['batch']} images at {a['size']}x{a['size']} "
@@ -375,7 +375,9 @@ def markdown(a, command: str, minutes: float) -> str:
         f"**Digits, small ResNet** (the CNN of `benchmarks/cnn_bits.py`, {a['params']:,} parameters: "
         "conv-BN-ReLU stem at width 32, three residual blocks, max pool, widths 32-64; scikit-learn's digits "
         f"upsampled to 16x16). {a['steps']} steps of batch 64, AdamW lr {DigitsCNN.lr:g}, "
-        f"the convergence benchmark's schedule; seeds {', '.join(map(str, a['seeds']))}. "
+        f"the convergence benchmark's schedule; seeds {', '.join(map(str, a['seeds']))}, each run in a fresh "
+        "process (stochastic rounding draws its seeds from a per-process call counter mixed with the seed, "
+        "so a run repeats exactly only in a fresh process). "
         f"Validation on the {a['n_val']} held-out digits at the end.",
         "",
         "| setting | seeds | final val loss, mean (min-max) | vs exact, same seeds | above exact, same seed | "
