@@ -215,7 +215,7 @@ def test_keeps_no_logits():
 
 transformers = pytest.importorskip("transformers")
 
-from test_sweep import HF, _cosine, _hf_inputs, _hf_model  # noqa: E402  (the sweep's tiny configs)
+from test_sweep import HF, _cosine, _hf_inputs, _hf_model, _one_thread  # noqa: E402,F401  (the sweep's tiny configs; one thread for tiny models)
 
 # Settings under which a family's change of the logits is not the identity.
 _CHANGES = {"granite": dict(logits_scaling=4.0), "granitemoe": dict(logits_scaling=4.0),
@@ -239,14 +239,6 @@ def _grads_of(model, loss):
     model.zero_grad(set_to_none=True)
     loss.backward()
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_every_table_family_is_tested_here():
