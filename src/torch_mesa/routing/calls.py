@@ -380,8 +380,8 @@ def handlers() -> Dict[Callable, Callable]:
         torch.Tensor.type: passthrough.type_step,
         **{f: passthrough.shape_step(f) for f in (
             torch.Tensor.reshape, torch.reshape, torch.Tensor.view, torch.Tensor.flatten, torch.flatten,
-            torch.Tensor.unflatten, torch.Tensor.transpose, torch.transpose, torch.Tensor.permute, torch.permute,
-            torch.Tensor.contiguous)},
+            torch.Tensor.unflatten, torch.Tensor.squeeze, torch.squeeze, torch.Tensor.unsqueeze, torch.unsqueeze,
+            torch.Tensor.contiguous, *passthrough._PERMUTING)},
     }
     if hasattr(F, "rms_norm"):
         table[F.rms_norm] = _rms_norm

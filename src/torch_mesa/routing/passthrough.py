@@ -315,31 +315,56 @@ def shape_step(func):
         out = func(*args, **kwargs)
         if not isinstance(out, torch.Tensor) or out is x or out.dtype != x.dtype:
             return out  # the same tensor, or a reinterpretation of its bytes
-        if out.dim() == x.dim() and out.shape != x.shape and sorted(out.shape) == sorted(x.shape) \
-                and func in _PERMUTING:
+        if func in _PERMUTING:
+            # (by the dims asked for, not by the shapes: a transpose of a
+            # square (N, N) pair of dims changes no shape)
             dims = _permutation(func, x.dim(), args[1:], kwargs)
-            if dims is None:
+            if dims is None or out.dim() != x.dim():
                 return out
             return _with_recipe(out, x, functools.partial(_permuted, dims=dims))
-        if out.numel() != x.numel() or func in _PERMUTING:
+        if out.numel() != x.numel():
             return out
         return _with_recipe(out, x, functools.partial(_shaped, shape=tuple(out.shape)))
 
     return handler
 
 
-_PERMUTING = (torch.Tensor.transpose, torch.transpose, torch.Tensor.permute, torch.permute)
+_SWAPPING = (torch.Tensor.transpose, torch.transpose, torch.Tensor.swapaxes, torch.swapaxes,
+             torch.Tensor.swapdims, torch.swapdims)
+_MOVING = (torch.Tensor.movedim, torch.movedim, torch.Tensor.moveaxis, torch.moveaxis)
+_MATRIX_T = torch.Tensor.mT.__get__
+_PERMUTING = _SWAPPING + _MOVING + (torch.Tensor.permute, torch.permute, _MATRIX_T)
+
+
+def _as_dims(v, ndim):
+    return [int(d) % ndim for d in (v if isinstance(v, (tuple, list)) else (v,))]
 
 
 def _permutation(func, ndim, args, kwargs):
-    """The dims of ``permute`` equivalent to this transpose/permute call."""
-    if func in (torch.Tensor.transpose, torch.transpose):
+    """The dims of ``permute`` equivalent to this transpose/swap/move/permute
+    call (``args`` without the tensor), or None for a form not understood."""
+    if func == _MATRIX_T:  # (a new method-wrapper each access: equal, not identical)
+        if args or kwargs or ndim < 2:
+            return None
+        return tuple(range(ndim - 2)) + (ndim - 1, ndim - 2)
+    if func in _SWAPPING:
         if kwargs or len(args) != 2:
             return None
         d0, d1 = (int(a) % ndim for a in args)
         dims = list(range(ndim))
         dims[d0], dims[d1] = dims[d1], dims[d0]
         return tuple(dims)
+    if func in _MOVING:
+        if kwargs or len(args) != 2:
+            return None
+        src, dst = _as_dims(args[0], ndim), _as_dims(args[1], ndim)
+        if len(src) != len(dst):
+            return None
+        dims = [None] * ndim
+        for s_, d_ in zip(src, dst):
+            dims[d_] = s_
+        rest = iter(d for d in range(ndim) if d not in src)
+        return tuple(next(rest) if d is None else d for d in dims)
     dims = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
     if kwargs or len(dims) != ndim:
         return None
