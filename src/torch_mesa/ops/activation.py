@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .. import quant
 from ..config import QuantSpec
 from ..quant.running import RangeStates
-from .recipes import combined, derived, exact, keep, kept_of, quantized
+from .recipes import combined, derived, exact, is_channels_first, keep, kept_of, quantized
 from .replay import AutocastState
 from .saving import as_spec, fresh, load, needs_saving, no_double_backward, run_with_kept, save
 
@@ -121,7 +121,7 @@ class _ReluFn(torch.autograd.Function):
             ctx.mark_dirty(x)
         else:
             out = torch.relu(x)
-        ctx.mesa_out = _output_recipe(out, spec, states)
+        ctx.mesa_out = _output_recipe(out, x, spec, states)
         return out if inplace else fresh(out, x)
 
     @staticmethod
@@ -129,14 +129,14 @@ class _ReluFn(torch.autograd.Function):
         return _masked_grad(ctx, grad_out), None, None, None
 
 
-def _output_recipe(out: Tensor, spec: QuantSpec, states):
+def _output_recipe(out: Tensor, x: Tensor, spec: QuantSpec, states):
     """The quantized output a consuming Linear or convolution keeps instead
-    of a copy of its own (shared by all consumers). 4- and 5-D outputs are
-    taken as ``(N, C, *spatial)`` feature maps, with ranges per channel."""
+    of a copy of its own (shared by all consumers); a feature map's (an
+    input noted by mark_channels_first) with ranges per channel along dim 1."""
     if not spec.keep_once:
         return None
     running = states.get(spec, "output") if states is not None else None
-    return quantized(out, spec, op="activation", running=running, channels_first=out.dim() in (4, 5))
+    return quantized(out, spec, op="activation", running=running, channels_first=is_channels_first(x))
 
 
 # Piecewise-linear activations: where each piece applies is kept exactly
@@ -168,10 +168,10 @@ class _PiecewiseFn(torch.autograd.Function):
         kept = None
         if kind == "hardswish":
             running = states.get(spec, "input") if states is not None else None
-            kept = keep(x, spec, op="activation", running=running, channels_first=x.dim() in (4, 5))
+            kept = keep(x, spec, op="activation", running=running)
         save(ctx, *[exact(p) for p in packed], kept)
         ctx.kind, ctx.slope, ctx.n_masks = kind, slope, len(masks)
-        ctx.mesa_out = _output_recipe(out, spec, states)
+        ctx.mesa_out = _output_recipe(out, x, spec, states)
         return fresh(out, x)
 
     @staticmethod

@@ -5,7 +5,10 @@ by the weight's rank) runs ``F.conv{1,2,3}d`` exactly and keeps its input
 (for the weight's gradient only; nothing when the weight is frozen) as
 8/4/2-bit codes with one range per input channel, over the batch and every
 position; or, when the input is a converted op's output (a ReLU after a
-batch norm), nothing new: that op's kept tensors. Backward is PyTorch's own
+batch norm), nothing new: that op's kept tensors. A convolution cheap to
+recompute (at most 64 multiply-adds per output: depthwise ones) leaves on its
+output how to rebuild it from that kept input, so the op after it keeps
+nothing new (keep each piece of data once). Backward is PyTorch's own
 ``convolution_backward`` with the rebuilt input, in the dtype the forward
 ran in (the autocast dtype under autocast): the input's gradient needs only
 the weight, so the input's compression touches the weight's gradient only.
@@ -28,9 +31,10 @@ import torch.nn.functional as F
 
 from ..config import QuantSpec
 from ..quant.running import RangeStates
-from .recipes import exact, keep
+from .recipes import derived, exact, keep, mark_channels_first
 from .recompute import recompute
-from .saving import as_spec, fresh, load, needs_saving, save
+from .replay import AutocastState
+from .saving import as_spec, fresh, load, needs_saving, run_with_kept, save
 
 Tensor = torch.Tensor
 
@@ -41,6 +45,22 @@ _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
 def _tuple(v, n: int):
     return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+# A convolution whose outputs each cost at most this many multiply-adds (a
+# depthwise 3x3 costs 9, ConvNeXt's 7x7 49) is cheap to recompute: its
+# output gets a rebuild recipe from its kept input, so the activation after
+# it (PVT-v2's GELU) keeps nothing new. A normalisation after it (ConvNeXt's
+# LayerNorm) keeps its own row-wise copy: a sum of quantized neighbours has
+# errors that normalising small rows amplifies (with massive activations,
+# LayerNorm weight gradients fell from cosine 0.9991 to 0.996). A dense
+# convolution (a 3x3 over 64 channels: 576) is recomputed by nobody.
+_CHEAP_MACS = 64
+
+
+def _conv_step(x, weight, *bias, conf):
+    stride, padding, dilation, groups = conf
+    return _CONV[weight.dim()](x, weight, bias[0] if bias else None, stride, padding, dilation, groups)
 
 
 def explicit_padding(padding, weight: Tensor, dilation) -> Optional[tuple]:
@@ -67,6 +87,10 @@ class _ConvFn(torch.autograd.Function):
         kept_x = keep(x, spec, op="conv", running=running, channels_first=True) if ctx.needs_input_grad[1] else None
         save(ctx, kept_x, exact(weight))
         ctx.conf = (stride, padding, dilation, groups)
+        if kept_x is not None and spec.keep_once and weight[0].numel() <= _CHEAP_MACS:
+            extra = (weight,) if bias is None else (weight, bias)
+            ctx.mesa_out = derived(kept_x, functools.partial(_conv_step, conf=ctx.conf), extra,
+                                   AutocastState(x.device.type), for_norms=False)
         ctx.x_shape, ctx.x_dtype, ctx.compute_dtype = x.shape, x.dtype, out.dtype
         ctx.has_bias = bias is not None
         return fresh(out, x)
@@ -109,8 +133,8 @@ def conv(
         raise ValueError(f"conv: weight of rank {weight.dim()}; expected 3, 4 or 5 (1-, 2- or 3-D)")
     pad = explicit_padding(padding, weight, dilation)
     if spec is None or pad is None or x.dim() != weight.dim() or not needs_saving(x, weight, bias):
-        return fn(x, weight, bias, stride, padding, dilation, groups)
-    return _ConvFn.apply(x, weight, bias, stride, pad, dilation, groups, spec, states)
+        return mark_channels_first(fn(x, weight, bias, stride, padding, dilation, groups))
+    return mark_channels_first(run_with_kept(_ConvFn, x, weight, bias, stride, pad, dilation, groups, spec, states))
 
 
 # A batch norm over fewer values per channel runs as PyTorch runs it: its
@@ -151,7 +175,7 @@ def batch_norm(
     spec = as_spec(config)
     if (spec is None or x.dim() < 2 or x.numel() < _MIN_PER_CHANNEL * x.shape[1]
             or not needs_saving(x, weight, bias)):
-        return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        return mark_channels_first(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))
     if training:
         fn = functools.partial(_batch_norm_train, eps=eps)
     else:
@@ -163,7 +187,7 @@ def batch_norm(
     out = recompute(fn, x, (weight, bias), op="norm", config=spec, states=states, channels_first=True,
                     forward=lambda: F.batch_norm(x, running_mean, running_var, weight, bias, training,
                                                  momentum, eps))
-    return out
+    return mark_channels_first(out)
 
 
 def _pair(v):
@@ -202,5 +226,5 @@ def max_pool2d(x: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_
     output) instead of the input and 8-byte indices: exact, any ``bits``."""
     spec = as_spec(config)
     if spec is None or x.dim() != 4 or not needs_saving(x):
-        return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
-    return _MaxPool2dFn.apply(x, kernel_size, stride, padding, dilation, ceil_mode)
+        return mark_channels_first(F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode))
+    return mark_channels_first(_MaxPool2dFn.apply(x, kernel_size, stride, padding, dilation, ceil_mode))

@@ -56,6 +56,10 @@ class Recipe:
     tensors: Tuple[Optional[Tensor], ...]
     rebuild: Callable[[Sequence[Optional[Tensor]]], Tensor]
     outside: Tuple[Tuple[Tensor, int], ...] = ()
+    # False: rebuilt through a sum over neighbouring quantized values (a
+    # convolution), whose error a normalisation would amplify in rows of
+    # small width; a norm keeps its own row-wise copy instead
+    for_norms: bool = True
 
     def unchanged(self) -> bool:
         return all(t._version == v for t, v in self.outside)
@@ -170,12 +174,16 @@ def quantized(x: Tensor, spec: QuantSpec, *, op: str, heads: bool = False, rows:
         inner = quantized(xr, spec, op=op, heads=heads, running=running)
         return Recipe(inner.tensors, functools.partial(_rebuild_rotated, layout=inner.rebuild.keywords["layout"],
                                                        dim=rotate, dtype=x.dtype))
-    if channels_first and x.dim() >= 3:
-        # (N, C, *spatial): ranges per channel group along dim 1, over the
-        # batch and every position (convolutions, batch norms)
-        tensors, layout = quant.compress(x, spec.bits, (1,), spec.group_size, spec.stochastic, running,
-                                         spec.kernel, rows=None)
-        return Recipe(tensors, functools.partial(_rebuild_quantized, layout=layout))
+    if (channels_first or is_channels_first(x)) and x.dim() >= 3:
+        # (N, C, *spatial): kept as its channels-last view is, like a
+        # Linear's input: ranges per channel group over the batch and every
+        # position, then (C >= 32, token_scale) each position scaled to the
+        # common range, so positions far smaller or larger than the others
+        # keep their precision (convolutions, batch norms, activations of
+        # feature maps)
+        inner = quantized(x.movedim(1, -1), spec, op=op, running=running)
+        return Recipe(inner.tensors, functools.partial(_rebuild_moved, inner=inner.rebuild), inner.outside,
+                      inner.for_norms)
     axes, group_size = (-1,), spec.group_size
     if heads and spec.head_wise and x.dim() >= 3:
         # Ranges never shared across heads; within a head, group_size channels
@@ -196,6 +204,28 @@ def quantized(x: Tensor, spec: QuantSpec, *, op: str, heads: bool = False, rows:
     tensors, layout = quant.compress(x, spec.bits, axes, group_size, spec.stochastic, running, spec.kernel,
                                      rows=mode)
     return Recipe(tensors, functools.partial(_rebuild_quantized, layout=layout))
+
+
+def _rebuild_moved(tensors: Sequence[Tensor], *, inner) -> Tensor:
+    return inner(tensors).movedim(-1, 1)
+
+
+_CHANNELS_FIRST_ATTR = "_mesa_channels_first"
+
+
+def mark_channels_first(out: Tensor) -> Tensor:
+    """Note on ``out`` that it is a feature map ``(N, C, *spatial)``: the
+    output of a convolution, batch norm or pooling, or of an elementwise op
+    of one. An op that keeps it takes its channels along dim 1 (by shape
+    alone, ``(N, C, H, W)`` and ``(N, H, W, C)`` cannot be told apart). A
+    view or reshape is a new tensor and carries no note."""
+    if isinstance(out, torch.Tensor) and out.dim() >= 3:
+        setattr(out, _CHANNELS_FIRST_ATTR, True)
+    return out
+
+
+def is_channels_first(x) -> bool:
+    return getattr(x, _CHANNELS_FIRST_ATTR, False)
 
 
 def is_weight(x: Tensor) -> bool:
@@ -226,7 +256,7 @@ def keep(
     if is_weight(x):
         return exact(x)
     kept = kept_of(x) if spec.keep_once else None
-    if kept is not None:
+    if kept is not None and (kept.for_norms or not rows):
         return kept
     return quantized(x, spec, op=op, heads=heads, rows=rows, running=running, rotate=rotate,
                      channels_first=channels_first)
@@ -254,7 +284,8 @@ def _then(tensors, *, inner, n_inner, step, autocast):
 
 
 def derived(
-    inner: Recipe, step: Callable[..., Tensor], extra: Sequence[Optional[Tensor]], autocast
+    inner: Recipe, step: Callable[..., Tensor], extra: Sequence[Optional[Tensor]], autocast, *,
+    for_norms: bool = True,
 ) -> Recipe:
     """A recipe that rebuilds ``step(inner, *extra)``: the output of a cheap
     op from what that op keeps of its input. ``step`` must be a function of
@@ -265,7 +296,8 @@ def derived(
     rebuild = functools.partial(
         _then, inner=inner.rebuild, n_inner=len(inner.tensors), step=step, autocast=autocast
     )
-    return Recipe(tuple(inner.tensors) + tuple(extra), rebuild, inner.outside + _versions(extra))
+    return Recipe(tuple(inner.tensors) + tuple(extra), rebuild, inner.outside + _versions(extra),
+                  inner.for_norms and for_norms)
 
 
 def _rebuild_pair(tensors, *, a, n_a, b, combine):
@@ -276,4 +308,4 @@ def combined(a: Recipe, b: Recipe, combine: Callable[[Tensor, Tensor], Tensor]) 
     """A recipe that rebuilds ``combine(a, b)`` from what ``a`` and ``b`` keep
     (a gated product, a product, attention scores ``q @ k^T``)."""
     rebuild = functools.partial(_rebuild_pair, a=a.rebuild, n_a=len(a.tensors), b=b.rebuild, combine=combine)
-    return Recipe(tuple(a.tensors) + tuple(b.tensors), rebuild, a.outside + b.outside)
+    return Recipe(tuple(a.tensors) + tuple(b.tensors), rebuild, a.outside + b.outside, a.for_norms and b.for_norms)

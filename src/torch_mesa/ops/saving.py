@@ -13,7 +13,7 @@ from typing import List, Optional, Union
 import torch
 
 from ..config import MesaConfig, QuantSpec
-from .recipes import Recipe, mark_kept
+from .recipes import Recipe, is_channels_first, mark_channels_first, mark_kept
 
 Tensor = torch.Tensor
 
@@ -93,8 +93,14 @@ def fresh(out: Tensor, *inputs) -> Tensor:
 
 def run_with_kept(fn_cls, *args) -> Tensor:
     """``fn_cls.apply(*args)``, then attach to the output the recipe its
-    forward left in ``ctx.mesa_out`` (the ctx is the output's ``grad_fn``)."""
+    forward left in ``ctx.mesa_out`` (the ctx is the output's ``grad_fn``),
+    and the feature-map note of its first tensor argument where the shape
+    is unchanged (see :func:`~.recipes.mark_channels_first`)."""
     out = fn_cls.apply(*args)
+    # an elementwise op of a feature map gives a feature map
+    source = next((a for a in args if isinstance(a, Tensor)), None)
+    if is_channels_first(source) and isinstance(out, Tensor) and out.shape == source.shape:
+        mark_channels_first(out)
     ctx = out.grad_fn
     recipe = getattr(ctx, "mesa_out", None) if ctx is not None else None
     if recipe is not None:

@@ -29,12 +29,20 @@ from torch.overrides import TorchFunctionMode
 
 from ..config import MesaConfig, QuantSpec
 from ..quant.running import RangeStates, in_backward
+from ..ops.recipes import mark_channels_first
 from . import calls
 
 __all__ = ["Scope"]
 
 
 _HANDLERS: Optional[Dict[Callable, Callable]] = None
+# Layers left unconverted (batch norms by default, convolutions exact by
+# policy) whose output is a feature map (N, C, *spatial)
+_FEATURE_MAP_LAYERS = (
+    torch.nn.modules.conv._ConvNd, torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm,
+    torch.nn.modules.pooling._MaxPoolNd, torch.nn.modules.pooling._AvgPoolNd,
+    torch.nn.modules.pooling._AdaptiveAvgPoolNd, torch.nn.modules.pooling._AdaptiveMaxPoolNd,
+)
 _running = threading.local()  # how many converted models' forwards run on this thread
 
 
@@ -142,6 +150,8 @@ class Scope:
 
     def _post(self, module, args, output):
         self.exit()
+        if isinstance(module, _FEATURE_MAP_LAYERS):
+            mark_channels_first(output)  # (N, C, *spatial): see mark_channels_first
         return None
 
     def exit(self) -> None:
