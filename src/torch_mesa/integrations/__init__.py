@@ -33,6 +33,7 @@ import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import torch
 from torch import nn
 
 from .. import ops
@@ -123,6 +124,9 @@ class Forward:
         self.module = module
         self.kind = kind
 
+    # run as Python under torch.compile: a norm or activation, one graph break
+    # (see ops.saving.OpFunction)
+    @torch._dynamo.disable
     def __call__(self, *args, **kwargs):
         m = self.module
         original = type(m).forward.__get__(m)

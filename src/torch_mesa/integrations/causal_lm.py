@@ -32,6 +32,7 @@ writes them and return the logits.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import warnings
@@ -298,6 +299,9 @@ class CausalLMForward:
         i = self._labels_at
         return args[i] if 0 <= i < len(args) else None
 
+    # This frame runs as Python under torch.compile (it keeps Python state
+    # per call); the model's own forward it calls is compiled.
+    @functools.partial(torch._dynamo.disable, recursive=False)
     def __call__(self, *args, **kwargs):
         m = self.module
         original = type(m).forward.__get__(m)

@@ -28,7 +28,7 @@ from ..config import QuantSpec
 from ..quant.running import RangeStates
 from .recipes import combined, derived, exact, is_channels_first, keep, kept_of, quantized
 from .replay import AutocastState
-from .saving import as_spec, fresh, load, needs_saving, no_double_backward, run_with_kept, save
+from .saving import OpFunction, as_spec, fresh, load, needs_saving, no_double_backward, run_with_kept, save
 
 Tensor = torch.Tensor
 
@@ -58,7 +58,7 @@ def _check_kind(kind: str) -> str:
     return kind
 
 
-class _ActFn(torch.autograd.Function):
+class _ActFn(OpFunction):
     @staticmethod
     def forward(ctx, x, kind: str, spec: QuantSpec, states):
         out = _act(x, kind)
@@ -107,7 +107,7 @@ def _masked_grad(ctx, grad_out: Tensor) -> Tensor:
     return grad_out * quant.reference.unpack_bits(packed, ctx.shape)
 
 
-class _ReluFn(torch.autograd.Function):
+class _ReluFn(OpFunction):
     """ReLU's own gradient needs only where its input is positive: kept as a
     1-bit mask, exactly. Its output, quantized (zeros stay exact), is the
     recipe a consuming Linear keeps instead of a copy of its own. The output,
@@ -151,7 +151,7 @@ _PIECEWISE = {
 }
 
 
-class _PiecewiseFn(torch.autograd.Function):
+class _PiecewiseFn(OpFunction):
     @staticmethod
     def forward(ctx, x, kind: str, slope: float, spec: QuantSpec, states):
         out = _PIECEWISE[kind](x, slope) if kind == "leaky_relu" else _PIECEWISE[kind](x)
@@ -238,7 +238,7 @@ _SATURATING = {
 }
 
 
-class _SaturatingFn(torch.autograd.Function):
+class _SaturatingFn(OpFunction):
     """Sigmoid and tanh keep their *output*, quantized, as PyTorch keeps it:
     their derivative is a function of the output, which is bounded whatever
     the input holds (router scores set to -inf by design come out as 0)."""
@@ -281,7 +281,7 @@ def _clamped(x: Tensor, *, lo, hi) -> Tensor:
     return torch.clamp(x, lo, hi)
 
 
-class _ClampFn(torch.autograd.Function):
+class _ClampFn(OpFunction):
     """``torch.clamp`` keeping a 1-bit mask of where the gradient passes
     (PyTorch keeps the whole input); its output is rebuildable when its input
     is (a clamp after a converted op)."""
@@ -318,7 +318,7 @@ def _gated(gate: Tensor, up: Tensor, *, kind: str) -> Tensor:
     return _act(gate, kind) * up
 
 
-class _GatedFn(torch.autograd.Function):
+class _GatedFn(OpFunction):
     @staticmethod
     def forward(ctx, gate, up, kind: str, spec: QuantSpec, states):
         out = _gated(gate, up, kind=kind)
@@ -369,7 +369,7 @@ def _apply_mask(x: Tensor, mask_packed: Tensor, *, shape, scale: float) -> Tenso
     return torch.ops.aten.native_dropout_backward(x, mask, scale)
 
 
-class _DropoutFn(torch.autograd.Function):
+class _DropoutFn(OpFunction):
     @staticmethod
     def forward(ctx, x, p: float, spec: QuantSpec):
         out, mask = torch.native_dropout(x, p, True)
@@ -403,7 +403,7 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, *, config=None) ->
 
 
 # ------------------------------------------------------------ product
-class _MulFn(torch.autograd.Function):
+class _MulFn(OpFunction):
     @staticmethod
     def forward(ctx, a, b, spec: QuantSpec, states):
         out = a * b

@@ -28,7 +28,7 @@ from ..config import QuantSpec
 from ..quant.running import RangeStates
 from .recipes import combined, derived, exact, keep, kept_of, quantized
 from .replay import AutocastState, RngReplay, grad_by_recompute
-from .saving import as_spec, fresh, load, needs_saving, run_with_kept, save
+from .saving import OpFunction, as_spec, fresh, load, needs_saving, run_with_kept, save
 
 Tensor = torch.Tensor
 
@@ -46,7 +46,7 @@ def _softmax(x: Tensor, *, dim: int, dtype) -> Tensor:
     return F.softmax(x, dim=dim, dtype=dtype)
 
 
-class _SoftmaxFn(torch.autograd.Function):
+class _SoftmaxFn(OpFunction):
     """Keeps its input's recipe when it has one (scores rebuilt from q and k,
     with the same scaling and masking), else its *output*, quantized per head:
     the output lies in [0, 1] whatever the input holds, so masks of ``-inf``
@@ -117,7 +117,7 @@ def _matmul_in(a, b, *, dtype):
     return torch.matmul(a.to(dtype), b.to(dtype))
 
 
-class _MatmulFn(torch.autograd.Function):
+class _MatmulFn(OpFunction):
     """``a @ b`` of two activations, or ``beta * bias + alpha * (a @ b)``
     (``torch.baddbmm``, as BLOOM computes ALiBi scores). Keeps each operand
     only when the other one needs a gradient (frozen operands cost nothing);
@@ -206,7 +206,7 @@ def _einsum(a, b, *, equation, dtype):
     return torch.einsum(equation, a.to(dtype), b.to(dtype))
 
 
-class _EinsumFn(torch.autograd.Function):
+class _EinsumFn(OpFunction):
     """``torch.einsum(equation, a, b)``: keeps each operand only when the other
     one needs a gradient (a Parameter as itself); backward runs the einsum
     again on the rebuilt operands and differentiates it. An operand that is
@@ -257,7 +257,7 @@ def _sdpa(q, k, v, mask, *, kwargs):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
 
 
-class _SDPAFn(torch.autograd.Function):
+class _SDPAFn(OpFunction):
     @staticmethod
     def forward(ctx, q, k, v, mask, spec: QuantSpec, states, kwargs):
         rng = RngReplay(q.device) if kwargs.get("dropout_p", 0.0) > 0.0 else None

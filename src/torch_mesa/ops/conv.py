@@ -34,7 +34,7 @@ from ..quant.running import RangeStates
 from .recipes import derived, exact, keep, mark_channels_first
 from .recompute import recompute
 from .replay import AutocastState
-from .saving import as_spec, fresh, load, needs_saving, run_with_kept, save
+from .saving import OpFunction, as_spec, fresh, load, needs_saving, run_with_kept, save
 
 Tensor = torch.Tensor
 
@@ -48,13 +48,14 @@ def _tuple(v, n: int):
 
 
 # A convolution whose outputs each cost at most this many multiply-adds (a
-# depthwise 3x3 costs 9, ConvNeXt's 7x7 49) is cheap to recompute: its
-# output gets a rebuild recipe from its kept input, so the activation after
-# it (PVT-v2's GELU) keeps nothing new. A normalisation after it (ConvNeXt's
-# LayerNorm) keeps its own row-wise copy: a sum of quantized neighbours has
-# errors that normalising small rows amplifies (with massive activations,
-# LayerNorm weight gradients fell from cosine 0.9991 to 0.996). A dense
-# convolution (a 3x3 over 64 channels: 576) is recomputed by nobody.
+# depthwise 3x3 costs 9, ConvNeXt's 7x7 49, a 1x1 over 64 channels 64) is
+# cheap to recompute: its output gets a rebuild recipe from its kept input,
+# so the op after it (PVT-v2's GELU, a ResNet's batch norm when converted)
+# keeps nothing new. A row normalisation after it (ConvNeXt's LayerNorm)
+# keeps its own row-wise copy: a sum of quantized neighbours has errors that
+# normalising small rows amplifies (with massive activations, LayerNorm
+# weight gradients fell from cosine 0.9991 to 0.996). A dense convolution (a
+# 3x3 over 64 channels: 576) is recomputed by nobody.
 _CHEAP_MACS = 64
 
 
@@ -78,7 +79,7 @@ def explicit_padding(padding, weight: Tensor, dilation) -> Optional[tuple]:
     return _tuple(padding, n)
 
 
-class _ConvFn(torch.autograd.Function):
+class _ConvFn(OpFunction):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, spec: QuantSpec,
                 states: Optional[RangeStates]):
@@ -194,7 +195,7 @@ def _pair(v):
     return [v, v] if isinstance(v, int) else list(v)
 
 
-class _MaxPool2dFn(torch.autograd.Function):
+class _MaxPool2dFn(OpFunction):
     """Keeps where each maximum came from (its index in the input plane, in
     the smallest integer type that holds it), not the input: backward only
     routes each gradient back to its position."""

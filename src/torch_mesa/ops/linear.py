@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from ..config import QuantSpec
 from ..quant.running import RangeStates
 from .recipes import exact, keep
-from .saving import as_spec, fresh, load, needs_saving, save
+from .saving import OpFunction, as_spec, fresh, load, needs_saving, save
 
 Tensor = torch.Tensor
 
 
-class _LinearFn(torch.autograd.Function):
+class _LinearFn(OpFunction):
     @staticmethod
     def forward(ctx, x, weight, bias, spec: QuantSpec, states: Optional[RangeStates], forward_fn, transposed):
         # forward_fn: the layer's own forward, when it computes the product its

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..quant.running import RangeStates
 from .recipes import exact, keep
-from .saving import as_spec, load, needs_saving, save
+from .saving import OpFunction, as_spec, load, needs_saving, save
 
 Tensor = torch.Tensor
 
@@ -134,7 +134,7 @@ def _check_targets(t: Tensor, vocab: int, ignore_index: int) -> None:
         raise IndexError(f"linear_cross_entropy: target {value} is out of bounds for a vocabulary of {vocab}")
 
 
-class _LinearCrossEntropyFn(torch.autograd.Function):
+class _LinearCrossEntropyFn(OpFunction):
     @staticmethod
     def forward(ctx, x, weight, bias, target, spec, states: Optional[RangeStates], o: _Opts):
         vocab = weight.shape[0]

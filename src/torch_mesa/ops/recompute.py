@@ -26,12 +26,12 @@ from ..config import QuantSpec
 from ..quant.running import RangeStates
 from .recipes import derived, exact, keep
 from .replay import AutocastState, grad_by_recompute
-from .saving import as_spec, fresh, load, needs_saving, run_with_kept, save
+from .saving import OpFunction, as_spec, fresh, load, needs_saving, run_with_kept, save
 
 Tensor = torch.Tensor
 
 
-class RecomputeFn(torch.autograd.Function):
+class RecomputeFn(OpFunction):
     """``fn(x, *params)``; keeps ``x`` compressed and ``params`` as they are."""
 
     @staticmethod

@@ -18,6 +18,22 @@ from .recipes import Recipe, is_channels_first, mark_channels_first, mark_kept
 Tensor = torch.Tensor
 
 
+class OpFunction(torch.autograd.Function):
+    """The base of every op's ``autograd.Function``: its forward and backward
+    run as Python, never traced by ``torch.compile``. They keep Python state
+    (recipes attached to tensors, version counters, running ranges) that a
+    traced graph would freeze or drop, and call the compiled quantizer
+    themselves. In a compiled model each converted op is one graph break,
+    and the code between them compiles (docs/design.md, "torch.compile")."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in ("forward", "backward"):
+            fn = cls.__dict__.get(name)
+            if isinstance(fn, staticmethod):
+                setattr(cls, name, staticmethod(torch._dynamo.disable(fn.__func__)))
+
+
 def as_spec(config: Union[None, MesaConfig, QuantSpec]) -> Optional[QuantSpec]:
     """A functional op's ``config`` argument as a spec (``None``: default config)."""
     if config is None:

@@ -172,6 +172,9 @@ _failed = set()  # compiled functions that failed: the reference runs instead
 
 def _run(compiled: Callable, eager: Callable, *args):
     global _broken
+    # (detached: whether an input requires grad changes nothing here, and
+    # Dynamo would compile a variant for each)
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     if compiled not in _failed:
         try:
             return compiled(*args)
