@@ -81,7 +81,17 @@ def table(results):
             lines.append(f"| {amp} | {c} | {r['kept'] / 2**20:,.1f} | {r['kept'] / base['kept']:.3f} | "
                          f"{r['kept'] / cbase['kept']:.3f} | {r['step']:.3f} | {r['step'] / base['step']:.2f}x | "
                          f"{r['step'] / cbase['step']:.2f}x |")
-    return "\n".join(lines)
+    out = "\n".join(lines)
+    # the targets for compiled ViT-S: bytes <= 0.16x (fp32) / 0.26x (bf16)
+    # of the compiled unconverted model, step time <= 1.10x
+    goals = []
+    for amp, rows in results.items():
+        r, cbase = rows[CONFIGS[3]], rows[CONFIGS[1]]
+        bar = 0.16 if amp == "none" else 0.26
+        kept, step = r["kept"] / cbase["kept"], r["step"] / cbase["step"]
+        goals.append(f"autocast {amp}: bytes {kept:.3f}x (target <= {bar}x, {'met' if kept <= bar else 'not met'}), "
+                     f"step time {step:.2f}x (target <= 1.10x, {'met' if step <= 1.10 else 'not met'})")
+    return out + "\n\nCompiled torch-mesa against the compiled unconverted model: " + "; ".join(goals) + "."
 
 
 def main(argv=None):
