@@ -17,7 +17,7 @@ import copy
 import pytest
 import torch
 
-from torch_mesa import compress_
+from torch_mesa import compress_, measure
 
 from test_sweep import TIMM, HF, _cosine, _hf_inputs, _hf_model, _loss, _one_thread, _timm_model  # noqa: F401
 
@@ -120,3 +120,28 @@ def test_fused_lm_loss_under_compile():
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
     for (n, p), q in zip(plain.named_parameters(), conv.parameters()):
         assert _cosine(q.grad, p.grad) >= 0.999, n
+
+
+@pytest.mark.parametrize("mode", ["whole", "regional"])
+def test_measure_reports_compiled_models(mode):
+    """measure() of a compiled model gives the eager model's total (its
+    hooks would recompile it): a whole compiled model under "<root>", the
+    regionally compiled blocks under the module holding them."""
+    model, x = _timm_model("vit")
+    compress_(model)
+    eager = measure(model, x)
+    compiled = copy.deepcopy(model)
+    torch._dynamo.reset()
+    if mode == "whole":
+        compiled = torch.compile(compiled, backend="aot_eager")
+    else:
+        for b in compiled.blocks:
+            b.compile(backend="aot_eager")
+    for _ in range(2):  # measuring twice must not recompile into an error
+        report = measure(compiled, x)
+    assert abs(report.total_bytes - eager.total_bytes) <= 0.05 * eager.total_bytes
+    if mode == "whole":
+        assert set(report.by_module) == {"<root>"}
+    else:
+        assert report.by_module["blocks"] > 0.5 * report.total_bytes
+        assert not any(k.startswith("blocks.") for k in report.by_module)

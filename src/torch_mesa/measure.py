@@ -104,6 +104,28 @@ def measure(
     return measure_call(model, run, autocast_dtype=autocast_dtype, device_hint=inputs)
 
 
+def _compiled(m: nn.Module) -> bool:
+    return isinstance(m, torch._dynamo.eval_frame.OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
+
+
+def _hookable(model: nn.Module) -> List[nn.Module]:
+    """The modules whose calls attribute bytes: all but those compiled with
+    ``torch.compile`` (a whole model, or ``block.compile()``) and inside them,
+    whose bytes go to the nearest module outside. Hooks added to a compiled
+    module would make it recompile (or fail to, for a whole compiled model)."""
+    out: List[nn.Module] = []
+
+    def visit(m):
+        if _compiled(m):
+            return
+        out.append(m)
+        for c in m.children():
+            visit(c)
+
+    visit(model)
+    return out
+
+
 def measure_call(
     model: nn.Module,
     fn: Callable[[nn.Module], object],
@@ -113,7 +135,10 @@ def measure_call(
 ) -> MemoryReport:
     """Bytes kept for backward while ``fn(model)`` runs (a forward, and a
     loss if ``fn`` computes one), by module; what is kept outside every module
-    of ``model`` counts under ``"<loss>"``."""
+    of ``model`` counts under ``"<loss>"``. Compiled modules (``torch.compile``
+    of the model or of its blocks) count as one: what they keep goes to the
+    nearest module outside them (a whole compiled model: everything, its loss
+    included, under ``"<root>"``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"measure expects an nn.Module, got {type(model).__name__}")
     excluded = set()
@@ -122,6 +147,7 @@ def measure_call(
         if key is not None:
             excluded.add(key)
     names = {m: n for n, m in model.named_modules()}
+    outside = "<root>" if _compiled(model) else "<loss>"  # (no hook sees a compiled model's calls)
     stack: List[str] = []
     seen = set()
     by_module: Dict[str, int] = {}
@@ -137,12 +163,12 @@ def measure_call(
         key, nbytes = _storage_key(t)
         if key is not None and key not in excluded and key not in seen:
             seen.add(key)
-            owner = stack[-1] if stack else "<loss>"
+            owner = stack[-1] if stack else outside
             by_module[owner] = by_module.get(owner, 0) + nbytes
         return t
 
     handles = []
-    for m in names:
+    for m in _hookable(model):
         handles.append(m.register_forward_pre_hook(pre))
         handles.append(m.register_forward_hook(post, always_call=True))
     device_type = _device_type(model, device_hint)
