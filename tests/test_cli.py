@@ -121,6 +121,26 @@ def test_bench_tiny_writes_csv_and_docs(tmp_path, capsys):
     assert md.read_text().count("bench:vit:tiny|cpu|none|b2:start") == 1
 
 
+def test_bench_compiled_rows(tmp_path, capsys):
+    """Compiled configurations beside the eager ones: the same bytes as their
+    eager counterparts (the partitioner keeps what eager autograd keeps; with
+    torch-mesa the ops run as in eager), fidelity measured on the compiled
+    converted model."""
+    csv_path, md = tmp_path / "r.csv", tmp_path / "b.md"
+    argv = ["bench", "--model", "vit:tiny", "--image-size", "32", "--batch-size", "2", "--repeats", "1",
+            "--configs", "baseline,mesa8,baseline+compile,mesa8+compile", "--compile-backend", "aot_eager",
+            "--skip-peak", "--csv", str(csv_path), "--docs", str(md)]
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    with csv_path.open() as f:
+        rows = {r["config"]: json.loads(r["metrics"]) for r in csv.DictReader(f)}
+    for eager, compiled in (("baseline", "baseline+compile"), ("mesa8", "mesa8+compile")):
+        assert abs(rows[compiled]["total"] - rows[eager]["total"]) <= 0.05 * rows[eager]["total"]
+        assert rows[compiled]["blocks"] is None  # no per-block split inside compiled code
+    assert rows["mesa8+compile"]["worst_cos"] > 0.999
+    assert "`+compile`: `torch.compile(model)` (aot_eager)" in md.read_text()
+
+
 def test_bench_mesa_suite(tmp_path, capsys, monkeypatch):
     """The Mesa table's machinery on two tiny models (the real suite builds
     DeiT-B and runs for minutes: benchmarks, not tests; the peak-memory

@@ -52,7 +52,14 @@ from .zoo import ModelError, resolve
 
 __all__ = ["run_bench", "run_mesa_suite"]
 
-ALL_CONFIGS = ("baseline", "checkpoint", "mesa8", "mesa4", "mesa8+checkpoint")
+ALL_CONFIGS = ("baseline", "checkpoint", "mesa8", "mesa4", "mesa8+checkpoint",
+               # compiled (torch.compile of the whole model, Inductor unless
+               # --compile-backend says otherwise); "budget": compiled with
+               # AOTAutograd's activation_memory_budget, the peer that
+               # recomputes instead of compressing
+               "baseline+compile", "checkpoint+compile", "mesa8+compile", "budget")
+BUDGET = 0.5  # the activation memory budget of the "budget" row (a fraction of the full)
+COMPILE_BACKEND = "inductor"
 _AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -83,6 +90,20 @@ def find_blocks(model: nn.Module):
     return best
 
 
+class Budgeted(nn.Module):
+    """A compiled model whose compilation (on its first calls) sees
+    ``activation_memory_budget``: the partitioner then recomputes the
+    cheapest activations until what is kept fits that fraction."""
+
+    def __init__(self, model: nn.Module, budget: float):
+        super().__init__()
+        self.compiled, self.budget = model, budget
+
+    def forward(self, *args, **kwargs):
+        with torch._functorch.config.patch(activation_memory_budget=self.budget):
+            return self.compiled(*args, **kwargs)
+
+
 def build(spec, config: str, device) -> nn.Module:
     torch.manual_seed(0)
     model = spec.build().to(device)
@@ -93,7 +114,15 @@ def build(spec, config: str, device) -> nn.Module:
         _, blocks = find_blocks(model)
         for i in range(len(blocks)):
             blocks[i] = Checkpointed(blocks[i])
+    if config.endswith("+compile") or config == "budget":
+        model = torch.compile(model, backend=COMPILE_BACKEND)
+    if config == "budget":
+        model = Budgeted(model, BUDGET)
     return model
+
+
+def _is_compiled(config: str) -> bool:
+    return config.endswith("+compile") or config == "budget"
 
 
 def _autocast(device: str, amp: str):
@@ -118,6 +147,8 @@ def kept_bytes(model, spec, batch, amp) -> Dict[str, int]:
     args, kwargs, target = batch
     report = measure(model, *args, loss_fn=lambda out: spec.loss(out, target),
                      autocast_dtype=_AMP[amp], **kwargs)
+    if any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in model.modules()):
+        return {"blocks": None, "total": report.total_bytes}  # no per-module split inside compiled code
     blocks_name, _ = find_blocks(model)
     prefix = blocks_name + "."
     blocks = sum(v for k, v in report.by_module.items() if k.startswith(prefix))
@@ -130,8 +161,8 @@ def fidelity(spec, batch, device, configs) -> Dict[str, dict]:
     for config in ["baseline"] + [c for c in configs if c.startswith("mesa")]:
         model = build(spec, config, device)
         spec.loss(model(*args, **kwargs), target).backward()
-        grads[config] = {n: p.grad.detach().double().flatten()
-                         for n, p in model.named_parameters() if p.grad is not None}
+        grads[config] = {n.replace("_orig_mod.", ""): p.grad.detach().double().flatten()
+                         for n, p in model.named_parameters() if p.grad is not None}  # (names as uncompiled)
     out = {}
     for config, g in grads.items():
         if config == "baseline":
@@ -196,7 +227,8 @@ def peak_memory(args, config: str) -> Dict[str, int]:
 
 def _child_argv(args) -> List[str]:
     return ["--model", args.model, "--batch-size", str(args.batch_size), "--image-size",
-            str(args.image_size), "--seq-len", str(args.seq_len), "--device", args.device, "--amp", args.amp]
+            str(args.image_size), "--seq-len", str(args.seq_len), "--device", args.device, "--amp", args.amp,
+            "--compile-backend", COMPILE_BACKEND]
 
 
 def _spec(args):
@@ -233,8 +265,9 @@ def format_markdown(results: dict) -> str:
     for c, r in rows.items():
         peak, rise = r.get("peak"), r.get("rise")
         ratio = lambda a, b: f"{a / b:.2f}x" if a is not None and b else "–"  # noqa: E731
+        blocks_ratio = "–" if r["blocks"] is None else f"{r['blocks'] / base['blocks']:.3f}"
         lines.append(
-            f"| {c} | {_mib(r['blocks'])} | {r['blocks'] / base['blocks']:.3f} | {_mib(r['total'])} | "
+            f"| {c} | {_mib(r['blocks'])} | {blocks_ratio} | {_mib(r['total'])} | "
             f"{r['total'] / base['total']:.3f} | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f}x | "
             f"{_mib(peak)} | {ratio(peak, base.get('peak'))} | {_mib(rise)} | {ratio(rise, base.get('rise'))} |"
         )
@@ -246,6 +279,11 @@ def format_markdown(results: dict) -> str:
     head = (f"{results['model']}, batch {results['batch_size']}, autocast {amp}, on {results['device']}; "
             f"torch {results['torch']}, commit {results['commit']}, {results['date'][:10]}; "
             f"step time is the median of {results['repeats']} interleaved repeats.")
+    if any(_is_compiled(c) for c in rows):
+        head += (f" `+compile`: `torch.compile(model)` ({results.get('compile_backend', COMPILE_BACKEND)}), "
+                 "compilation in the warm-up; `budget`: compiled with "
+                 f"`torch._functorch.config.activation_memory_budget={BUDGET}`. Compiled rows have no "
+                 "per-block split of the bytes.")
     return head + "\n\n" + "\n".join(lines)
 
 
@@ -280,6 +318,8 @@ def run_bench(args, progress=print) -> int:
         raise ModelError(f"--configs must include baseline and only {', '.join(ALL_CONFIGS)}; got {args.configs!r}")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise ModelError("--device cuda but no CUDA device is available")
+    global COMPILE_BACKEND
+    COMPILE_BACKEND = getattr(args, "compile_backend", None) or COMPILE_BACKEND
     spec = _spec(args)
     batch = spec.batch(args.batch_size, args.device)
     progress(f"# {spec.name}, batch {args.batch_size}, {args.device} ({device_name(args.device)}), "
@@ -302,7 +342,7 @@ def run_bench(args, progress=print) -> int:
         "machine": platform.node(), "device": device_name(args.device),
         "device_kind": torch.device(args.device).type, "torch": torch.__version__, "commit": _commit(),
         "model": spec.name, "batch_size": args.batch_size, "amp": args.amp, "repeats": args.repeats,
-        "rows": rows, "fidelity": fid,
+        "rows": rows, "fidelity": fid, "compile_backend": COMPILE_BACKEND,
     }
     print(format_markdown(results))
     path = Path(args.csv)
@@ -387,11 +427,13 @@ def run_mesa_suite(args, progress=print) -> int:
 def _peak_child(argv) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--peak-child")
-    for a in ("--model", "--device", "--amp"):
+    for a in ("--model", "--device", "--amp", "--compile-backend"):
         p.add_argument(a)
     for a in ("--batch-size", "--image-size", "--seq-len"):
         p.add_argument(a, type=int)
     args = p.parse_args(argv)
+    global COMPILE_BACKEND
+    COMPILE_BACKEND = args.compile_backend or COMPILE_BACKEND
     spec = _spec(args)
     model = build(spec, args.peak_child, args.device)
     batch = spec.batch(args.batch_size, args.device)

@@ -169,7 +169,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu")
     b.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     b.add_argument("--repeats", type=int, default=5)
-    b.add_argument("--configs", default="baseline,checkpoint,mesa8,mesa4,mesa8+checkpoint")
+    b.add_argument("--configs", default="baseline,checkpoint,mesa8,mesa4,mesa8+checkpoint",
+                   help="comma-separated; also baseline+compile, checkpoint+compile, mesa8+compile and "
+                        "budget (compiled with activation_memory_budget)")
+    b.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
     b.add_argument("--skip-peak", action="store_true")
     b.add_argument("--csv", default="benchmarks/results.csv")
     b.add_argument("--docs", default=None, help="Markdown file to rewrite with the results table")
