@@ -467,3 +467,23 @@ def test_recipes_pass_every_permutation_form(form):
     # fc1's input (fp32 -> codes) and the GELU's input; fc2's is the GELU's recipe
     hidden = x.numel()
     assert torch_mesa.measure(conv, x).total_bytes < 2 * hidden + hidden // 2
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_norm_over_a_feature_maps_last_dim_stays_row_wise(bits):
+    """A LayerNorm over the length of a Conv1d's output (a marked feature
+    map) keeps its input row-wise, as any norm input: rows with a large
+    offset against their spread keep their precision."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(32, 32, 1), nn.LayerNorm(64), nn.Linear(64, 8))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(32)[:, :, None])
+        model[0].bias.zero_()
+        model[1].weight.add_(0.1 * torch.randn(64))
+    x = torch.randn(8, 32, 64) * 0.05 + torch.randn(8, 32, 1) * 20
+    conv = copy.deepcopy(model)
+    torch_mesa.compress_(conv, MesaConfig(bits=bits, rounding="nearest"))
+    for m in (model, conv):
+        m(x).square().sum().backward()
+    bar = 0.999 if bits == 8 else 0.99
+    assert cosine(conv[1].weight.grad, model[1].weight.grad) >= bar

@@ -134,7 +134,8 @@ def conv(
         raise ValueError(f"conv: weight of rank {weight.dim()}; expected 3, 4 or 5 (1-, 2- or 3-D)")
     pad = explicit_padding(padding, weight, dilation)
     if spec is None or pad is None or x.dim() != weight.dim() or not needs_saving(x, weight, bias):
-        return mark_channels_first(fn(x, weight, bias, stride, padding, dilation, groups))
+        out = fn(x, weight, bias, stride, padding, dilation, groups)
+        return mark_channels_first(out) if x.dim() == weight.dim() else out  # (unbatched: dim 1 is not C)
     return mark_channels_first(run_with_kept(_ConvFn, x, weight, bias, stride, pad, dilation, groups, spec, states))
 
 

@@ -174,7 +174,7 @@ def quantized(x: Tensor, spec: QuantSpec, *, op: str, heads: bool = False, rows:
         inner = quantized(xr, spec, op=op, heads=heads, running=running)
         return Recipe(inner.tensors, functools.partial(_rebuild_rotated, layout=inner.rebuild.keywords["layout"],
                                                        dim=rotate, dtype=x.dtype))
-    if (channels_first or is_channels_first(x)) and x.dim() >= 3:
+    if (channels_first or is_channels_first(x)) and x.dim() >= 3 and not rows and not heads and rotate is None:
         # (N, C, *spatial): kept as its channels-last view is, like a
         # Linear's input: ranges per channel group over the batch and every
         # position, then (C >= 32, token_scale) each position scaled to the
@@ -225,6 +225,8 @@ def mark_channels_first(out: Tensor) -> Tensor:
 
 
 def is_channels_first(x) -> bool:
+    # (in-place elementwise steps, ReLU(inplace=True) and `x += shortcut`,
+    # keep the note; an in-place transpose_ would too, a known limit)
     return getattr(x, _CHANNELS_FIRST_ATTR, False)
 
 
