@@ -3,9 +3,8 @@
 ViT-S/16 (the reference ViT of ``torch-mesa bench``), batch 16, 224 x 224,
 on this machine, for fp32 and bf16 autocast: the unconverted model eager and
 compiled (``torch.compile(model)``, Inductor), and torch-mesa 8-bit eager and
-compiled. Bytes kept for backward are counted with a saved-tensor hook
-(distinct storages, parameters left out; module hooks would recompile a
-compiled model). Step time: forward, loss and backward, the median of
+compiled. Bytes kept for backward: ``torch_mesa.measure`` (which adds no
+hooks to compiled modules). Step time: forward, loss and backward, the median of
 ``--repeats`` interleaved repeats after two warm-up steps (which compile).
 
     python benchmarks/compile.py --docs docs/benchmarks.md
@@ -22,6 +21,7 @@ import time
 
 import torch
 
+from torch_mesa import measure
 from torch_mesa.tools import bench
 from torch_mesa.tools.zoo import resolve
 
@@ -30,20 +30,8 @@ CONFIGS = ("unconverted", "unconverted, compiled", "torch-mesa 8-bit", "torch-me
 
 def kept(model, spec, batch, amp):
     args, kwargs, target = batch
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), bench._autocast("cpu", amp):
-        loss = spec.loss(model(*args, **kwargs), target)
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return sum(seen.values())
+    return measure(model, *args, loss_fn=lambda out: spec.loss(out, target), autocast_dtype=bench._AMP[amp],
+                   **kwargs).total_bytes
 
 
 def run(amp, args, progress):

@@ -19,27 +19,9 @@ import torch
 
 from torch_mesa import compress_, measure
 
-from test_sweep import TIMM, HF, _cosine, _hf_inputs, _hf_model, _loss, _one_thread, _timm_model  # noqa: F401
+from test_sweep import HF, _cosine, _hf_inputs, _hf_model, _loss, _one_thread, _timm_model  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("reference_kernel")
-
-
-def _kept_bytes(models, fn):
-    """Bytes of distinct storages autograd keeps while ``fn`` runs (parameters
-    of ``models`` left out). Measured with a saved-tensor hook only: module
-    hooks added after compiling would recompile the model."""
-    params = {p.untyped_storage().data_ptr() for m in models for p in m.parameters()}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
 
 
 def _check(plain, args=(), kwargs=None, *, mode, backend="aot_eager"):
@@ -57,13 +39,13 @@ def _check(plain, args=(), kwargs=None, *, mode, backend="aot_eager"):
         for b in blocks:
             b.compile(backend=backend)
         run = compiled
-    models = (plain, eager, compiled)
     outs, kept = {}, {}
     for name, m in (("plain", plain), ("eager", eager), ("compiled", run)):
         torch.manual_seed(0)
-        kept[name], out = _kept_bytes(models, lambda: m(*args, **kwargs))
-        outs[name] = out
-        _loss(out).backward()
+        kept[name] = measure(m, *args, **kwargs).total_bytes
+        torch.manual_seed(0)
+        outs[name] = m(*args, **kwargs)
+        _loss(outs[name]).backward()
     main = {k: _loss.__globals__["_main"](v) for k, v in outs.items()}
     scale = main["plain"].abs().max().item()
     assert torch.equal(main["eager"], main["plain"])
