@@ -19,9 +19,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LAYOUTS = [((3,), 1), ((3,), 64), ((3,), None), ((1, 3), 1), ((1, 3), 65), ((2,), 5)]
 
 
-def _round_trip(x, bits, axes, group_size, stochastic=False, rows=None, prims=None):
-    saved = ref.quantize(x, bits, axes, group_size, stochastic, rows=rows, prims=prims)
-    return saved, ref.dequantize(saved, x.shape, x.dtype, bits, axes, group_size, rows=rows, prims=prims)
+def _round_trip(x, bits, axes, group_size, stochastic=False, rows=None, impl=ref):
+    saved = impl.quantize(x, bits, axes, group_size, stochastic, rows=rows)
+    return saved, impl.dequantize(saved, x.shape, x.dtype, bits, axes, group_size, rows=rows)
 
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
@@ -188,7 +188,7 @@ def test_dequantized_values_stay_within_their_group_range(rows, cols, bits, grou
 def test_fused_equals_reference_bit_for_bit(dtype, bits, axes, group_size):
     x = with_outliers(3, 7, 197, 65, dtype=dtype, requires_grad=False)
     a, ya = _round_trip(x, bits, axes, group_size)
-    b, yb = _round_trip(x, bits, axes, group_size, prims=fused.PRIMS)
+    b, yb = _round_trip(x, bits, axes, group_size, impl=fused)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
     assert torch.equal(ya, yb)
@@ -199,10 +199,59 @@ def test_fused_equals_reference_bit_for_bit(dtype, bits, axes, group_size):
 def test_fused_equals_reference_rows_and_noncontiguous(dtype):
     x = with_outliers(5, 65, 197, dtype=dtype, requires_grad=False).transpose(1, 2)  # (5, 197, 65)
     a, ya = _round_trip(x, 8, (2,), 1, rows="row")
-    b, yb = _round_trip(x, 8, (2,), 1, rows="row", prims=fused.PRIMS)
+    b, yb = _round_trip(x, 8, (2,), 1, rows="row", impl=fused)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
     assert torch.equal(ya, yb)
+
+
+# (each setting compiles its own functions: a few seconds each on 2 cores)
+@pytest.mark.parametrize("dtype,rows,axes,group_size", [
+    (torch.float32, None, (2,), 1),
+    (torch.bfloat16, "row", (2,), 1),
+    (torch.float32, "scaled", (2,), 5),
+    (torch.bfloat16, None, (1, 2), 16),
+])
+def test_fused_equals_reference_with_running_ranges(dtype, rows, axes, group_size):
+    """The fused path compiles the whole keep: statistics, per-group
+    bookkeeping and the running-range step. Fresh, updated and reused
+    (recomputed in backward) estimates, on trained-like inputs whose range
+    drifts between steps, with a NaN step in between: codes, ranges and
+    estimates all bit for bit."""
+    runs = {impl: quant.RunningRange(momentum=0.9) for impl in ("reference", "compiled")}
+    steps = [with_outliers(4, 16, 48, dtype=dtype, requires_grad=False, seed=s) * (1 + s) for s in range(3)]
+    steps.insert(2, steps[1].clone())
+    steps[2][0, 0, 0] = float("nan")
+    for i, x in enumerate(steps):
+        out = {}
+        for impl, r in runs.items():
+            saved, layout = quant.compress(x, 8, axes, group_size, running=r, kernel=impl, rows=rows)
+            out[impl] = (tuple(saved), quant.expand(saved, layout), r.lo.clone(), r.span.clone())
+        a, b = out["reference"], out["compiled"]
+        for u, v in zip(a[0] + a[1:], b[0] + b[1:]):  # (NaN where the input had one)
+            torch.testing.assert_close(u, v, rtol=0, atol=0, equal_nan=True, msg=f"step {i}")
+    # a forward recomputed in backward uses the estimate without updating it
+    # (running.plan: "use"), the same in both paths
+    for r in runs.values():
+        r.updated_in_forward = True
+    x = steps[-1] * 2
+    import unittest.mock as mock
+
+    with mock.patch("torch_mesa.quant.running.in_backward", return_value=True):
+        got = [quant.compress(x, 8, axes, group_size, running=r, kernel=impl, rows=rows)[0]
+               for impl, r in runs.items()]
+    for u, v in zip(*got):
+        assert torch.equal(u, v)
+    assert all(not r.updated_in_forward for r in runs.values())
+
+
+@pytest.mark.parametrize("shape", [(64, 17, 256), (3, 5, 7), (1,), (2, 9), (0, 4)])
+def test_fused_masks_equal_reference(shape):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(1)) > 0.3
+    packed = quant.pack_bits(mask)
+    assert torch.equal(packed, ref.pack_bits(mask)) if mask.numel() else packed.numel() == 0
+    back = quant.unpack_bits(packed, shape)
+    assert back.dtype == torch.bool and torch.equal(back, mask)
 
 
 def test_fused_stochastic_rounding_is_unbiased():
@@ -210,7 +259,7 @@ def test_fused_stochastic_rounding_is_unbiased():
     draws = 400
     total = torch.zeros_like(x)
     for _ in range(draws):
-        saved, y = _round_trip(x, 2, (1,), 1, stochastic=True, prims=fused.PRIMS)
+        saved, y = _round_trip(x, 2, (1,), 1, stochastic=True, impl=fused)
         total += y
     step = ref.to_channels(saved[2], (64, 32), (1,), 1)
     assert (((total / draws) - x).abs() / step).mean() < 0.04
@@ -226,7 +275,7 @@ def test_fused_stochastic_equals_reference_for_the_same_seed(bits, monkeypatch):
     monkeypatch.setattr(ref, "_seeds", itertools.count(5))
     a, ya = _round_trip(x, bits, (3,), 1, stochastic=True)
     monkeypatch.setattr(ref, "_seeds", itertools.count(5))
-    b, yb = _round_trip(x, bits, (3,), 1, stochastic=True, prims=fused.PRIMS)
+    b, yb = _round_trip(x, bits, (3,), 1, stochastic=True, impl=fused)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
     assert torch.equal(ya, yb)

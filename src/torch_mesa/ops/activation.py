@@ -98,13 +98,13 @@ def silu(x: Tensor, *, config=None, states: Optional[RangeStates] = None) -> Ten
 def _save_mask(ctx, mask: Tensor) -> None:
     """Keep where the gradient passes, 1 bit per element (exact)."""
     ctx.shape = tuple(mask.shape)
-    ctx.save_for_backward(quant.reference.pack_bits(mask))
+    ctx.save_for_backward(quant.pack_bits(mask))
 
 
 def _masked_grad(ctx, grad_out: Tensor) -> Tensor:
     no_double_backward()
     (packed,) = ctx.saved_tensors
-    return grad_out * quant.reference.unpack_bits(packed, ctx.shape)
+    return grad_out * quant.unpack_bits(packed, ctx.shape)
 
 
 class _ReluFn(OpFunction):
@@ -164,7 +164,7 @@ class _PiecewiseFn(OpFunction):
         else:  # hardswish: 0 below -3, x / 3 + 1/2 in [-3, 3], 1 above 3
             masks = [x >= -3, x > 3]
         ctx.shape = tuple(x.shape)
-        packed = [quant.reference.pack_bits(m) for m in masks]
+        packed = [quant.pack_bits(m) for m in masks]
         kept = None
         if kind == "hardswish":
             running = states.get(spec, "input") if states is not None else None
@@ -177,7 +177,7 @@ class _PiecewiseFn(OpFunction):
     @staticmethod
     def backward(ctx, grad_out):
         loaded = load(ctx)
-        masks = [quant.reference.unpack_bits(p, ctx.shape) for p in loaded[:ctx.n_masks]]
+        masks = [quant.unpack_bits(p, ctx.shape) for p in loaded[:ctx.n_masks]]
         kind = ctx.kind
         if kind == "relu6":
             g = grad_out * masks[0]
@@ -365,7 +365,7 @@ def gated(
 
 # ------------------------------------------------------------------ dropout
 def _apply_mask(x: Tensor, mask_packed: Tensor, *, shape, scale: float) -> Tensor:
-    mask = quant.reference.unpack_bits(mask_packed, shape)
+    mask = quant.unpack_bits(mask_packed, shape)
     return torch.ops.aten.native_dropout_backward(x, mask, scale)
 
 
@@ -373,7 +373,7 @@ class _DropoutFn(OpFunction):
     @staticmethod
     def forward(ctx, x, p: float, spec: QuantSpec):
         out, mask = torch.native_dropout(x, p, True)
-        mask_packed = quant.reference.pack_bits(mask)
+        mask_packed = quant.pack_bits(mask)
         scale = 1.0 / (1.0 - p)
         ctx.shape, ctx.scale = tuple(x.shape), scale
         ctx.save_for_backward(mask_packed)

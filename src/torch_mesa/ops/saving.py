@@ -8,9 +8,11 @@ remembers how to rebuild each), :func:`load` rebuilds them in backward,
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Union
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from ..config import MesaConfig, QuantSpec
 from .recipes import Recipe, is_channels_first, mark_channels_first, mark_kept
@@ -18,9 +20,37 @@ from .recipes import Recipe, is_channels_first, mark_channels_first, mark_kept
 Tensor = torch.Tensor
 
 
+class RoutingMode(TorchFunctionMode):
+    """The base of the routing scope's mode (:mod:`torch_mesa.routing.scope`),
+    here so that ops can step out of it without importing the routing."""
+
+
+def _unrouted(fn):
+    """``fn`` run with the routing mode off when it is the innermost mode.
+    An op's forward runs without grad and routes nothing anyway, and its
+    backward must not route the recomputations it runs; without the mode,
+    the op's own torch calls skip a Python hop each, and the compiled
+    quantizer is never traced through the mode (Dynamo would guard on the
+    routing stack's depth and recompile for each)."""
+
+    @functools.wraps(fn)
+    def run(*args):
+        n = torch._C._len_torch_function_stack()
+        if n and isinstance(torch._C._get_function_stack_at(n - 1), RoutingMode):
+            mode = torch._C._pop_torch_function_stack()
+            try:
+                return fn(*args)
+            finally:
+                torch._C._push_on_torch_function_stack(mode)
+        return fn(*args)
+
+    return run
+
+
 class OpFunction(torch.autograd.Function):
     """The base of every op's ``autograd.Function``: its forward and backward
-    run as Python, never traced by ``torch.compile``. They keep Python state
+    run as Python, never traced by ``torch.compile``, and outside the
+    routing mode (:func:`_unrouted`). They keep Python state
     (recipes attached to tensors, version counters, running ranges) that a
     traced graph would freeze or drop, and call the compiled quantizer
     themselves. In a compiled model each converted op is one graph break,
@@ -31,7 +61,7 @@ class OpFunction(torch.autograd.Function):
         for name in ("forward", "backward"):
             fn = cls.__dict__.get(name)
             if isinstance(fn, staticmethod):
-                setattr(cls, name, staticmethod(torch._dynamo.disable(fn.__func__)))
+                setattr(cls, name, staticmethod(torch._dynamo.disable(_unrouted(fn.__func__))))
 
 
 def as_spec(config: Union[None, MesaConfig, QuantSpec]) -> Optional[QuantSpec]:

@@ -23,7 +23,8 @@ from .running import RangeStates, RunningRange
 
 Tensor = torch.Tensor
 
-__all__ = ["Layout", "RangeStates", "RunningRange", "compress", "expand", "reference", "fused"]
+__all__ = ["Layout", "RangeStates", "RunningRange", "compress", "expand", "pack_bits", "unpack_bits", "reference",
+           "fused"]
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,8 @@ def _kernel(requested: str) -> str:
     return "reference" if choice == "reference" else "compiled"
 
 
-def _prims(kernel: str) -> reference.Primitives:
-    return reference._reference_prims() if kernel == "reference" else fused.PRIMS
+def _impl(kernel: str):
+    return reference if kernel == "reference" else fused
 
 
 def compress(
@@ -92,16 +93,7 @@ def compress(
             chan = torch.ones([1] * (x.dim() - 1) + [x.shape[-1]], dtype=torch.float32, device=x.device)
             saved = saved + ((torch.zeros_like(row), row) if rows == "row" else (row.bfloat16(), chan))
         return saved, layout
-    saved = reference.quantize(
-        x,
-        bits,
-        axes,
-        group_size,
-        stochastic,
-        rows=rows,
-        update_range=None if running is None else running.update,
-        prims=_prims(kern),
-    )
+    saved = _impl(kern).quantize(x, bits, axes, group_size, stochastic, rows=rows, running=running)
     return tuple(saved), layout
 
 
@@ -110,14 +102,22 @@ def expand(saved: Tuple[Tensor, ...], layout: Layout) -> Tensor:
     if layout.numel == 0:
         return torch.empty(layout.shape, dtype=layout.dtype, device=saved[0].device)
     shape = layout.shape if layout.shape else (1,)
-    out = reference.dequantize(
-        saved,
-        shape,
-        layout.dtype,
-        layout.bits,
-        layout.axes if layout.shape else (0,),
-        layout.group_size,
+    out = _impl(layout.kernel).dequantize(
+        saved, shape, layout.dtype, layout.bits, layout.axes if layout.shape else (0,), layout.group_size,
         rows=layout.rows,
-        prims=_prims(layout.kernel),
     )
     return out.reshape(layout.shape)
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """A boolean tensor kept 1 bit per element (dropout, ReLU and clamp masks)."""
+    if mask.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8, device=mask.device)
+    return _impl(_kernel("auto")).pack_bits(mask)
+
+
+def unpack_bits(packed: Tensor, shape) -> Tensor:
+    """The boolean tensor of ``shape`` that :func:`pack_bits` kept."""
+    if math.prod(shape) == 0:
+        return torch.zeros(tuple(shape), dtype=torch.bool, device=packed.device)
+    return _impl(_kernel("auto")).unpack_bits(packed, shape)

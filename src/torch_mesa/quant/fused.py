@@ -1,31 +1,30 @@
-"""The fused quantizer: the reference's passes over an activation, compiled.
+"""The fused quantizer: the reference, compiled whole.
 
 Inductor turns the reference's chain of small eager kernels (float cast,
 subtract, divide, round, clamp, cast, pack; the per-channel and per-row
-reductions) into fused loops: C++/OpenMP on CPU, Triton on GPU. This is what
-keeps the quantizer a small fraction of a training step instead of costing
-about as much as the step (step times in docs/benchmarks.md).
+reductions; the per-group bookkeeping and the running-range step) into a few
+fused loops: C++/OpenMP on CPU, Triton on GPU. Keeping an activation is one
+call of one compiled function (:func:`.reference.quantize_core`), expanding
+it another (:func:`.reference.dequantize_core`): on small tensors the cost
+of a call, not of the loops, is what a step pays, and the reference runs
+about 40 small kernels per keep. Every statistic is a min or a max and the
+rest is the same elementwise arithmetic, so with nearest rounding the two
+paths agree bit for bit (tested).
 
-Only the passes over the activation are compiled (:class:`Primitives` of
-:mod:`.reference`): row statistics, per-channel magnitudes and min/max,
-quantize-and-pack, unpack-and-dequantize. The per-group bookkeeping in between
-works on one value per channel and stays eager, exactly as in the reference, so
-the two paths agree bit for bit with nearest rounding. (Compiling that
-bookkeeping too was tried: Inductor's CPU code for an indexed broadcast along
-the innermost dimension read the wrong group in the tail of its vectorised
-loop.)
-
-One compiled function is made per static setting (dtype, rank, bits, rounding,
-channel axes, row normalisation), each with a code object of its own, so
-Dynamo's limit of 8 variants per code object is only spent on shapes and
-strides (which its automatic dynamic-shape handling soon generalises). Where
-compilation is unavailable (no C++ compiler, an unsupported platform), the
-first failure emits one warning and the reference is used from then on.
+One compiled function is made per static setting (dtype, rank, bits, channel
+axes, grouping, row mode, rounding, running-range step), each with a code
+object of its own, so Dynamo's limit of 8 variants per code object is only
+spent on shapes and strides (which its automatic dynamic-shape handling soon
+generalises). Where compilation is unavailable (no C++ compiler, an
+unsupported platform), the first failure emits one warning and the
+reference is used from then on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import types
 import warnings
 from typing import Callable, Optional
@@ -77,89 +76,37 @@ def _compile(fn: Callable, tag: str) -> Callable:
     return _Compiled(fn, tag)
 
 
-def _key(x: torch.Tensor) -> str:
-    return f"{str(x.dtype).replace('torch.', '')}_{x.dim()}d"
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
-def _layout(per_channel: torch.Tensor) -> str:
-    """Which dimensions carry ranges (the broadcast pattern of lo/scale):
-    Dynamo specialises on size-1 dimensions, so each pattern gets its own
-    compiled function instead of competing for one's variants."""
-    return "c" + "".join("1" if n != 1 else "0" for n in per_channel.shape)
-
-
-_FRAME = ("centre", "width", "chan")
-
-
-def _frame_tag(frame: dict) -> str:
-    """Which row-mode tensors a call passes (``"cw-"``: centre and width)."""
-    return "".join(n[0] if frame.get(n) is not None else "-" for n in _FRAME)
-
-
-def _frame_args(frame: dict) -> tuple:
-    return tuple(frame[n] for n in _FRAME if frame.get(n) is not None)
-
-
-def _frame_of(tag: str, args: tuple) -> dict:
-    names = [n for n, c in zip(_FRAME, tag) if c != "-"]
-    return dict(zip(names, args))
+def _setting_tag(*parts) -> str:
+    return "_".join(str(p) for p in parts).translate(str.maketrans("(), .-", "______"))
 
 
 @functools.lru_cache(maxsize=None)
-def _row_stats(key: str) -> Callable:
-    def row_stats(x):
-        return ref.row_stats(x)
+def _quantize(dtype: torch.dtype, ndim: int, bits: int, axes: tuple, group_size, rows, running, momentum: float,
+              stochastic: bool) -> Callable:
+    settings = dict(bits=bits, axes=axes, group_size=group_size, rows=rows, running=running, momentum=momentum)
+    # (the optional tensors are passed or not by setting, so no None reaches the compiled code)
+    n_state = 2 if running in ("update", "use") else 0
 
-    return _compile(row_stats, f"rows_{key}")
+    def quantize(x, *extra):
+        seed = extra[0] if stochastic else None
+        state = extra[len(extra) - n_state:] if n_state else (None, None)
+        return ref.quantize_core(x, seed, state[0], state[1], **settings)
 
-
-@functools.lru_cache(maxsize=None)
-def _absmax(key: str, axes: tuple) -> Callable:
-    def absmax(x):
-        return ref.channel_absmax(x, axes)
-
-    return _compile(absmax, f"absmax_{key}_{'_'.join(map(str, axes))}")
-
-
-@functools.lru_cache(maxsize=None)
-def _scaled_rows(key: str, layout: str) -> Callable:
-    def scaled_rows(x, chan):
-        return ref.scaled_row_stats(x, chan)
-
-    return _compile(scaled_rows, f"scaledrows_{key}_{layout}")
+    return _compile(quantize, _setting_tag("q", _dtype_name(dtype), ndim, bits, axes, group_size, rows, running,
+                                           int(stochastic), momentum))
 
 
 @functools.lru_cache(maxsize=None)
-def _minmax(key: str, axes: tuple, per_tensor: bool, tag: str) -> Callable:
-    def minmax(x, *frame):
-        return ref.channel_minmax(x, axes, per_tensor, **_frame_of(tag, frame))
+def _dequantize(shape_rank: int, dtype: torch.dtype, bits: int, axes: tuple, group_size, rows) -> Callable:
+    def dequantize(shape, *saved):
+        return ref.dequantize_core(saved, shape=shape, dtype=dtype, bits=bits, axes=axes, group_size=group_size,
+                                   rows=rows)
 
-    axes_tag = "_".join(map(str, axes))
-    return _compile(minmax, f"{key}_{axes_tag}_{int(per_tensor)}_{tag.replace('-', 'x')}")
-
-
-@functools.lru_cache(maxsize=None)
-def _codes(key: str, layout: str, bits: int, stochastic: bool, tag: str) -> Callable:
-    if stochastic:
-
-        def codes(x, lo_c, scale_c, seed, *frame):
-            return ref.quantize_codes(x, lo_c, scale_c, bits, seed, **_frame_of(tag, frame))
-
-    else:
-
-        def codes(x, lo_c, scale_c, *frame):
-            return ref.quantize_codes(x, lo_c, scale_c, bits, None, **_frame_of(tag, frame))
-
-    return _compile(codes, f"{key}_{layout}_{bits}b_{int(stochastic)}_{tag.replace('-', 'x')}")
-
-
-@functools.lru_cache(maxsize=None)
-def _dequant(dtype: torch.dtype, ndim: int, layout: str, bits: int, tag: str) -> Callable:
-    def dequant(packed, lo_c, scale_c, shape, *frame):
-        return ref.dequantize_codes(packed, lo_c, scale_c, shape, dtype, bits, **_frame_of(tag, frame))
-
-    name = f"{str(dtype).replace('torch.', '')}_{ndim}d_{layout}_{bits}b_{tag.replace('-', 'x')}"
-    return _compile(dequant, name)
+    return _compile(dequantize, _setting_tag("dq", shape_rank, _dtype_name(dtype), bits, axes, group_size, rows))
 
 
 def available() -> bool:
@@ -170,6 +117,24 @@ def available() -> bool:
 _failed = set()  # compiled functions that failed: the reference runs instead
 
 
+@contextlib.contextmanager
+def _no_function_modes():
+    """Every ``TorchFunctionMode`` off (the routing scope's, a user's): the
+    quantizer's own tensor ops are nobody else's business, and Dynamo would
+    trace a mode's Python and guard on its state, recompiling as it changes."""
+    if not torch._C._len_torch_function_stack():
+        yield
+        return
+    modes = []
+    while torch._C._len_torch_function_stack():
+        modes.append(torch._C._pop_torch_function_stack())
+    try:
+        yield
+    finally:
+        for mode in reversed(modes):
+            torch._C._push_on_torch_function_stack(mode)
+
+
 def _run(compiled: Callable, eager: Callable, *args):
     global _broken
     # (detached: whether an input requires grad changes nothing here, and
@@ -177,7 +142,8 @@ def _run(compiled: Callable, eager: Callable, *args):
     args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     if compiled not in _failed:
         try:
-            return compiled(*args)
+            with _no_function_modes():
+                return compiled(*args)
         except torch.OutOfMemoryError:
             raise
         except Exception as err:  # compiler errors come in many types
@@ -198,59 +164,53 @@ def _run(compiled: Callable, eager: Callable, *args):
     return eager(*args)
 
 
-def row_stats(x):
-    return _run(_row_stats(_key(x)), ref.row_stats, x)
+def _quantize_core(x, seed, run_lo, run_span, *, bits, axes, group_size, rows, running, momentum):
+    compiled = _quantize(x.dtype, x.dim(), bits, axes, group_size, rows, running, momentum, seed is not None)
+    extra = ((seed,) if seed is not None else ()) + ((run_lo, run_span) if running in ("update", "use") else ())
+    return _run(compiled, lambda t, *e: ref.quantize_core(
+        t, seed, run_lo, run_span, bits=bits, axes=axes, group_size=group_size, rows=rows, running=running,
+        momentum=momentum), x, *extra)
 
 
-def channel_absmax(x, axes):
-    return _run(_absmax(_key(x), tuple(axes)), lambda t: ref.channel_absmax(t, axes), x)
+def quantize(x, bits, axes, group_size, stochastic, *, rows=None, running=None):
+    """:func:`.reference.quantize`, compiled."""
+    return ref.quantize_with(_quantize_core, x, bits, axes, group_size, stochastic, rows, running)
 
 
-def scaled_row_stats(x, chan):
-    return _run(_scaled_rows(_key(x), _layout(chan)), ref.scaled_row_stats, x, chan)
+def dequantize(saved, shape, dtype, bits, axes, group_size, *, rows=None):
+    """:func:`.reference.dequantize`, compiled."""
+    shape = tuple(shape)
+    axes = ref.normalize_axes(axes, len(shape))
+    compiled = _dequantize(len(shape), dtype, bits, axes, group_size, rows)
+    return _run(compiled, lambda sh, *sv: ref.dequantize_core(
+        sv, shape=sh, dtype=dtype, bits=bits, axes=axes, group_size=group_size, rows=rows), shape, *saved)
 
 
-def channel_minmax(x, axes, per_tensor, **frame):
-    tag = _frame_tag(frame)
-    return _run(
-        _minmax(_key(x), tuple(axes), per_tensor, tag),
-        lambda t, *f: ref.channel_minmax(t, axes, per_tensor, **_frame_of(tag, f)),
-        x,
-        *_frame_args(frame),
-    )
+@functools.lru_cache(maxsize=None)
+def _pack_bits(ndim: int) -> Callable:
+    def pack_bits(mask):
+        return ref.pack_bits(mask)
+
+    return _compile(pack_bits, f"bits_{ndim}d")
 
 
-def quantize_codes(x, lo_c, scale_c, bits, seed=None, **frame):
-    tag = _frame_tag(frame)
-    lead = () if seed is None else (seed,)
+@functools.lru_cache(maxsize=None)
+def _unpack_bits(ndim: int) -> Callable:
+    def unpack_bits(shape, packed):
+        # (as uint8: Inductor's CPU stores of bool are about 4x slower; the
+        # 0/1 bytes are reinterpreted as bool outside)
+        return ref.unpack(packed, 1, math.prod(shape)).reshape(shape)
 
-    def eager(t, lo, sc, *rest):
-        s, f = (rest[0], rest[1:]) if lead else (None, rest)
-        return ref.quantize_codes(t, lo, sc, bits, s, **_frame_of(tag, f))
-
-    return _run(
-        _codes(_key(x), _layout(lo_c), bits, seed is not None, tag),
-        eager,
-        x,
-        lo_c,
-        scale_c,
-        *lead,
-        *_frame_args(frame),
-    )
+    return _compile(unpack_bits, f"bits_{ndim}d")
 
 
-def dequantize_codes(packed, lo_c, scale_c, shape, dtype, bits, **frame):
-    tag = _frame_tag(frame)
-    return _run(
-        _dequant(dtype, len(shape), _layout(lo_c), bits, tag),
-        lambda p, lo, sc, sh, *f: ref.dequantize_codes(p, lo, sc, sh, dtype, bits, **_frame_of(tag, f)),
-        packed,
-        lo_c,
-        scale_c,
-        tuple(shape),
-        *_frame_args(frame),
-    )
+def pack_bits(mask):
+    """:func:`.reference.pack_bits`, compiled."""
+    return _run(_pack_bits(mask.dim()), ref.pack_bits, mask)
 
 
-PRIMS = ref.Primitives(row_stats, channel_minmax, quantize_codes, dequantize_codes, channel_absmax,
-                       scaled_row_stats)
+def unpack_bits(packed, shape):
+    """:func:`.reference.unpack_bits`, compiled."""
+    shape = tuple(shape)
+    codes = _run(_unpack_bits(len(shape)), lambda sh, p: ref.unpack(p, 1, math.prod(sh)).reshape(sh), shape, packed)
+    return codes.view(torch.bool)

@@ -56,10 +56,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .running import step as running_step
 
 Tensor = torch.Tensor
 
@@ -81,15 +83,20 @@ def packed_numel(numel: int, bits: int) -> int:
 def to_channels(v: Tensor, shape: Tuple[int, ...], axes: Tuple[int, ...], group_size: Optional[int]) -> Tensor:
     """Broadcast per-group values ``(G,)`` to a tensor that broadcasts against ``shape``.
 
-    Small (one value per channel); the fused path computes it eagerly and hands
-    it to the compiled loops.
+    Small (one value per channel). Written with expand and reshape, not a
+    gather by group index: the fused path compiles it with the passes over
+    the activation, and Inductor's CPU code for an indexed broadcast along
+    the innermost dimension once read the wrong group in the tail of its
+    vectorised loop.
     """
     if group_size is None:
         return v.reshape([1] * len(shape))
     channels = shape[axes[-1]]
     groups_per_row = max(1, -(-channels // group_size))
-    group_of_channel = torch.arange(channels, device=v.device) // group_size
-    per_channel = v.reshape(-1, groups_per_row)[:, group_of_channel]  # (rows, C)
+    per_group = v.reshape(-1, groups_per_row, 1)
+    if group_size > 1:
+        per_group = per_group.expand(-1, groups_per_row, group_size)
+    per_channel = per_group.reshape(per_group.shape[0], -1)[:, :channels]  # (rows, C)
     view = [1] * len(shape)
     for a in axes:
         view[a] = shape[a]
@@ -328,22 +335,6 @@ def dequantize_codes(
     return out.to(dtype)
 
 
-class Primitives(NamedTuple):
-    """The passes over an activation; the fused path swaps in compiled ones."""
-
-    row_stats: Callable
-    channel_minmax: Callable
-    quantize_codes: Callable
-    dequantize_codes: Callable
-    channel_absmax: Callable
-    scaled_row_stats: Callable
-
-
-def _reference_prims() -> Primitives:
-    return Primitives(row_stats, channel_minmax, quantize_codes, dequantize_codes, channel_absmax,
-                      scaled_row_stats)
-
-
 def normalize_axes(axes, ndim: int) -> Tuple[int, ...]:
     if isinstance(axes, int):
         axes = (axes,)
@@ -362,6 +353,97 @@ def _frame(saved_rows: Tuple[Tensor, ...], rows: Optional[str]) -> dict:
     return {}
 
 
+def quantize_core(
+    x: Tensor,
+    seed: Optional[Tensor],
+    run_lo: Optional[Tensor],
+    run_span: Optional[Tensor],
+    *,
+    bits: int,
+    axes: Tuple[int, ...],
+    group_size: Optional[int],
+    rows: Optional[str],
+    running: Optional[str],
+    momentum: float,
+) -> Tuple[Tensor, ...]:
+    """The whole of :func:`quantize` as a function of tensors and static
+    settings, without Python state: the fused path compiles exactly this.
+    ``seed``: stochastic rounding's seed (None: nearest). ``running``: what
+    the running estimate ``(run_lo, run_span)`` does this step (None: dynamic
+    ranges; see :func:`.running.step`); with "fresh" or "update" the new
+    estimate's ``(lo, span)`` follow the kept tensors."""
+    frame: dict = {}
+    kept_rows: Tuple[Tensor, ...] = ()
+    if rows == "row":
+        centre, width = row_stats(x)
+        frame, kept_rows = {"centre": centre, "width": width}, (centre, width)
+    elif rows == "scaled":
+        chan = channel_absmax(x, axes)
+        width = scaled_row_stats(x, chan)
+        frame, kept_rows = {"width": width, "chan": chan}, (width, chan)
+    cmin, cmax = channel_minmax(x, axes, group_size is None, **frame)
+    lo, hi = groups_from_channels(cmin, cmax, group_size)
+    new: Tuple[Tensor, ...] = ()
+    if running is not None:
+        lo, hi, new = running_step(running, momentum, lo, hi, run_lo, run_span)
+    scale = scale_from_range(lo, hi, bits)
+    if seed is None:
+        # Nearest rounding is a fixed function of x: without a zero point it
+        # would move every 0 of a group the same way, step after step.
+        # (Stochastic rounding is unbiased at 0 already.)
+        lo, scale = zero_point(lo, hi, scale, bits)
+    shape = tuple(x.shape)
+    lo_c = to_channels(lo, shape, axes, group_size)
+    scale_c = to_channels(scale, shape, axes, group_size)
+    packed = quantize_codes(x, lo_c, scale_c, bits, seed, **frame)
+    return (packed, lo, scale) + kept_rows + tuple(new)
+
+
+def dequantize_core(
+    saved: Tuple[Tensor, ...],
+    *,
+    shape: Tuple[int, ...],
+    dtype: torch.dtype,
+    bits: int,
+    axes: Tuple[int, ...],
+    group_size: Optional[int],
+    rows: Optional[str],
+) -> Tensor:
+    """The whole of :func:`dequantize` (the fused path compiles exactly this)."""
+    packed, lo, scale = saved[:3]
+    lo_c = to_channels(lo, shape, axes, group_size)
+    scale_c = to_channels(scale, shape, axes, group_size)
+    return dequantize_codes(packed, lo_c, scale_c, shape, dtype, bits, **_frame(tuple(saved[3:]), rows))
+
+
+def quantize_with(
+    core: Callable[..., Tuple[Tensor, ...]],
+    x: Tensor,
+    bits: int,
+    axes,
+    group_size: Optional[int],
+    stochastic: bool,
+    rows: Optional[str],
+    running,
+) -> Tuple[Tensor, ...]:
+    """:func:`quantize` with ``core`` in place of :func:`quantize_core`
+    (same signature): the Python state (seed stream, running estimate) is
+    handled here, the tensors there."""
+    if rows not in ROW_MODES:
+        raise ValueError(f"rows={rows!r}; use one of {ROW_MODES}")
+    axes = normalize_axes(axes, x.dim())
+    seed = next_seed(x.device) if stochastic else None
+    mode, run_lo, run_span = None, None, None
+    if running is not None:
+        mode, run_lo, run_span = running.plan(num_groups(tuple(x.shape), axes, group_size), x.device)
+    out = core(x, seed, run_lo, run_span, bits=bits, axes=axes, group_size=group_size, rows=rows,
+               running=mode, momentum=running.momentum if running is not None else 0.0)
+    if mode in ("fresh", "update"):
+        running.commit(out[-2], out[-1])
+        out = out[:-2]
+    return tuple(out)
+
+
 def quantize(
     x: Tensor,
     bits: int,
@@ -370,45 +452,17 @@ def quantize(
     stochastic: bool,
     *,
     rows: Optional[str] = None,
-    update_range: Optional[Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]] = None,
-    prims: Optional[Primitives] = None,
+    running=None,
 ) -> Tuple[Tensor, ...]:
     """Quantize ``x``; returns the tensors to keep: ``(packed, lo, scale)``,
     plus ``(centre, width)`` with ``rows="row"`` or ``(width, chan)`` with
     ``rows="scaled"`` (see the module docstring).
 
-    ``update_range(lo, hi) -> (lo, hi)`` replaces the dynamic per-group range
-    (running estimates); values outside the returned range saturate.
+    ``running`` (a :class:`~.running.RunningRange`) replaces the dynamic
+    per-group range with its running estimate, updating it; values outside
+    that range saturate.
     """
-    if rows not in ROW_MODES:
-        raise ValueError(f"rows={rows!r}; use one of {ROW_MODES}")
-    p = prims or _reference_prims()
-    axes = normalize_axes(axes, x.dim())
-    frame: dict = {}
-    kept_rows: Tuple[Tensor, ...] = ()
-    if rows == "row":
-        centre, width = p.row_stats(x)
-        frame, kept_rows = {"centre": centre, "width": width}, (centre, width)
-    elif rows == "scaled":
-        chan = p.channel_absmax(x, axes)
-        width = p.scaled_row_stats(x, chan)
-        frame, kept_rows = {"width": width, "chan": chan}, (width, chan)
-    cmin, cmax = p.channel_minmax(x, axes, group_size is None, **frame)
-    lo, hi = groups_from_channels(cmin, cmax, group_size)
-    if update_range is not None:
-        lo, hi = update_range(lo, hi)
-    scale = scale_from_range(lo, hi, bits)
-    if not stochastic:
-        # Nearest rounding is a fixed function of x: without a zero point it
-        # would move every 0 of a group the same way, step after step.
-        # (Stochastic rounding is unbiased at 0 already.)
-        lo, scale = zero_point(lo, hi, scale, bits)
-    shape = tuple(x.shape)
-    lo_c = to_channels(lo, shape, axes, group_size)
-    scale_c = to_channels(scale, shape, axes, group_size)
-    seed = next_seed(x.device) if stochastic else None
-    packed = p.quantize_codes(x, lo_c, scale_c, bits, seed, **frame)
-    return (packed, lo, scale) + kept_rows
+    return quantize_with(quantize_core, x, bits, axes, group_size, stochastic, rows, running)
 
 
 def dequantize(
@@ -420,13 +474,8 @@ def dequantize(
     group_size: Optional[int],
     *,
     rows: Optional[str] = None,
-    prims: Optional[Primitives] = None,
 ) -> Tensor:
     """Inverse of :func:`quantize` (up to the rounding)."""
-    p = prims or _reference_prims()
     shape = tuple(shape)
-    axes = normalize_axes(axes, len(shape))
-    packed, lo, scale = saved[:3]
-    lo_c = to_channels(lo, shape, axes, group_size)
-    scale_c = to_channels(scale, shape, axes, group_size)
-    return p.dequantize_codes(packed, lo_c, scale_c, shape, dtype, bits, **_frame(tuple(saved[3:]), rows))
+    return dequantize_core(tuple(saved), shape=shape, dtype=dtype, bits=bits,
+                           axes=normalize_axes(axes, len(shape)), group_size=group_size, rows=rows)

@@ -47,35 +47,59 @@ class RunningRange:
         # that follows it (see the module docstring).
         self.updated_in_forward = False
 
-    def update(self, cur_lo: Tensor, cur_hi: Tensor) -> Tuple[Tensor, Tensor]:
-        cur_span = cur_hi - cur_lo
-        ok = torch.isfinite(cur_lo) & torch.isfinite(cur_span)
-        fresh = self.lo is None or self.lo.shape != cur_lo.shape or self.lo.device != cur_lo.device
+    def plan(self, groups: int, device) -> Tuple[str, Optional[Tensor], Optional[Tensor]]:
+        """What this step does with the estimate, for ``groups`` ranges on
+        ``device``: ``("fresh", None, None)`` (first step, or a new layout:
+        start from the current statistics), ``("update", lo, span)`` (a
+        moving-average step) or ``("use", lo, span)`` (a forward recomputed
+        during backward after a forward that updated: use, do not update).
+        :func:`step` computes it; :meth:`commit` stores an updated estimate."""
+        fresh = self.lo is None or tuple(self.lo.shape) != (groups,) or self.lo.device != torch.device(device)
         backward = in_backward()
         if not fresh and backward and self.updated_in_forward:
-            # A forward recomputed during backward (non-reentrant activation
-            # checkpointing) after a forward that updated: use, do not update.
             self.updated_in_forward = False
-            lo = torch.where(ok, self.lo, cur_lo)
-            return lo, torch.where(ok, self.lo + self.span, cur_hi)
+            return "use", self.lo, self.span
         self.updated_in_forward = not backward
-        if fresh:
-            # First step (or a new layout): start from the current statistics.
-            self.lo = torch.where(ok, cur_lo, torch.zeros_like(cur_lo))
-            self.span = torch.where(ok, cur_span, torch.zeros_like(cur_span))
-        else:
-            m = self.momentum
-            self.lo = torch.where(ok, m * self.lo + (1 - m) * cur_lo, self.lo)
-            self.span = torch.where(ok, m * self.span + (1 - m) * cur_span, self.span)
-        # A non-finite group this step gets a non-finite range, so its NaN/Inf
-        # reaches the gradient instead of being replaced by in-range values.
-        lo = torch.where(ok, self.lo, cur_lo)
-        hi = torch.where(ok, self.lo + self.span, cur_hi)
-        return lo, hi
+        return ("fresh", None, None) if fresh else ("update", self.lo, self.span)
+
+    def commit(self, lo: Tensor, span: Tensor) -> None:
+        self.lo, self.span = lo, span
+
+    def update(self, cur_lo: Tensor, cur_hi: Tensor) -> Tuple[Tensor, Tensor]:
+        """The range to quantize with, given this step's per-group ``(G,)``
+        min and max, updating the estimate as :meth:`plan` decides."""
+        mode, lo, span = self.plan(cur_lo.numel(), cur_lo.device)
+        out_lo, out_hi, new = step(mode, self.momentum, cur_lo, cur_hi, lo, span)
+        if new:
+            self.commit(*new)
+        return out_lo, out_hi
 
     def reset(self) -> None:
         self.lo = self.span = None
         self.updated_in_forward = False
+
+
+def step(mode: str, momentum: float, cur_lo: Tensor, cur_hi: Tensor, lo: Optional[Tensor],
+         span: Optional[Tensor]):
+    """One step of a running estimate (a pure function: the fused quantizer
+    compiles it with the rest). Returns ``(lo, hi, new)``: the range to
+    quantize with, and the new ``(lo, span)`` estimate (empty for "use").
+    A step whose statistics are not finite leaves the estimate unchanged,
+    and its non-finite groups keep their own range, so NaN/Inf reaches the
+    gradient instead of being replaced by in-range values."""
+    cur_span = cur_hi - cur_lo
+    ok = torch.isfinite(cur_lo) & torch.isfinite(cur_span)
+    new: Tuple[Tensor, ...] = ()
+    if mode == "fresh":
+        lo = torch.where(ok, cur_lo, torch.zeros_like(cur_lo))
+        span = torch.where(ok, cur_span, torch.zeros_like(cur_span))
+        new = (lo, span)
+    elif mode == "update":
+        m = momentum
+        lo = torch.where(ok, m * lo + (1 - m) * cur_lo, lo)
+        span = torch.where(ok, m * span + (1 - m) * cur_span, span)
+        new = (lo, span)
+    return torch.where(ok, lo, cur_lo), torch.where(ok, lo + span, cur_hi), new
 
 
 class RangeStates:

@@ -51,7 +51,7 @@ def _chosen(x, cond, *other, fill=None, x_first=True):
 
 
 def _unpacked(packed, *, shape):
-    return quant.reference.unpack_bits(packed, shape)
+    return quant.unpack_bits(packed, shape)
 
 
 def _mask_step(step, *, shape):
@@ -122,7 +122,7 @@ def _plan_masked(mask, value, shape, step_fn, **flags):
     if _small(mask, shape):
         return step, (mask,) + extra
     full = mask.expand(shape) if tuple(mask.shape) != tuple(shape) else mask
-    packed = quant.reference.pack_bits(full)
+    packed = quant.pack_bits(full)
     return _mask_step(step, shape=tuple(shape)), (packed,) + extra
 
 

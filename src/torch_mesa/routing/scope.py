@@ -25,11 +25,11 @@ import threading
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from ..config import MesaConfig, QuantSpec
 from ..quant.running import RangeStates, in_backward
 from ..ops.recipes import mark_channels_first
+from ..ops.saving import RoutingMode
 from . import calls
 
 __all__ = ["Scope"]
@@ -72,7 +72,7 @@ def _func_name(func) -> str:
     return name if "." in name or not module.startswith("torch") else f"torch.{name}"
 
 
-class _Mode(TorchFunctionMode):
+class _Mode(RoutingMode):
     def __init__(self, scope: "Scope") -> None:
         super().__init__()
         self.scope = scope
