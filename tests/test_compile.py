@@ -127,3 +127,30 @@ def test_measure_reports_compiled_models(mode):
     else:
         assert report.by_module["blocks"] > 0.5 * report.total_bytes
         assert not any(k.startswith("blocks.") for k in report.by_module)
+
+
+def _graphs_of_a_compiled_step(depth):
+    from torch._dynamo.utils import counters
+
+    from torch_mesa.tools.models import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=16, patch_size=8, in_chans=3, num_classes=4, dim=32, depth=depth, heads=2)
+    compress_(model)
+    torch._dynamo.reset()
+    counters.clear()
+    run = torch.compile(model, backend="aot_eager")
+    for _ in range(2):
+        run(torch.randn(2, 3, 16, 16)).sum().backward()
+    return counters["stats"]["unique_graphs"], sum(counters["recompiles"].values())
+
+
+def test_blocks_share_compiled_code():
+    """Every block of a compiled converted model runs the same compiled code:
+    the routing and the converted layers are never traced (their Python
+    state, module names among it, would be guarded on), so the graph count
+    does not grow with depth, and no block is left to run uncompiled past
+    Dynamo's recompile limit of 8."""
+    shallow, deep = _graphs_of_a_compiled_step(2), _graphs_of_a_compiled_step(12)
+    assert deep == shallow, (shallow, deep)
+    assert deep[1] == 0

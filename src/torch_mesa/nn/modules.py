@@ -33,6 +33,17 @@ class MesaModule:
     mesa_spec = None
     mesa_states = None
 
+    def __init_subclass__(cls, **kwargs):
+        # A converted layer's forward is never traced by torch.compile: it
+        # keeps Python state (recipes on tensors, range estimates) that a
+        # graph would guard on, and Dynamo would compile each of the library
+        # frames it passes through on its own. In a compiled model the layer
+        # is one graph break (docs/design.md, "torch.compile").
+        super().__init_subclass__(**kwargs)
+        fn = cls.__dict__.get("forward")
+        if fn is not None:
+            cls.forward = torch._dynamo.disable(fn)
+
     @property
     def _spec(self):
         """The layer's spec while a converted model runs; exact otherwise (a

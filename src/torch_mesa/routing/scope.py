@@ -80,22 +80,46 @@ class _Mode(RoutingMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         handler = _HANDLERS.get(func)  # type: ignore[union-attr]
+        if handler is not None and torch.is_grad_enabled():
+            out = self._route(handler, func, args, kwargs)
+            if out is not _NOT_ROUTED:
+                return out
+        return func(*args, **kwargs)
+
+    # Under torch.compile, Dynamo traces the lines above and stops at this
+    # call (one graph break per routed call, as at a converted layer): the
+    # routing reads Python state (the stack of running modules, per-module
+    # specs and range estimates by name) that a traced graph would guard on
+    # and recompile for, module after module.
+    @torch._dynamo.disable
+    def _route(self, handler, func, args, kwargs):
         scope = self.scope
         stack = scope.stack
-        if handler is not None and stack and torch.is_grad_enabled():
-            frame = stack[-1]
-            spec = scope.spec_for(frame.name)
-            if spec is not None:
-                slot = frame.calls
-                frame.calls += 1
-                states = scope.states_for(frame.name, slot) if spec.running else None
-                out = handler(spec, states, args, kwargs)
-                if isinstance(out, calls.Fallback):
-                    scope.fell_back(frame.name, _func_name(func), out.reason)
-                elif out is not NotImplemented:
-                    scope.routed += 1
-                    return out
-        return func(*args, **kwargs)
+        if not stack:
+            return _NOT_ROUTED
+        frame = stack[-1]
+        spec = scope.spec_for(frame.name)
+        if spec is None:
+            return _NOT_ROUTED
+        slot = frame.calls
+        frame.calls += 1
+        states = scope.states_for(frame.name, slot) if spec.running else None
+        out = handler(spec, states, args, kwargs)
+        if isinstance(out, calls.Fallback):
+            scope.fell_back(frame.name, _func_name(func), out.reason)
+            return _NOT_ROUTED
+        if out is NotImplemented:
+            return _NOT_ROUTED
+        scope.routed += 1
+        return out
+
+
+_NOT_ROUTED = object()
+# Dynamo inlines __torch_function__ into the user's frame it traces, and at a
+# routed call breaks that frame there; the call then enters
+# __torch_function__ as a frame of its own, which must not be compiled on its
+# own (it would be, once per argument pattern, up to the recompile limit).
+torch._dynamo.eval_frame.skip_code(_Mode.__torch_function__.__code__)
 
 
 class Scope:
@@ -148,6 +172,7 @@ class Scope:
                 self._local.mode = mode
         stack.append(_Frame(name))
 
+    @torch._dynamo.disable  # (see _Mode._route)
     def _post(self, module, args, output):
         self.exit()
         if isinstance(module, _FEATURE_MAP_LAYERS):
@@ -204,6 +229,7 @@ class _PreHook:
     def __init__(self, scope: Scope, name: str) -> None:
         self.scope, self.name = scope, name
 
+    @torch._dynamo.disable  # (see _Mode._route)
     def __call__(self, module, args):
         self.scope.enter(self.name)
         return None
