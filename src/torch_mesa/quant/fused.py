@@ -85,19 +85,18 @@ def _setting_tag(*parts) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _quantize(dtype: torch.dtype, ndim: int, bits: int, axes: tuple, group_size, rows, running, momentum: float,
+def _quantize(dtype: torch.dtype, ndim: int, bits: int, axes: tuple, group_size, rows, running,
               stochastic: bool) -> Callable:
-    settings = dict(bits=bits, axes=axes, group_size=group_size, rows=rows, running=running, momentum=momentum)
-    # (the optional tensors are passed or not by setting, so no None reaches the compiled code)
-    n_state = 2 if running in ("update", "use") else 0
+    settings = dict(bits=bits, axes=axes, group_size=group_size, rows=rows, running=running)
 
+    # (the optional tensors are passed or not by setting, so no None reaches the compiled code)
     def quantize(x, *extra):
         seed = extra[0] if stochastic else None
-        state = extra[len(extra) - n_state:] if n_state else (None, None)
-        return ref.quantize_core(x, seed, state[0], state[1], **settings)
+        state = extra[len(extra) - 3:] if running is not None else (None, None, None)
+        return ref.quantize_core(x, seed, *state, **settings)
 
     return _compile(quantize, _setting_tag("q", _dtype_name(dtype), ndim, bits, axes, group_size, rows, running,
-                                           int(stochastic), momentum))
+                                           int(stochastic)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -164,12 +163,12 @@ def _run(compiled: Callable, eager: Callable, *args):
     return eager(*args)
 
 
-def _quantize_core(x, seed, run_lo, run_span, *, bits, axes, group_size, rows, running, momentum):
-    compiled = _quantize(x.dtype, x.dim(), bits, axes, group_size, rows, running, momentum, seed is not None)
-    extra = ((seed,) if seed is not None else ()) + ((run_lo, run_span) if running in ("update", "use") else ())
+def _quantize_core(x, seed, run_lo, run_span, momentum, *, bits, axes, group_size, rows, running):
+    compiled = _quantize(x.dtype, x.dim(), bits, axes, group_size, rows, running, seed is not None)
+    extra = ((seed,) if seed is not None else ()) + ((run_lo, run_span, momentum) if running is not None else ())
     return _run(compiled, lambda t, *e: ref.quantize_core(
-        t, seed, run_lo, run_span, bits=bits, axes=axes, group_size=group_size, rows=rows, running=running,
-        momentum=momentum), x, *extra)
+        t, seed, run_lo, run_span, momentum, bits=bits, axes=axes, group_size=group_size, rows=rows,
+        running=running), x, *extra)
 
 
 def quantize(x, bits, axes, group_size, stochastic, *, rows=None, running=None):

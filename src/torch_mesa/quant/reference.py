@@ -358,20 +358,20 @@ def quantize_core(
     seed: Optional[Tensor],
     run_lo: Optional[Tensor],
     run_span: Optional[Tensor],
+    momentum: Optional[Tensor],
     *,
     bits: int,
     axes: Tuple[int, ...],
     group_size: Optional[int],
     rows: Optional[str],
     running: Optional[str],
-    momentum: float,
 ) -> Tuple[Tensor, ...]:
     """The whole of :func:`quantize` as a function of tensors and static
     settings, without Python state: the fused path compiles exactly this.
     ``seed``: stochastic rounding's seed (None: nearest). ``running``: what
-    the running estimate ``(run_lo, run_span)`` does this step (None: dynamic
-    ranges; see :func:`.running.step`); with "fresh" or "update" the new
-    estimate's ``(lo, span)`` follow the kept tensors."""
+    the running estimate ``(run_lo, run_span)`` does this step, with
+    ``momentum`` (None: dynamic ranges; see :func:`.running.step`); with
+    "update" the new estimate's ``(lo, span)`` follow the kept tensors."""
     frame: dict = {}
     kept_rows: Tuple[Tensor, ...] = ()
     if rows == "row":
@@ -433,12 +433,12 @@ def quantize_with(
         raise ValueError(f"rows={rows!r}; use one of {ROW_MODES}")
     axes = normalize_axes(axes, x.dim())
     seed = next_seed(x.device) if stochastic else None
-    mode, run_lo, run_span = None, None, None
+    mode, run_lo, run_span, momentum = None, None, None, None
     if running is not None:
-        mode, run_lo, run_span = running.plan(num_groups(tuple(x.shape), axes, group_size), x.device)
-    out = core(x, seed, run_lo, run_span, bits=bits, axes=axes, group_size=group_size, rows=rows,
-               running=mode, momentum=running.momentum if running is not None else 0.0)
-    if mode in ("fresh", "update"):
+        mode, run_lo, run_span, momentum = running.plan(num_groups(tuple(x.shape), axes, group_size), x.device)
+    out = core(x, seed, run_lo, run_span, momentum, bits=bits, axes=axes, group_size=group_size, rows=rows,
+               running=mode)
+    if mode == "update":
         running.commit(out[-2], out[-1])
         out = out[:-2]
     return tuple(out)

@@ -47,20 +47,25 @@ class RunningRange:
         # that follows it (see the module docstring).
         self.updated_in_forward = False
 
-    def plan(self, groups: int, device) -> Tuple[str, Optional[Tensor], Optional[Tensor]]:
+    def plan(self, groups: int, device) -> Tuple[str, Tensor, Tensor, Tensor]:
         """What this step does with the estimate, for ``groups`` ranges on
-        ``device``: ``("fresh", None, None)`` (first step, or a new layout:
-        start from the current statistics), ``("update", lo, span)`` (a
-        moving-average step) or ``("use", lo, span)`` (a forward recomputed
-        during backward after a forward that updated: use, do not update).
-        :func:`step` computes it; :meth:`commit` stores an updated estimate."""
+        ``device``: ``("update", lo, span, momentum)`` (a moving-average step;
+        the first step, or a new layout, starts from zeros with momentum 0,
+        which gives this step's statistics exactly) or ``("use", lo, span,
+        momentum)`` (a forward recomputed during backward after a forward
+        that updated: use, do not update). ``momentum`` is a 0-dim fp32
+        tensor: one compiled quantizer serves every momentum and the first
+        step. :func:`step` computes it; :meth:`commit` stores the update."""
         fresh = self.lo is None or tuple(self.lo.shape) != (groups,) or self.lo.device != torch.device(device)
         backward = in_backward()
         if not fresh and backward and self.updated_in_forward:
             self.updated_in_forward = False
-            return "use", self.lo, self.span
+            return "use", self.lo, self.span, _momentum(self.momentum, device)
         self.updated_in_forward = not backward
-        return ("fresh", None, None) if fresh else ("update", self.lo, self.span)
+        if fresh:
+            zeros = torch.zeros(groups, dtype=torch.float32, device=device)
+            return "update", zeros, zeros, _momentum(0.0, device)
+        return "update", self.lo, self.span, _momentum(self.momentum, device)
 
     def commit(self, lo: Tensor, span: Tensor) -> None:
         self.lo, self.span = lo, span
@@ -68,8 +73,8 @@ class RunningRange:
     def update(self, cur_lo: Tensor, cur_hi: Tensor) -> Tuple[Tensor, Tensor]:
         """The range to quantize with, given this step's per-group ``(G,)``
         min and max, updating the estimate as :meth:`plan` decides."""
-        mode, lo, span = self.plan(cur_lo.numel(), cur_lo.device)
-        out_lo, out_hi, new = step(mode, self.momentum, cur_lo, cur_hi, lo, span)
+        mode, lo, span, m = self.plan(cur_lo.numel(), cur_lo.device)
+        out_lo, out_hi, new = step(mode, m, cur_lo, cur_hi, lo, span)
         if new:
             self.commit(*new)
         return out_lo, out_hi
@@ -79,8 +84,13 @@ class RunningRange:
         self.updated_in_forward = False
 
 
-def step(mode: str, momentum: float, cur_lo: Tensor, cur_hi: Tensor, lo: Optional[Tensor],
-         span: Optional[Tensor]):
+def _momentum(m: float, device) -> Tensor:
+    # (fp32 as a Python float multiplying an fp32 tensor would be; 1 - m
+    # is taken from it, as the reference and the compiled path both do)
+    return torch.tensor(m, dtype=torch.float32, device=device)
+
+
+def step(mode: str, momentum: Tensor, cur_lo: Tensor, cur_hi: Tensor, lo: Tensor, span: Tensor):
     """One step of a running estimate (a pure function: the fused quantizer
     compiles it with the rest). Returns ``(lo, hi, new)``: the range to
     quantize with, and the new ``(lo, span)`` estimate (empty for "use").
@@ -90,14 +100,10 @@ def step(mode: str, momentum: float, cur_lo: Tensor, cur_hi: Tensor, lo: Optiona
     cur_span = cur_hi - cur_lo
     ok = torch.isfinite(cur_lo) & torch.isfinite(cur_span)
     new: Tuple[Tensor, ...] = ()
-    if mode == "fresh":
-        lo = torch.where(ok, cur_lo, torch.zeros_like(cur_lo))
-        span = torch.where(ok, cur_span, torch.zeros_like(cur_span))
-        new = (lo, span)
-    elif mode == "update":
-        m = momentum
-        lo = torch.where(ok, m * lo + (1 - m) * cur_lo, lo)
-        span = torch.where(ok, m * span + (1 - m) * cur_span, span)
+    if mode == "update":
+        keep = 1 - momentum
+        lo = torch.where(ok, momentum * lo + keep * cur_lo, lo)
+        span = torch.where(ok, momentum * span + keep * cur_span, span)
         new = (lo, span)
     return torch.where(ok, lo, cur_lo), torch.where(ok, lo + span, cur_hi), new
 
