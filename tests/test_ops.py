@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torch_mesa import MesaConfig, ops
+from torch_mesa import MesaConfig, compress_, ops
 from torch_mesa.ops import recipes as _saved
 
 from conftest import assert_grads_close, sqnr_db, with_outliers
@@ -373,3 +373,48 @@ def test_autocast_matches_pytorch_dtype_and_forward():
     # within 6 dB of bf16's own error against the fp32 computation
     ex, ew = torch.autograd.grad(F.linear(F.layer_norm(x, (32,)), w), (x, w), g.float())
     assert_grads_close([gx, gw], [ex, ew], low_precision=[rx, rw], what="autocast ln->linear")
+
+
+def test_one_norm_output_is_rebuilt_once_for_its_consumers(monkeypatch):
+    """q, k and v projections of one norm's output (Hugging Face's attention,
+    a gated MLP's gate and up) rebuild it once in backward, not once each:
+    the same gradients as rebuilding it for each, with a third of the
+    expansions, and nothing held once backward ends."""
+    from torch_mesa import quant
+    from torch_mesa.ops import saving
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(48)
+            self.q, self.k, self.v = (torch.nn.Linear(48, 48) for _ in range(3))
+
+        def forward(self, x):
+            h = self.norm(x)
+            return self.q(h) * self.k(h).sigmoid() + self.v(h)
+
+    x = with_outliers(4, 9, 48)
+    grads, calls = {}, {}
+    for cached in (True, False):
+        torch.manual_seed(0)
+        m = Attn()
+        compress_(m)
+        if not cached:
+            monkeypatch.setattr(saving, "_rebuild", lambda rebuild, tensors: rebuild(tensors))
+        n = [0]
+        real = quant.expand
+
+        def counting(*a, **k):
+            n[0] += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(quant, "expand", counting)
+        m(x.detach()).square().sum().backward()
+        monkeypatch.undo()
+        grads[cached] = [p.grad for p in m.parameters()]
+        calls[cached] = n[0]
+        assert getattr(saving._slot, "entry", None) is None
+    for a, b in zip(grads[True], grads[False]):
+        assert torch.equal(a, b)
+    # the norm's own input, and its output for q, k and v (2 more uncached)
+    assert calls[False] - calls[True] == 2, calls

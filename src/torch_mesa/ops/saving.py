@@ -9,13 +9,16 @@ remembers how to rebuild each), :func:`load` rebuilds them in backward,
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 from typing import List, Optional, Union
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from ..config import MesaConfig, QuantSpec
-from .recipes import Recipe, is_channels_first, mark_channels_first, mark_kept
+from ..quant.running import in_backward
+from .recipes import Recipe, _identity, is_channels_first, mark_channels_first, mark_kept
 
 Tensor = torch.Tensor
 
@@ -84,6 +87,12 @@ def needs_saving(*tensors: Optional[Tensor]) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
 
 
+# How many saved plans hold each rebuild (a recipe's own function object:
+# one per kept tensor); weak, so a graph freed without backward leaves nothing
+_uses: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_slot = threading.local()
+
+
 def save(ctx, *items: Optional[Recipe]) -> None:
     """Save the recipes' tensors; ``None`` items (nothing needed) load as None."""
     tensors: List[Optional[Tensor]] = []
@@ -94,8 +103,42 @@ def save(ctx, *items: Optional[Recipe]) -> None:
             continue
         plan.append((len(item.tensors), item.rebuild))
         tensors.extend(item.tensors)
+        if item.rebuild is not _identity:
+            _uses[item.rebuild] = _uses.get(item.rebuild, 0) + 1
     ctx.save_for_backward(*tensors)
     ctx.mesa_plan = plan
+
+
+def _clear_slot() -> None:
+    _slot.entry = None
+
+
+def _rebuild(rebuild, tensors) -> Tensor:
+    """``rebuild(tensors)``, shared by the consumers of one kept tensor whose
+    backwards run one after another (q, k and v projections of one norm's
+    output; a gated MLP's gate and up): the last rebuilt tensor is held
+    while other saved plans still hold the same rebuild, and dropped when the
+    last of them has run or the backward pass ends. At most one rebuilt
+    tensor is held beyond its use, only between consecutive consumers."""
+    if rebuild is _identity:
+        return rebuild(tensors)
+    entry = getattr(_slot, "entry", None)
+    if entry is not None and entry[0] is rebuild and entry[1]._version == entry[2]:
+        out = entry[1]
+    else:
+        out = rebuild(tensors)
+    left = _uses.get(rebuild, 0) - 1
+    if left > 0:
+        _uses[rebuild] = left
+        if entry is None or entry[0] is not rebuild:
+            if entry is None and in_backward():
+                torch.autograd.Variable._execution_engine.queue_callback(_clear_slot)
+            _slot.entry = (rebuild, out, out._version)
+    else:
+        _uses.pop(rebuild, None)
+        if entry is not None and entry[0] is rebuild:
+            _slot.entry = None
+    return out
 
 
 def no_double_backward() -> None:
@@ -116,7 +159,7 @@ def load(ctx) -> List[Optional[Tensor]]:
     out: List[Optional[Tensor]] = []
     i = 0
     for n, rebuild in ctx.mesa_plan:
-        out.append(None if rebuild is None else rebuild(tensors[i : i + n]))
+        out.append(None if rebuild is None else _rebuild(rebuild, tensors[i : i + n]))
         i += n
     return out
 
