@@ -5,7 +5,8 @@ on this machine, for fp32 and bf16 autocast: the unconverted model eager and
 compiled (``torch.compile(model)``, Inductor), and torch-mesa 8-bit eager and
 compiled. Bytes kept for backward: ``torch_mesa.measure`` (which adds no
 hooks to compiled modules). Step time: forward, loss and backward, the median of
-``--repeats`` interleaved repeats after two warm-up steps (which compile).
+``--repeats`` interleaved repeats after two warm-up steps (which compile),
+eager and compiled models in separate loops.
 
 Then the eager overhead on a small model, where the per-call cost of the
 conversion weighs most: the demo's ViT (``torch-mesa demo``: 4 blocks,
@@ -54,12 +55,17 @@ def run(amp, args, progress):
             bench.train_step(m, spec, batch, "cpu", amp)
         progress(f"  {amp} {c}: warm-up {time.perf_counter() - t:.0f} s")
         rows[c] = {"kept": kept(m, spec, batch, amp), "times": []}
-    for r in range(args.repeats):
-        for c, m in models.items():
-            t = time.perf_counter()
-            bench.train_step(m, spec, batch, "cpu", amp)
-            rows[c]["times"].append(time.perf_counter() - t)
-        progress(f"  {amp}: repeat {r + 1}/{args.repeats}")
+    # Eager and compiled models are timed in separate interleaved loops: a
+    # step right after a compiled one ran measurably slower (Inductor's
+    # OpenMP threads and ATen's share the 2 cores), which would tax
+    # whichever eager model follows a compiled one.
+    for group in ([c for c in CONFIGS if not c.endswith("compiled")], [c for c in CONFIGS if c.endswith("compiled")]):
+        for r in range(args.repeats):
+            for c in group:
+                t = time.perf_counter()
+                bench.train_step(models[c], spec, batch, "cpu", amp)
+                rows[c]["times"].append(time.perf_counter() - t)
+            progress(f"  {amp} {', '.join(group)}: repeat {r + 1}/{args.repeats}")
     for row in rows.values():
         row["step"] = statistics.median(row["times"])
     return rows
@@ -148,7 +154,8 @@ def main(argv=None):
         command = "python benchmarks/compile.py --docs docs/benchmarks.md"
         head = (f"ViT-S/16, batch {args.batch_size}, 224 x 224, on {platform.machine()} CPU, "
                 f"{torch.get_num_threads()} threads; torch {torch.__version__}, commit {bench._commit()}, "
-                f"{datetime.date.today()}; step time is the median of {args.repeats} interleaved repeats; "
+                f"{datetime.date.today()}; step time is the median of {args.repeats} interleaved repeats (eager "
+                f"and compiled models in separate loops); "
                 f"the whole command took {(time.time() - start) / 60:.1f} min. Compiled: `torch.compile(model)`, "
                 "Inductor. A converted model compiles with one graph break per converted op (docs/design.md, "
                 "\"torch.compile\"): the code between them compiles, the ops run as in eager, and every block "
