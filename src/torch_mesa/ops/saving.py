@@ -9,7 +9,6 @@ remembers how to rebuild each), :func:`load` rebuilds them in backward,
 from __future__ import annotations
 
 import functools
-import threading
 import weakref
 from typing import List, Optional, Union
 
@@ -17,7 +16,6 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..config import MesaConfig, QuantSpec
-from ..quant.running import in_backward
 from .recipes import Recipe, _identity, is_channels_first, mark_channels_first, mark_kept
 
 Tensor = torch.Tensor
@@ -90,7 +88,10 @@ def needs_saving(*tensors: Optional[Tensor]) -> bool:
 # How many saved plans hold each rebuild (a recipe's own function object:
 # one per kept tensor); weak, so a graph freed without backward leaves nothing
 _uses: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_slot = threading.local()
+# The last rebuilt tensor still wanted: (rebuild, tensor, its version, the
+# backward pass). One for the process, not per thread: the engine may finish
+# a pass on another thread than the one that rebuilt.
+_slot: List[Optional[tuple]] = [None]
 
 
 def save(ctx, *items: Optional[Recipe]) -> None:
@@ -109,8 +110,10 @@ def save(ctx, *items: Optional[Recipe]) -> None:
     ctx.mesa_plan = plan
 
 
-def _clear_slot() -> None:
-    _slot.entry = None
+def _clear_slot(task: int) -> None:
+    entry = _slot[0]
+    if entry is not None and entry[3] == task:
+        _slot[0] = None
 
 
 def _rebuild(rebuild, tensors) -> Tensor:
@@ -119,10 +122,11 @@ def _rebuild(rebuild, tensors) -> Tensor:
     output; a gated MLP's gate and up): the last rebuilt tensor is held
     while other saved plans still hold the same rebuild, and dropped when the
     last of them has run or the backward pass ends. At most one rebuilt
-    tensor is held beyond its use, only between consecutive consumers."""
+    tensor is held beyond its use, only between consecutive consumers; one
+    changed in place since is rebuilt again."""
     if rebuild is _identity:
         return rebuild(tensors)
-    entry = getattr(_slot, "entry", None)
+    entry = _slot[0]
     if entry is not None and entry[0] is rebuild and entry[1]._version == entry[2]:
         out = entry[1]
     else:
@@ -131,13 +135,14 @@ def _rebuild(rebuild, tensors) -> Tensor:
     if left > 0:
         _uses[rebuild] = left
         if entry is None or entry[0] is not rebuild:
-            if entry is None and in_backward():
-                torch.autograd.Variable._execution_engine.queue_callback(_clear_slot)
-            _slot.entry = (rebuild, out, out._version)
+            task = torch._C._current_graph_task_id()
+            if task != -1 and (entry is None or entry[3] != task):
+                torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_clear_slot, task))
+            _slot[0] = (rebuild, out, out._version, task)
     else:
         _uses.pop(rebuild, None)
         if entry is not None and entry[0] is rebuild:
-            _slot.entry = None
+            _slot[0] = None
     return out
 
 
