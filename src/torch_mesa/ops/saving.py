@@ -110,6 +110,12 @@ def save(ctx, *items: Optional[Recipe]) -> None:
     ctx.mesa_plan = plan
 
 
+def _graph_task() -> int:
+    """The running backward pass's id, -1 outside backward."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return -1 if current is None else current()
+
+
 def _clear_slot(task: int) -> None:
     entry = _slot[0]
     if entry is not None and entry[3] == task:
@@ -135,7 +141,7 @@ def _rebuild(rebuild, tensors) -> Tensor:
     if left > 0:
         _uses[rebuild] = left
         if entry is None or entry[0] is not rebuild:
-            task = torch._C._current_graph_task_id()
+            task = _graph_task()
             if task != -1 and (entry is None or entry[3] != task):
                 torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_clear_slot, task))
             _slot[0] = (rebuild, out, out._version, task)

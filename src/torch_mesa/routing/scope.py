@@ -119,7 +119,9 @@ _NOT_ROUTED = object()
 # routed call breaks that frame there; the call then enters
 # __torch_function__ as a frame of its own, which must not be compiled on its
 # own (it would be, once per argument pattern, up to the recompile limit).
-torch._dynamo.eval_frame.skip_code(_Mode.__torch_function__.__code__)
+_skip_code = getattr(torch._dynamo.eval_frame, "skip_code", None)  # (not in every PyTorch 2.x)
+if _skip_code is not None:
+    _skip_code(_Mode.__torch_function__.__code__)
 
 
 class Scope:
