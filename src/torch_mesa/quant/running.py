@@ -15,6 +15,7 @@ there the recompute is the only forward that keeps, and it updates.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -70,23 +71,21 @@ class RunningRange:
     def commit(self, lo: Tensor, span: Tensor) -> None:
         self.lo, self.span = lo, span
 
-    def update(self, cur_lo: Tensor, cur_hi: Tensor) -> Tuple[Tensor, Tensor]:
-        """The range to quantize with, given this step's per-group ``(G,)``
-        min and max, updating the estimate as :meth:`plan` decides."""
-        mode, lo, span, m = self.plan(cur_lo.numel(), cur_lo.device)
-        out_lo, out_hi, new = step(mode, m, cur_lo, cur_hi, lo, span)
-        if new:
-            self.commit(*new)
-        return out_lo, out_hi
-
     def reset(self) -> None:
         self.lo = self.span = None
         self.updated_in_forward = False
 
 
 def _momentum(m: float, device) -> Tensor:
+    return _momentum_on(float(m), torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _momentum_on(m: float, device: torch.device) -> Tensor:
     # (fp32 as a Python float multiplying an fp32 tensor would be; 1 - m
-    # is taken from it, as the reference and the compiled path both do)
+    # is taken from it, as the reference and the compiled path both do.
+    # Made once per value and device, not per keep: on a GPU each would be
+    # a copy from the host. Never changed in place.)
     return torch.tensor(m, dtype=torch.float32, device=device)
 
 
