@@ -11,6 +11,7 @@ and expanded only when the gradient is computed. One call converts a model::
 """
 
 from .config import MesaConfig
+from .compiled import compile, plan
 from .checkpoint import from_pretrained, load_config, reapply_, save_conversion
 from .convert import ConversionReport, compress_, config_of, is_compressed, restore_
 from .measure import MemoryReport, measure
@@ -22,6 +23,7 @@ __all__ = [
     "ConversionReport",
     "MemoryReport",
     "MesaConfig",
+    "compile",
     "compress_",
     "config_of",
     "from_pretrained",
@@ -30,6 +32,7 @@ __all__ = [
     "save_conversion",
     "is_compressed",
     "measure",
+    "plan",
     "restore_",
     "verify",
     "VerifyReport",

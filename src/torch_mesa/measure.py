@@ -167,6 +167,8 @@ def measure_call(
             by_module[owner] = by_module.get(owner, 0) + nbytes
         return t
 
+    if _compiled_saving(model) is not None:
+        return _measure_compiled_saving(model, fn, excluded, autocast_dtype, device_hint)
     handles = []
     for m in _hookable(model):
         handles.append(m.register_forward_pre_hook(pre))
@@ -185,6 +187,61 @@ def measure_call(
         for h in handles:
             h.remove()
     return MemoryReport(sum(by_module.values()), by_module, len(seen))
+
+
+def _compiled_saving(model: nn.Module):
+    """The compiled saving of a model from :func:`torch_mesa.compile`, if any
+    (it replaces the saved-tensor hooks this module counts with)."""
+    return getattr(model, "_mesa_saving", None)
+
+
+def _saved_in_graph(roots) -> List[torch.Tensor]:
+    """Every tensor the autograd graph behind ``roots`` holds for backward:
+    compiled graphs' (what their pack epilogue returned) and eager nodes'
+    (unpacked: eager code inside a compiled-saving call keeps them exact)."""
+    out: List[torch.Tensor] = []
+    seen = set()
+    stack = [r.grad_fn for r in roots if isinstance(r, torch.Tensor) and r.grad_fn is not None]
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        if hasattr(f, "saved_tensors"):  # custom autograd functions (compiled graphs among them)
+            out.extend(t for t in f.saved_tensors if isinstance(t, torch.Tensor))
+        for a in dir(f):
+            if a.startswith("_saved_"):
+                v = getattr(f, a)
+                vs = v if isinstance(v, (tuple, list)) else (v,)
+                out.extend(t for t in vs if isinstance(t, torch.Tensor))
+        stack.extend(nf for nf, _ in f.next_functions)
+    return out
+
+
+def _measure_compiled_saving(model, fn, excluded, autocast_dtype, device_hint) -> MemoryReport:
+    """Bytes kept by a model from :func:`torch_mesa.compile`: its compiled
+    graphs save their (quantized) tensors with saved-tensor hooks switched
+    off, so they are counted on the autograd graph after the call, all under
+    ``"<root>"``."""
+    device_type = _device_type(model, device_hint)
+    amp = (
+        torch.autocast(device_type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    with torch.enable_grad(), amp:
+        out = fn(model)
+    roots = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
+    if not roots and hasattr(out, "values"):
+        roots = [t for t in out.values() if isinstance(t, torch.Tensor)]
+    seen, total = set(), 0
+    for t in _saved_in_graph(roots):
+        key, nbytes = _storage_key(t)
+        if key is not None and key not in excluded and key not in seen:
+            seen.add(key)
+            total += nbytes
+    del out, roots
+    return MemoryReport(total, {"<root>": total} if total else {}, len(seen))
 
 
 def process_memory(field: str = "VmRSS") -> int:

@@ -47,6 +47,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from torch_mesa import MesaConfig, compress_, measure
+from torch_mesa.compiled import compile as mesa_compile
 from torch_mesa.measure import process_memory, reset_peak_rss
 from .zoo import ModelError, resolve
 
@@ -57,7 +58,10 @@ ALL_CONFIGS = ("baseline", "checkpoint", "mesa8", "mesa4", "mesa8+checkpoint",
                # --compile-backend says otherwise); "budget": compiled with
                # AOTAutograd's activation_memory_budget, the peer that
                # recomputes instead of compressing
-               "baseline+compile", "checkpoint+compile", "mesa8+compile", "budget")
+               "baseline+compile", "checkpoint+compile", "mesa8+compile", "budget",
+               # torch_mesa.compile: the quantizer inside the compiled graphs,
+               # of the whole model or of each block (regional compilation)
+               "native8", "native8+blocks")
 BUDGET = 0.5  # the activation memory budget of the "budget" row (a fraction of the full)
 COMPILE_BACKEND = "inductor"
 _AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,6 +110,8 @@ def build(spec, config: str, device) -> nn.Module:
     torch.manual_seed(0)
     model = spec.build().to(device)
     model.train()
+    if config.startswith("native"):
+        return mesa_compile(model, MesaConfig(bits=8), blocks=config.endswith("+blocks"))
     if config.startswith("mesa"):
         compress_(model, MesaConfig(bits=4 if config.startswith("mesa4") else 8))
     if "checkpoint" in config:
@@ -120,7 +126,7 @@ def build(spec, config: str, device) -> nn.Module:
 
 
 def _is_compiled(config: str) -> bool:
-    return config.endswith("+compile") or config == "budget"
+    return config.endswith("+compile") or config == "budget" or config.startswith("native")
 
 
 def _autocast(device: str, amp: str):
@@ -145,7 +151,8 @@ def kept_bytes(model, spec, batch, amp) -> Dict[str, int]:
     args, kwargs, target = batch
     report = measure(model, *args, loss_fn=lambda out: spec.loss(out, target),
                      autocast_dtype=_AMP[amp], **kwargs)
-    if any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in model.modules()):
+    if report.by_module.keys() <= {"<root>"} or any(
+            isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in model.modules()):
         return {"blocks": None, "total": report.total_bytes}  # no per-module split inside compiled code
     blocks_name, _ = find_blocks(model)
     prefix = blocks_name + "."
@@ -156,7 +163,7 @@ def kept_bytes(model, spec, batch, amp) -> Dict[str, int]:
 def fidelity(spec, batch, device, configs) -> Dict[str, dict]:
     args, kwargs, target = batch
     grads = {}
-    for config in ["baseline"] + [c for c in configs if c.startswith("mesa")]:
+    for config in ["baseline"] + [c for c in configs if c.startswith(("mesa", "native"))]:
         model = build(spec, config, device)
         spec.loss(model(*args, **kwargs), target).backward()
         grads[config] = {n.replace("_orig_mod.", ""): p.grad.detach().double().flatten()

@@ -1,0 +1,489 @@
+"""Compiled saving: torch-mesa inside ``torch.compile``'s own graphs.
+
+A plain (unconverted) model compiled with :func:`compile` keeps what its
+backward needs in 8, 4 or 2 bits, with the quantizer written into the
+compiled graphs themselves:
+
+* PyTorch's AOTAutograd inlines saved-tensor hooks that are
+  ``torch.fx.GraphModule``s: the pack hook becomes the epilogue of each
+  compiled forward (after the partitioner has chosen what to keep), the
+  unpack hook the prologue of the backward. Inductor fuses the quantizer's
+  passes into the kernels around them, on CPU and GPU alike.
+* The partitioner decides what to keep, and is asked to recompute every
+  cheap op (``aggressive_recomputation``): a norm's output, an activation,
+  the attention forward are rebuilt in backward from what is kept, so each
+  value is kept once (what the eager path's keep-once does by hand).
+* The forward is the compiled unconverted forward: the kept tensors are
+  quantized copies made after the values are computed.
+
+Which saved tensors are quantized, and how, follows the same
+:class:`MesaConfig` as :func:`compress_`: bits, ``group_size``, head-wise
+ranges for 4-d (batch, heads, tokens, head dim) tensors, rounding,
+``token_scale``, per-module ``policy`` (read from the module each saved value
+was computed in; ``None`` keeps it exact) and ``batch_norm``. A saved tensor
+that cannot be shown to be safe to quantize is kept exact, and the plan
+(:func:`plan`) says why: integer tensors, fp64, per-row statistics and other
+small tensors, the auxiliary outputs of multi-output ops (an attention's
+log-sum-exp, a norm's statistics). Boolean masks are kept in 1 bit.
+
+What differs from the eager path (:func:`compress_`): ranges are dynamic
+(``range_estimate="running"`` needs state carried between steps and is
+refused), there is no q/k rotation, and stochastic rounding's seed comes from
+the tensor's own values (a compiled graph has no step counter). Code that runs
+uncompiled inside the call (a graph break) keeps its tensors exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .config import MesaConfig, QuantSpec
+from .quant import reference as R
+from .units import format_bytes
+
+__all__ = ["CompiledSaving", "SavedPlan", "compile", "plan"]
+
+Tensor = torch.Tensor
+
+MIN_NUMEL = 4096  # smaller saved tensors (statistics, biases' inputs of tiny layers) stay exact
+_FORMAT = "torch-mesa compiled saving v1"  # part of the compile caches' key: bump when the numbers change
+
+
+@dataclass(frozen=True)
+class SavedPlan:
+    """What one compiled graph keeps for one saved value."""
+
+    node: str  # the value's name in the compiled forward graph
+    module: str  # the module it was computed in ("" for the model itself)
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    kept: str  # "8 bits", "4 bits", "2 bits", "1 bit" or "exact"
+    reason: str  # why exact, or the layout of the ranges
+    exact_bytes: int
+    kept_bytes: int
+
+
+@dataclass(frozen=True)
+class _Layout:
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    bits: int  # 1: a boolean mask
+    axes: Tuple[int, ...] = ()
+    group_size: Optional[int] = None
+    rows: Optional[str] = None
+    stochastic: bool = False
+
+
+def _module_name(node, key: str = "nn_module_stack") -> Tuple[str, Optional[type]]:
+    """The innermost module a graph node was computed in (its qualified name
+    relative to the compiled module) and its type; ``key``:
+    ``"fwd_nn_module_stack"`` for a backward node (the module of the forward
+    op it differentiates or recomputes)."""
+    stack = node.meta.get(key) or {}
+    if not stack:
+        return "", None
+    path, kind = list(stack.values())[-1]
+    for head in ("L['self']", "L['mod']", "self"):
+        if path.startswith(head):
+            path = path[len(head):]
+            break
+    path = path.lstrip(".")
+    if path.startswith("_orig_mod"):
+        path = path[len("_orig_mod"):].lstrip(".")
+    return path, kind if isinstance(kind, type) else None
+
+
+def _module_of(node, depth: int = 8) -> Tuple[str, Optional[type]]:
+    """:func:`_module_name` of ``node``, or where it has none (a layout
+    change the partitioner added, as the transposes a batched product's
+    backward needs), of the value it was made from."""
+    for _ in range(depth):
+        if node.meta.get("nn_module_stack") or node.op != "call_function" or node.target not in _LAYOUT:
+            return _module_name(node)
+        node = node.args[0]
+    return "", None
+
+
+_aten = torch.ops.aten
+
+
+def _optional_ops(*names: str) -> List[Any]:
+    """Ops that not every PyTorch 2.x registers (at import time)."""
+    out = []
+    for name in names:
+        try:
+            ns, op, overload = name.split(".")
+            out.append(getattr(getattr(getattr(torch.ops, ns), op), overload))
+        except (AttributeError, RuntimeError):
+            pass
+    return out
+
+_LAYOUT = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default, _aten.permute.default,
+           _aten.transpose.int, _aten.t.default, _aten.expand.default, _aten.clone.default}
+# Ops a value's error passes through unchanged in kind (layouts, sums and
+# products with other values): followed when looking for what a kept value feeds.
+_PASS_THROUGH = {
+    _aten.view.default, _aten.reshape.default, _aten._unsafe_view.default, _aten.permute.default,
+    _aten.transpose.int, _aten.t.default, _aten.expand.default, _aten.unsqueeze.default,
+    _aten.squeeze.dim, _aten.squeeze.default, _aten.slice.Tensor, _aten.select.int, _aten.clone.default,
+    _aten.add.Tensor, _aten.sub.Tensor, _aten.mul.Tensor, _aten.div.Tensor, _aten.neg.default,
+    _aten._to_copy.default, _aten.where.self, _aten.where.ScalarSelf, _aten.where.ScalarOther,
+    _aten.clamp.default, _aten.clamp_min.default, _aten.clamp_max.default, _aten.maximum.default,
+    _aten.minimum.default, _aten.cat.default, _aten.alias.default, _aten.unsqueeze.default,
+    *_optional_ops("prims.fma.default"),
+    torch.ops.prims.convert_element_type.default,
+} - {None}
+_PRODUCTS = {_aten.mul.Tensor, _aten.div.Tensor}
+# Ops that exponentiate their input: an absolute error d becomes a relative
+# error of e**d (a score range of 30 at 8 bits: 12%), so what reaches them is kept exact.
+_EXPONENTIAL = {_aten.exp.default, _aten.exp2.default, _aten.expm1.default, _aten.pow.Tensor_Tensor,
+                _aten._softmax.default, _aten._log_softmax.default, _aten.logsumexp.default}
+
+
+def _feeds_exponential(bw_graph, name: str) -> bool:
+    """Whether the backward graph exponentiates the saved value ``name``
+    (a softmax or log-softmax recomputed from its input, a loss's
+    ``exp(log_probs)``), directly or through layout and pointwise arithmetic."""
+    start = next((n for n in bw_graph.find_nodes(op="placeholder") if n.name == name), None)
+    if start is None:
+        return False
+    todo, derived = [start], {start}
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u in derived or u.op != "call_function":
+                continue
+            if u.target in _EXPONENTIAL:
+                return True
+            if u.target in _PRODUCTS and sum(a in derived for a in u.args) > 1:
+                continue  # x * x: exp(-x**2 / 2) (GELU's derivative) is bounded, not amplifying
+            if u.target in _PASS_THROUGH:
+                derived.add(u)
+                todo.append(u)
+    return False
+
+
+_STOP = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
+         _aten.convolution.default, _aten.convolution_backward.default}
+
+
+def _consumers(bw_graph, name: str, depth: int = 6) -> List[str]:
+    """The modules whose backward uses the saved value ``name``: the modules
+    of the backward nodes it reaches through recomputation (pointwise and
+    layout ops, up to ``depth`` steps), up to and including the first
+    products (a layer's gradient computation)."""
+    start = next((n for n in bw_graph.find_nodes(op="placeholder") if n.name == name), None)
+    if start is None:
+        return []
+    out, frontier, seen = [], [start], {start}
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u in seen or u.op != "call_function":
+                    continue
+                seen.add(u)
+                for key in ("nn_module_stack", "fwd_nn_module_stack"):
+                    if u.meta.get(key):
+                        out.append(_module_name(u, key)[0])
+                if u.target not in _STOP:
+                    nxt.append(u)
+        frontier = nxt
+    return out
+
+
+def _auxiliary_output(node) -> bool:
+    """A non-first output of a multi-output op: statistics (an attention's
+    log-sum-exp, a norm's mean and inverse deviation), indices, seeds."""
+    return node.op == "call_function" and node.target is operator.getitem and len(node.args) > 1 \
+        and node.args[1] != 0
+
+
+class CompiledSaving:
+    """The pack and unpack graphs for one :class:`MesaConfig`, and what they
+    decided. ``with saving:`` installs them for the calls inside (a compiled
+    model must be called inside it; :func:`compile` does this for you).
+
+    ``prefix``: the qualified name the compiled module has in the model the
+    config's policy was written for (regional compilation compiles one block's
+    code for all blocks)."""
+
+    def __init__(self, config: Optional[MesaConfig] = None, prefix: str = "") -> None:
+        config = MesaConfig() if config is None else config
+        if not isinstance(config, MesaConfig):
+            raise TypeError(f"config must be a torch_mesa.MesaConfig, got {type(config).__name__}")
+        if config.range_estimate == "running":
+            raise ValueError(
+                "range_estimate='running' keeps a range estimate between steps, which a compiled graph "
+                "cannot carry; compiled saving computes each tensor's range in the kernel that quantizes "
+                "it: use MesaConfig(range_estimate='dynamic') (the default)"
+            )
+        self.config = config
+        self.prefix = prefix
+        self.decisions: Dict[Tuple[int, str], SavedPlan] = {}
+        self._layouts: Dict[Tuple[int, str], _Layout] = {}
+        self._graph_names: Dict[int, str] = {}
+        self._lock = threading.Lock()
+        key = hashlib.sha256(f"{_FORMAT}|{config.to_dict()}|{prefix}".encode()).hexdigest()
+        ref = weakref.ref(self)
+        self.pack = _hook_graph(lambda x: ref()._pack(x), "mesa_pack", key)
+        self.unpack = _hook_graph(lambda p: ref()._unpack(p), "mesa_unpack", key)
+        self._stack: List[Any] = []
+
+    # ---------------------------------------------------------------- hooks
+    def __enter__(self) -> "CompiledSaving":
+        cm = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        cm.__enter__()
+        self._stack.append(cm)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.pop().__exit__(*exc)
+
+    def _context(self):
+        from torch._functorch._aot_autograd.graph_compile import _get_saved_tensor_hook_context
+
+        return _get_saved_tensor_hook_context()
+
+    def _key(self, ctx) -> Tuple[int, str]:
+        return id(ctx["_fw_graph"]), ctx["_node"].name
+
+    def _pack(self, x: Tensor):
+        ctx = self._context()
+        if ctx is None:
+            return x  # uncompiled code inside the call (a graph break): kept exact
+        node = ctx["_node"]
+        module, kind = _module_of(node)
+        name = ".".join(p for p in (self.prefix, module) if p)
+        layout, reason = self._choose(x, node, name, kind, ctx.get("_bw_graph"))
+        key = self._key(ctx)
+        with self._lock:
+            self._layouts[key] = layout
+            kept = "exact" if layout is None else ("1 bit" if layout.bits == 1 else f"{layout.bits} bits")
+            out = x if layout is None else _quantize(x, layout)
+            nbytes = sum(t.numel() * t.element_size() for t in (out if isinstance(out, tuple) else (out,)))
+            self.decisions[key] = SavedPlan(node.name, name, tuple(x.shape), x.dtype, kept, reason,
+                                            x.numel() * x.element_size(), nbytes)
+        return out
+
+    def _unpack(self, packed):
+        ctx = self._context()
+        if ctx is None:
+            return packed
+        layout = self._layouts.get(self._key(ctx))
+        if layout is None:
+            return packed
+        return _dequantize(packed, layout)
+
+    # ------------------------------------------------------------ decisions
+    def _choose(self, x: Tensor, node, name: str, kind: Optional[type], bw_graph) -> Tuple[Optional[_Layout], str]:
+        spec: Optional[QuantSpec] = self.config.resolve(name)
+        shape = tuple(x.shape)
+        if spec is None:
+            return None, "kept exact by policy"
+        for used_by in (_consumers(bw_graph, node.name) if bw_graph is not None else ()):
+            full = ".".join(p for p in (self.prefix, used_by) if p)
+            if self.config.resolve(full) is None:
+                return None, f"kept exact by policy (used in the backward of {full})"
+        if x.dtype == torch.bool:
+            if x.numel() < MIN_NUMEL:
+                return None, "small mask"
+            return _Layout(shape, x.dtype, 1), "mask, 1 bit per element"
+        if not x.is_floating_point():
+            return None, f"{x.dtype} values (indices, counts) are kept exact"
+        if x.dtype == torch.float64:
+            return None, "float64 is kept exact"
+        if kind is not None and issubclass(kind, nn.modules.batchnorm._BatchNorm) and not spec.batch_norm:
+            return None, "batch norm (MesaConfig.batch_norm=False)"
+        if _auxiliary_output(node):
+            return None, "auxiliary output of a multi-output op (statistics)"
+        if x.dim() < 2 or shape[-1] == 1 or x.numel() < MIN_NUMEL:
+            return None, "small tensor or per-row statistic"
+        if bw_graph is not None and _feeds_exponential(bw_graph, node.name):
+            return None, "backward exponentiates it (softmax logits): its error would grow exponentially"
+        head_wise = spec.head_wise and x.dim() == 4
+        axes = (1, 3) if head_wise else (x.dim() - 1,)
+        rows = "scaled" if spec.token_scale else None
+        layout = _Layout(shape, x.dtype, spec.bits, axes, spec.group_size, rows, spec.stochastic)
+        how = ("per head and channel" if head_wise else "per channel") if spec.group_size == 1 else (
+            f"groups of {spec.group_size} channels" + (" per head" if head_wise else ""))
+        if spec.stochastic:
+            how += ", stochastic rounding"
+        return layout, how + (", token scale" if rows else "")
+
+    def plan(self) -> List[SavedPlan]:
+        """What the graphs compiled so far keep, one entry per saved value."""
+        return list(self.decisions.values())
+
+
+def _quantize(x: Tensor, layout: _Layout):
+    if layout.bits == 1:
+        return (R.pack_bits(x),)
+    out = R.quantize_core(x, _seed_of(x) if layout.stochastic else None, None, None, None, bits=layout.bits,
+                          axes=layout.axes, group_size=layout.group_size, rows=layout.rows, running=None)
+    return tuple(out)
+
+
+def _dequantize(packed, layout: _Layout) -> Tensor:
+    if layout.bits == 1:
+        return R.unpack_bits(packed[0], layout.shape)
+    return R.dequantize_core(tuple(packed), shape=layout.shape, dtype=layout.dtype, bits=layout.bits,
+                             axes=layout.axes, group_size=layout.group_size, rows=layout.rows)
+
+
+def _seed_of(x: Tensor) -> Tensor:
+    """A seed for stochastic rounding from the tensor's values (the bit
+    pattern of their sum): different each step, computed in the graph."""
+    s = x.float().sum().reshape(1).view(torch.int32).to(torch.int64)
+    return (s & 0x7FFFFFFF).reshape(())
+
+
+def _hook_graph(fn: Callable, name: str, cache_key: str) -> torch.fx.GraphModule:
+    """``fn`` as a one-node GraphModule, which AOTAutograd retraces into the
+    compiled graphs; the cache key lets the compile caches reuse them."""
+    fn.__name__ = fn.__qualname__ = name
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    node = g.call_function(fn, (x,))
+    node.meta["is_wrapped"] = True
+    node.meta["user_cache_hash"] = f"{name}-{cache_key}"
+    g.output(node)
+    return torch.fx.GraphModule(nn.Module(), g, name)
+
+
+# ------------------------------------------------------------------ compile
+def _keep_probabilities(gm, joint_inputs):
+    """Joint-graph pass: the partitioner must keep a softmax's ``exp`` output
+    (probabilities, in [0, 1]: 8 bits keep them well) rather than recompute
+    it from the scores, whose quantization error ``exp`` would amplify (the
+    scores would then be kept exact, see :func:`_feeds_exponential`)."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    for node in gm.graph.find_nodes(op="call_function", target=_aten.exp.default):
+        node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+    return gm
+
+
+def _inductor_recomputing(gm, example_inputs):
+    """Inductor, with the partitioner asked to recompute every cheap op in
+    backward rather than keep its output (norm outputs, activations, the
+    attention forward): then each value is kept once, and quantized once.
+    Softmax probabilities are the exception (:func:`_keep_probabilities`)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    with torch._functorch.config.patch(aggressive_recomputation=True, joint_custom_pass=_keep_probabilities):
+        return compile_fx(gm, example_inputs)
+
+
+def _enter(saving: CompiledSaving):
+    def pre(module, args, kwargs=None):
+        saving.__enter__()
+
+    def post(module, args, *rest):
+        saving.__exit__(None, None, None)
+
+    return pre, post
+
+
+def _install(module: nn.Module, saving: CompiledSaving) -> None:
+    pre, post = _enter(saving)
+    module.register_forward_pre_hook(pre)
+    module.register_forward_hook(post, always_call=True)
+    object.__setattr__(module, "_mesa_saving", saving)
+
+
+def _check_uniform(config: MesaConfig, blocks_name: str, blocks: nn.Module) -> None:
+    names = [f"{blocks_name}.{i}" for i in range(len(blocks))]
+    rel = [n for n, _ in blocks[0].named_modules()]
+    first = [config.resolve(".".join(p for p in (names[0], r) if p)) for r in rel]
+    for name in names[1:]:
+        other = [config.resolve(".".join(p for p in (name, r) if p)) for r in rel]
+        if other != first:
+            raise ValueError(
+                f"the config's policy treats {name} differently from {names[0]}; blocks compiled one by one "
+                "share one compiled graph, so their settings must agree: compile the whole model "
+                "(torch_mesa.compile(model, config)) or make the policy the same for every block"
+            )
+
+
+def compile(model: nn.Module, config: Optional[MesaConfig] = None, *, blocks: bool = False,
+            **compile_kwargs) -> nn.Module:
+    """``torch.compile`` a model so that its compiled graphs keep what backward
+    needs in ``config.bits`` bits (see the module docstring).
+
+    Args:
+        model: a plain model. A model converted by :func:`compress_` is
+            restored in place first (its config is used when ``config`` is
+            None): compiled graphs quantize what they keep themselves.
+        config: a :class:`MesaConfig` (default: 8 bits).
+        blocks: compile each Transformer block on its own (regional
+            compilation, as with FSDP2: one compiled graph shared by all
+            blocks, compiled once) instead of the whole model; the rest of
+            the model runs eagerly and keeps its tensors exact.
+        compile_kwargs: passed to ``torch.compile`` (``mode``, ``dynamic``,
+            ``fullgraph``, ``options``); the backend is Inductor.
+
+    Returns:
+        The compiled model (``torch.compile``'s wrapper), or with
+        ``blocks=True`` the model itself, its blocks compiled. Its state dict
+        is the plain model's. Call it as usual; :func:`plan` lists what its
+        graphs keep.
+    """
+    from .convert import config_of, is_compressed, restore_
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"torch_mesa.compile expects an nn.Module, got {type(model).__name__}")
+    if "backend" in compile_kwargs:
+        raise TypeError("torch_mesa.compile uses Inductor (the quantizer is fused by it); drop backend=")
+    if is_compressed(model):
+        config = config if config is not None else config_of(model)
+        restore_(model)
+    config = MesaConfig() if config is None else config
+    if not blocks:
+        saving = CompiledSaving(config)
+        compiled = torch.compile(model, backend=_inductor_recomputing, **compile_kwargs)
+        _install(compiled, saving)
+        return compiled
+    from .tools.bench import find_blocks
+
+    name, container = find_blocks(model)
+    _check_uniform(config, name, container)
+    saving = CompiledSaving(config, prefix=f"{name}.0")
+    for block in container:
+        block.compile(backend=_inductor_recomputing, **compile_kwargs)
+    _install(model, saving)
+    return model
+
+
+def saving_of(model: nn.Module) -> Optional[CompiledSaving]:
+    """The :class:`CompiledSaving` of a model from :func:`compile`, or None."""
+    return getattr(model, "_mesa_saving", None)
+
+
+def plan(model: nn.Module) -> str:
+    """What the graphs of a model from :func:`compile` keep (after its first
+    forward has compiled them): each saved value, its module, how it is kept
+    and why, with totals."""
+    saving = saving_of(model)
+    if saving is None:
+        raise ValueError("this model was not compiled by torch_mesa.compile")
+    entries = saving.plan()
+    if not entries:
+        return "nothing compiled yet: run a forward pass with gradients first"
+    lines = ["| value | module | shape | dtype | kept | why | exact | kept |", "|---|---|---|---|---|---|---:|---:|"]
+    for e in entries:
+        lines.append(f"| {e.node} | {e.module or '(model)'} | {tuple(e.shape)} | {str(e.dtype).replace('torch.', '')} "
+                     f"| {e.kept} | {e.reason} | {format_bytes(e.exact_bytes)} | {format_bytes(e.kept_bytes)} |")
+    exact = sum(e.exact_bytes for e in entries)
+    kept = sum(e.kept_bytes for e in entries)
+    lines.append(f"\n{len(entries)} saved values in the compiled graphs: {format_bytes(exact)} exact, "
+                 f"{format_bytes(kept)} kept ({kept / max(exact, 1):.3f}x)")
+    return "\n".join(lines)
