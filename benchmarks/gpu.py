@@ -101,7 +101,7 @@ def main():
     docs.write_text(f"## GPU ({device})\n\n")
     rc = _run([sys.executable, "-m", "torch_mesa", "bench", "--model", "timm:deit_base_patch16_224",
                "--batch-size", batch, "--device", "cuda", "--amp", "bf16",
-               "--configs", "baseline,checkpoint,mesa8,baseline+compile,mesa8+compile",
+               "--configs", "baseline,checkpoint,mesa8,baseline+compile,mesa8+compile,native8,native8+blocks",
                "--repeats", repeats, "--csv", str(out / "results.csv"), "--docs", str(docs)], result["log"])
     result["bench_rc"] = rc
     # Mesa's results table (DeiT-Ti/S/B, Swin-T, PVT-v2-b1) at Mesa's batch 128

@@ -130,6 +130,31 @@ def test_briefly_trained_vit(fused_attn):
     assert kept < 0.5 * full, (kept, full)
 
 
+def test_briefly_trained_vit_under_bf16_autocast():
+    """bf16 values kept in 8 bits and expanded back to bf16. The reference is
+    the compiled unconverted model under the same autocast (eager bf16 rounds
+    differently from Inductor's fused kernels): every gradient within the
+    bar, and the forward equal to it within bf16's rounding."""
+    model, (x, y) = _digits_vit(True)
+    base = torch.compile(copy.deepcopy(model))
+    run = torch_mesa.compile(copy.deepcopy(model))
+    outs, grads = {}, {}
+    for key, m in (("base", base), ("run", run)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+            loss = F.cross_entropy(out.float(), y)
+        loss.backward()
+        outs[key] = out.float()
+        grads[key] = {n.replace("_orig_mod.", ""): g for n, g in _grads(m).items()}
+    scale = outs["base"].abs().max().item()
+    torch.testing.assert_close(outs["run"], outs["base"], rtol=0, atol=2**-7 * scale)
+    worst = min((cosine(grads["run"][n] / g.norm(), g / g.norm()), n) for n, g in grads["base"].items()
+                if g.norm() > 0)
+    assert worst[0] >= 0.999, worst
+    plan = compiled.saving_of(run).plan()
+    assert any(e.kept == "8 bits" and e.dtype == torch.bfloat16 for e in plan), torch_mesa.plan(run)
+
+
 class _Mixed(torch.nn.Module):
     """Saved values of every kind compiled saving must not quantize, next to
     an ordinary linear layer: the integer indices of a max, a boolean mask
@@ -224,6 +249,55 @@ def test_exponentiated_values_stay_exact():
         assert logits and all(e.kept == "exact" and "exponent" in e.reason for e in logits), table
 
 
+class _Random(torch.nn.Module):
+    """Random draws the backward depends on: dropout, and a drop-path mask
+    drawn with ``bernoulli`` (timm's DropPath)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+        self.drop = torch.nn.Dropout(0.3)
+
+    def forward(self, x):
+        keep = x.new_empty(x.shape[0], 1).bernoulli_(0.7) / 0.7
+        return x + keep * self.fc2(self.drop(F.gelu(self.fc1(x))))
+
+
+def test_random_draws_are_kept_not_redrawn(monkeypatch):
+    """With aggressive recomputation the partitioner redraws random masks in
+    backward (wrong gradients, found on timm's Swin); they must be kept.
+    Without code generation the compiled unconverted model, same seed, draws
+    the same masks: outputs and gradients against it. With Inductor (whose
+    random streams depend on the kernels it makes): the drop-path mask read
+    off the output (a dropped row adds exactly 0) must be the one backward
+    used, in fc2's bias gradient."""
+    from torch._dynamo.backends.debugging import aot_eager_decomp_partition
+
+    torch.manual_seed(0)
+    model = _Random()
+    x = torch.randn(256, 32)
+    with monkeypatch.context() as mp:
+        mp.setattr(compiled, "_compile_fx", aot_eager_decomp_partition)
+        base, run = copy.deepcopy(model), torch_mesa.compile(copy.deepcopy(model))
+        outs = {}
+        for key, m in (("base", torch.compile(base, backend=aot_eager_decomp_partition)), ("run", run)):
+            torch.manual_seed(1)
+            outs[key] = m(x)
+            outs[key].square().mean().backward()
+        torch.testing.assert_close(outs["run"], outs["base"], rtol=0, atol=1e-5 * outs["base"].abs().max().item())
+        got = dict(run.named_parameters())
+        for n, p in base.named_parameters():
+            assert cosine(got["_orig_mod." + n].grad, p.grad) >= 0.999, n
+    torch._dynamo.reset()
+    run = torch_mesa.compile(copy.deepcopy(model))
+    out = run(x)
+    out.square().mean().backward()
+    keep = ((out - x) != 0).any(-1, keepdim=True).float() / 0.7
+    assert 0 < keep.count_nonzero() < len(keep)
+    expected = (keep * 2 * out / out.numel()).sum(0)
+    torch.testing.assert_close(run._orig_mod.fc2.bias.grad, expected.detach(), rtol=1e-3, atol=1e-6)
+
+
 def test_state_dict_loads_into_the_plain_model():
     torch.manual_seed(0)
     model = _Mixed()
@@ -263,3 +337,45 @@ def test_converted_model_is_restored_and_compiled_with_its_config():
     run(torch.randn(4, 3, 8, 8)).sum().backward()
     kept = {e.kept for e in compiled.saving_of(run).plan()}
     assert "4 bits" in kept and "8 bits" not in kept, kept
+
+
+@pytest.mark.parametrize("case", ["timm:vit", "timm:vit-eager", "timm:swin", "hf:llama-sdpa", "hf:gpt2-eager",
+                                  "hf:bert-eager"])
+def test_every_block_type_compiles_whole_by_block(case, monkeypatch):
+    """Regional compilation (each block on its own, as with FSDP2) with
+    ``fullgraph=True``: a graph break inside any block type the suite
+    converts would raise. Gradients within the bar at initialisation, the
+    forward within compiled rounding, and the blocks keep quantized values.
+    Dynamo, AOTAutograd, the partitioner and the inlined hooks run as with
+    Inductor; the code generation is left out (``aot_eager_decomp_partition``:
+    C++ compilation of six models would take minutes; the other tests run it)."""
+    from torch._dynamo.backends.debugging import aot_eager_decomp_partition
+
+    from test_sweep import HF, _cosine, _hf_inputs, _hf_model, _loss, _main, _timm_model
+
+    monkeypatch.setattr(compiled, "_compile_fx", aot_eager_decomp_partition)
+
+    kind, name = case.split(":")
+    if kind == "timm":
+        pytest.importorskip("timm")
+        plain, x = _timm_model(name)
+        args, kwargs = (x,), {}
+    else:
+        pytest.importorskip("transformers")
+        model_type, overrides, head, attn = HF[name]
+        plain = _hf_model(model_type, overrides, head, attn)
+        args, kwargs = (), _hf_inputs(head)
+    plain.train()
+    run = torch_mesa.compile(copy.deepcopy(plain), blocks=True, fullgraph=True)
+    outs = {}
+    for key, m in (("plain", plain), ("compiled", run)):
+        torch.manual_seed(0)
+        outs[key] = _main(m(*args, **kwargs))
+        _loss(outs[key]).backward()
+    scale = outs["plain"].abs().max().item()
+    torch.testing.assert_close(outs["compiled"], outs["plain"], rtol=0, atol=1e-5 * scale)
+    worst = min((_cosine(c.grad, p.grad), n) for (n, p), c in zip(plain.named_parameters(), run.parameters())
+                if p.grad is not None and p.grad.norm() > 1e-6 * scale)
+    assert worst[0] >= 0.999, worst
+    plan = compiled.saving_of(run).plan()
+    assert sum(e.kept == "8 bits" for e in plan) >= 3, torch_mesa.plan(run)

@@ -49,7 +49,7 @@ from .config import MesaConfig, QuantSpec
 from .quant import reference as R
 from .units import format_bytes
 
-__all__ = ["CompiledSaving", "SavedPlan", "compile", "plan"]
+__all__ = ["CompiledSaving", "SavedPlan", "compile", "plan", "saving_of", "supported"]
 
 Tensor = torch.Tensor
 
@@ -80,6 +80,7 @@ class _Layout:
     group_size: Optional[int] = None
     rows: Optional[str] = None
     stochastic: bool = False
+    perm: Optional[Tuple[int, ...]] = None  # memory order of the dimensions, where not the logical one
 
 
 def _module_name(node, key: str = "nn_module_stack") -> Tuple[str, Optional[type]]:
@@ -99,6 +100,14 @@ def _module_name(node, key: str = "nn_module_stack") -> Tuple[str, Optional[type
     if path.startswith("_orig_mod"):
         path = path[len("_orig_mod"):].lstrip(".")
     return path, kind if isinstance(kind, type) else None
+
+
+def _hint(n) -> int:
+    """A size as an int: a symbolic one (dynamic shapes) by the value it was
+    traced with, without adding a guard."""
+    if isinstance(n, torch.SymInt):
+        return int(n.node.hint) if n.node.hint is not None else -1
+    return int(n)
 
 
 def _module_of(node, depth: int = 8) -> Tuple[str, Optional[type]]:
@@ -200,11 +209,21 @@ def _consumers(bw_graph, name: str, depth: int = 6) -> List[str]:
     return out
 
 
+_SPLITS = set(_optional_ops("aten.unbind.int", "aten.split.Tensor", "aten.split_with_sizes.default",
+                            "aten.chunk.default", "aten.unsafe_split.Tensor",
+                            "aten.unsafe_split_with_sizes.default", "aten.tensor_split.sections"))
+
+
 def _auxiliary_output(node) -> bool:
     """A non-first output of a multi-output op: statistics (an attention's
-    log-sum-exp, a norm's mean and inverse deviation), indices, seeds."""
-    return node.op == "call_function" and node.target is operator.getitem and len(node.args) > 1 \
-        and node.args[1] != 0
+    log-sum-exp, a norm's mean and inverse deviation), indices, seeds. Not
+    the parts of a split (q, k and v out of one projection)."""
+    if node.op != "call_function" or node.target is not operator.getitem or len(node.args) < 2:
+        return False
+    parent = node.args[0]
+    if isinstance(parent, torch.fx.Node) and parent.op == "call_function" and parent.target in _SPLITS:
+        return False
+    return node.args[1] != 0
 
 
 class CompiledSaving:
@@ -269,9 +288,9 @@ class CompiledSaving:
             self._layouts[key] = layout
             kept = "exact" if layout is None else ("1 bit" if layout.bits == 1 else f"{layout.bits} bits")
             out = x if layout is None else _quantize(x, layout)
-            nbytes = sum(t.numel() * t.element_size() for t in (out if isinstance(out, tuple) else (out,)))
-            self.decisions[key] = SavedPlan(node.name, name, tuple(x.shape), x.dtype, kept, reason,
-                                            x.numel() * x.element_size(), nbytes)
+            nbytes = sum(_hint(t.numel()) * t.element_size() for t in (out if isinstance(out, tuple) else (out,)))
+            self.decisions[key] = SavedPlan(node.name, name, tuple(_hint(n) for n in x.shape), x.dtype, kept,
+                                            reason, _hint(x.numel()) * x.element_size(), nbytes)
         return out
 
     def _unpack(self, packed):
@@ -312,7 +331,10 @@ class CompiledSaving:
         head_wise = spec.head_wise and x.dim() == 4
         axes = (1, 3) if head_wise else (x.dim() - 1,)
         rows = "scaled" if spec.token_scale else None
-        layout = _Layout(shape, x.dtype, spec.bits, axes, spec.group_size, rows, spec.stochastic)
+        perm = _memory_order(x)
+        if perm is not None:  # quantize in memory order; the channel axes move with their dimensions
+            axes = tuple(sorted(perm.index(a) for a in axes))
+        layout = _Layout(shape, x.dtype, spec.bits, axes, spec.group_size, rows, spec.stochastic, perm)
         how = ("per head and channel" if head_wise else "per channel") if spec.group_size == 1 else (
             f"groups of {spec.group_size} channels" + (" per head" if head_wise else ""))
         if spec.stochastic:
@@ -324,9 +346,27 @@ class CompiledSaving:
         return list(self.decisions.values())
 
 
+def _memory_order(x: Tensor) -> Optional[Tuple[int, ...]]:
+    """The order of ``x``'s dimensions in memory (largest stride first) where
+    it is not the logical one and the last dimension is still innermost (q,
+    k and v taken out of one projection: (B, H, N, D) laid out as
+    (B, N, H, D)); else None. What is kept expands to that order, so the
+    backward's views of the saved value stay valid (a contiguous expansion
+    of a permuted value would not be viewable the same way)."""
+    if x.dim() < 3 or x.is_contiguous():
+        return None
+    strides = x.stride()
+    perm = tuple(sorted(range(x.dim()), key=lambda d: (-strides[d], d)))
+    if perm[-1] != x.dim() - 1 or perm == tuple(range(x.dim())):
+        return None
+    return perm
+
+
 def _quantize(x: Tensor, layout: _Layout):
     if layout.bits == 1:
         return (R.pack_bits(x),)
+    if layout.perm is not None:
+        x = x.permute(layout.perm)
     out = R.quantize_core(x, _seed_of(x) if layout.stochastic else None, None, None, None, bits=layout.bits,
                           axes=layout.axes, group_size=layout.group_size, rows=layout.rows, running=None)
     return tuple(out)
@@ -335,8 +375,15 @@ def _quantize(x: Tensor, layout: _Layout):
 def _dequantize(packed, layout: _Layout) -> Tensor:
     if layout.bits == 1:
         return R.unpack_bits(packed[0], layout.shape)
-    return R.dequantize_core(tuple(packed), shape=layout.shape, dtype=layout.dtype, bits=layout.bits,
-                             axes=layout.axes, group_size=layout.group_size, rows=layout.rows)
+    shape = layout.shape if layout.perm is None else tuple(layout.shape[d] for d in layout.perm)
+    out = R.dequantize_core(tuple(packed), shape=shape, dtype=layout.dtype, bits=layout.bits,
+                            axes=layout.axes, group_size=layout.group_size, rows=layout.rows)
+    if layout.perm is not None:
+        inverse = [0] * len(layout.perm)
+        for i, d in enumerate(layout.perm):
+            inverse[d] = i
+        out = out.permute(inverse)
+    return out
 
 
 def _seed_of(x: Tensor) -> Tensor:
@@ -360,27 +407,67 @@ def _hook_graph(fn: Callable, name: str, cache_key: str) -> torch.fx.GraphModule
 
 
 # ------------------------------------------------------------------ compile
+def supported() -> bool:
+    """Whether this PyTorch inlines GraphModule saved-tensor hooks into
+    compiled graphs and tells them which value they pack."""
+    try:
+        from torch._functorch._aot_autograd import graph_compile, utils
+    except ImportError:
+        return False
+    return hasattr(utils, "saved_tensors_hooks_are_inlineable") and hasattr(
+        graph_compile, "_get_saved_tensor_hook_context") and hasattr(torch._functorch.config, "joint_custom_pass")
+
 def _keep_probabilities(gm, joint_inputs):
     """Joint-graph pass: the partitioner must keep a softmax's ``exp`` output
     (probabilities, in [0, 1]: 8 bits keep them well) rather than recompute
     it from the scores, whose quantization error ``exp`` would amplify (the
-    scores would then be kept exact, see :func:`_feeds_exponential`)."""
+    scores would then be kept exact, see :func:`_feeds_exponential`); and
+    every random draw (:func:`_random`)."""
     from torch.utils.checkpoint import CheckpointPolicy
 
-    for node in gm.graph.find_nodes(op="call_function", target=_aten.exp.default):
-        node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+    backward = {n for n in gm.graph.find_nodes(op="placeholder") if n.name.startswith("tangents")}
+    for node in gm.graph.nodes:  # (topological order: what depends on a tangent is backward)
+        if node not in backward and any(a in backward for a in node.all_input_nodes):
+            backward.add(node)
+        elif node.op == "call_function" and node not in backward and (
+                node.target is _aten.exp.default or _random(node)):
+            node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
     return gm
 
 
-def _inductor_recomputing(gm, example_inputs):
+def _random(node) -> bool:
+    """A random draw (dropout's and drop-path's ``bernoulli``, ``rand``):
+    with aggressive recomputation the partitioner would redraw it in
+    backward, a different mask than the forward's (wrong gradients, measured
+    on timm's Swin); it must be kept."""
+    return torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
+
+
+def _inductor_recomputing(gm, example_inputs, *, inputs_too: bool = False):
     """Inductor, with the partitioner asked to recompute every cheap op in
     backward rather than keep its output (norm outputs, activations, the
     attention forward): then each value is kept once, and quantized once.
-    Softmax probabilities are the exception (:func:`_keep_probabilities`)."""
+    Softmax probabilities are the exception (:func:`_keep_probabilities`).
+
+    ``inputs_too``: the hooks pack the graph's inputs too (not parameters
+    and buffers), not only its intermediates: a block's input is the
+    previous block's output, which only autograd holds once that block has
+    run, so keeping it quantized frees it."""
+    with torch._functorch.config.patch(aggressive_recomputation=True, joint_custom_pass=_keep_probabilities,
+                                       saved_tensors_hooks_filtering_mode="no_static" if inputs_too else "donated"):
+        return _compile_fx(gm, example_inputs)
+
+
+def _compile_fx(gm, example_inputs):
+    """Inductor (the tests swap in ``aot_eager_decomp_partition``: the same
+    tracing, partitioner and inlined hooks, without code generation)."""
     from torch._inductor.compile_fx import compile_fx
 
-    with torch._functorch.config.patch(aggressive_recomputation=True, joint_custom_pass=_keep_probabilities):
-        return compile_fx(gm, example_inputs)
+    return compile_fx(gm, example_inputs)
+
+
+def _inductor_recomputing_blocks(gm, example_inputs):
+    return _inductor_recomputing(gm, example_inputs, inputs_too=True)
 
 
 def _enter(saving: CompiledSaving):
@@ -414,6 +501,23 @@ def _check_uniform(config: MesaConfig, blocks_name: str, blocks: nn.Module) -> N
             )
 
 
+def find_blocks(model: nn.Module) -> Tuple[str, nn.Module]:
+    """The ModuleList/Sequential of Transformer blocks: the largest container
+    whose children all have the same type (and have parameters), with its
+    qualified name. Raises ValueError where there is none."""
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2:
+            kinds = {type(c) for c in module}
+            if len(kinds) == 1 and any(True for _ in module[0].parameters()):
+                if best is None or len(module) > len(best[1]):
+                    best = (name, module)
+    if best is None:
+        raise ValueError("found no list of Transformer blocks (a ModuleList or Sequential of one block type) "
+                         "in this model")
+    return best
+
+
 def compile(model: nn.Module, config: Optional[MesaConfig] = None, *, blocks: bool = False,
             **compile_kwargs) -> nn.Module:
     """``torch.compile`` a model so that its compiled graphs keep what backward
@@ -441,6 +545,12 @@ def compile(model: nn.Module, config: Optional[MesaConfig] = None, *, blocks: bo
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"torch_mesa.compile expects an nn.Module, got {type(model).__name__}")
+    if not supported():
+        raise RuntimeError(
+            f"torch_mesa.compile needs a PyTorch whose AOTAutograd inlines saved-tensor hooks into compiled "
+            f"graphs (2.14 has it; this is {torch.__version__}); convert the model with torch_mesa.compress_ "
+            "instead, which works with torch.compile too (one graph break per converted op)"
+        )
     if "backend" in compile_kwargs:
         raise TypeError("torch_mesa.compile uses Inductor (the quantizer is fused by it); drop backend=")
     if is_compressed(model):
@@ -452,13 +562,11 @@ def compile(model: nn.Module, config: Optional[MesaConfig] = None, *, blocks: bo
         compiled = torch.compile(model, backend=_inductor_recomputing, **compile_kwargs)
         _install(compiled, saving)
         return compiled
-    from .tools.bench import find_blocks
-
     name, container = find_blocks(model)
     _check_uniform(config, name, container)
     saving = CompiledSaving(config, prefix=f"{name}.0")
     for block in container:
-        block.compile(backend=_inductor_recomputing, **compile_kwargs)
+        block.compile(backend=_inductor_recomputing_blocks, **compile_kwargs)
     _install(model, saving)
     return model
 

@@ -7,6 +7,11 @@ when each was packed. Storages of the model's parameters and buffers are left
 out (they are kept anyway); a storage packed twice (a view, or torch-mesa's
 keep-once sharing) counts once, for the module that packed it first.
 
+A model from :func:`torch_mesa.compile` saves inside its compiled graphs,
+with hooks switched off: its bytes are counted on the autograd graph after
+the call instead (what each compiled graph and eager node holds), all under
+``"<root>"``.
+
 This is deterministic and device-independent: it counts what is kept, not
 what the allocator happens to hold at the peak (for that, use
 ``torch.cuda.max_memory_allocated`` or the benchmarks' fresh-process RSS).

@@ -5,7 +5,12 @@ For one model (any name :mod:`torch_mesa.tools.zoo` accepts) and each configurat
 * ``baseline``: the model as built;
 * ``checkpoint``: ``torch.utils.checkpoint`` around each Transformer block;
 * ``mesa8`` / ``mesa4``: ``torch_mesa.compress_`` at 8 / 4 bits;
-* ``mesa8+checkpoint``: both,
+* ``mesa8+checkpoint``: both;
+* ``baseline+compile``, ``checkpoint+compile``, ``mesa8+compile``: the same
+  under ``torch.compile``; ``budget``: compiled with AOTAutograd's
+  ``activation_memory_budget`` (recomputes instead of compressing);
+* ``native8`` / ``native8+blocks``: ``torch_mesa.compile`` (compiled saving:
+  the quantizer inside the compiled graphs), whole model or block by block,
 
 it measures, in one process with the configurations interleaved:
 
@@ -48,6 +53,7 @@ from torch.utils.checkpoint import checkpoint
 
 from torch_mesa import MesaConfig, compress_, measure
 from torch_mesa.compiled import compile as mesa_compile
+from torch_mesa.compiled import find_blocks as _find_blocks
 from torch_mesa.measure import process_memory, reset_peak_rss
 from .zoo import ModelError, resolve
 
@@ -80,18 +86,12 @@ class Checkpointed(nn.Module):
 
 
 def find_blocks(model: nn.Module):
-    """The ModuleList/Sequential of Transformer blocks: the largest container
-    whose children all have the same type (and have parameters)."""
-    best = None
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2:
-            kinds = {type(c) for c in module}
-            if len(kinds) == 1 and any(True for _ in module[0].parameters()):
-                if best is None or len(module) > len(best[1]):
-                    best = (name, module)
-    if best is None:
-        raise ModelError("found no list of Transformer blocks to checkpoint in this model")
-    return best
+    """The ModuleList/Sequential of Transformer blocks (see
+    :func:`torch_mesa.compiled.find_blocks`)."""
+    try:
+        return _find_blocks(model)
+    except ValueError as e:
+        raise ModelError(str(e)) from None
 
 
 def budget_backend(gm, example_inputs):
