@@ -36,6 +36,7 @@ uncompiled inside the call (a graph break) keeps its tensors exact.
 from __future__ import annotations
 
 import hashlib
+import math
 import operator
 import threading
 import weakref
@@ -81,6 +82,7 @@ class _Layout:
     rows: Optional[str] = None
     stochastic: bool = False
     perm: Optional[Tuple[int, ...]] = None  # memory order of the dimensions, where not the logical one
+    rotate: bool = False  # kept rotated along the last dimension (attention queries and keys)
 
 
 def _module_name(node, key: str = "nn_module_stack") -> Tuple[str, Optional[type]]:
@@ -136,7 +138,7 @@ def _optional_ops(*names: str) -> List[Any]:
     return out
 
 _LAYOUT = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default, _aten.permute.default,
-           _aten.transpose.int, _aten.t.default, _aten.expand.default, _aten.clone.default}
+           _aten.transpose.int, _aten.t.default, _aten.expand.default, _aten.clone.default, _aten.alias.default}
 # Ops a value's error passes through unchanged in kind (layouts, sums and
 # products with other values): followed when looking for what a kept value feeds.
 _PASS_THROUGH = {
@@ -212,6 +214,46 @@ def _consumers(bw_graph, name: str, depth: int = 6) -> List[str]:
 _SPLITS = set(_optional_ops("aten.unbind.int", "aten.split.Tensor", "aten.split_with_sizes.default",
                             "aten.chunk.default", "aten.unsafe_split.Tensor",
                             "aten.unsafe_split_with_sizes.default", "aten.tensor_split.sections"))
+
+
+_ATTENTION = set(_optional_ops(
+    "aten._scaled_dot_product_flash_attention_for_cpu.default", "aten._scaled_dot_product_flash_attention.default",
+    "aten._scaled_dot_product_efficient_attention.default", "aten._scaled_dot_product_cudnn_attention.default",
+    "aten._scaled_dot_product_flash_attention_for_cpu_backward.default",
+    "aten._scaled_dot_product_flash_attention_backward.default",
+    "aten._scaled_dot_product_efficient_attention_backward.default",
+    "aten._scaled_dot_product_cudnn_attention_backward.default"))
+
+
+def _query_or_key(bw_graph, name: str) -> bool:
+    """Whether the saved value ``name`` is an attention's query or key (the
+    first two arguments of a scaled-dot-product op in backward, through
+    layout changes)."""
+    start = next((n for n in bw_graph.find_nodes(op="placeholder") if n.name == name), None)
+    todo, seen = ([start] if start is not None else []), set()
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u in seen or u.op != "call_function":
+                continue
+            seen.add(u)
+            if u.target in _ATTENTION and n in u.args[:2]:
+                return True
+            if u.target in _LAYOUT:
+                todo.append(u)
+    return False
+
+
+def _hadamard(d: int, device) -> Tensor:
+    """The orthonormal ``d x d`` Hadamard matrix (``d`` a power of 2), made
+    with tensor ops so that it is computed inside the compiled graph: entry
+    (i, j) is ``(-1) ** popcount(i & j) / sqrt(d)``."""
+    i = torch.arange(d, device=device)
+    both = i[:, None] & i[None, :]
+    parity = torch.zeros_like(both)
+    for b in range(max(1, (d - 1).bit_length())):
+        parity = parity ^ ((both >> b) & 1)
+    return (1 - 2 * parity).to(torch.float32) / math.sqrt(d)
 
 
 def _auxiliary_output(node) -> bool:
@@ -334,9 +376,14 @@ class CompiledSaving:
         perm = _memory_order(x)
         if perm is not None:  # quantize in memory order; the channel axes move with their dimensions
             axes = tuple(sorted(perm.index(a) for a in axes))
-        layout = _Layout(shape, x.dtype, spec.bits, axes, spec.group_size, rows, spec.stochastic, perm)
+        d = shape[-1]
+        rotate = bool(spec.qk_rotation and isinstance(d, int) and 2 <= d <= 256 and d & (d - 1) == 0
+                      and bw_graph is not None and _query_or_key(bw_graph, node.name))
+        layout = _Layout(shape, x.dtype, spec.bits, axes, spec.group_size, rows, spec.stochastic, perm, rotate)
         how = ("per head and channel" if head_wise else "per channel") if spec.group_size == 1 else (
             f"groups of {spec.group_size} channels" + (" per head" if head_wise else ""))
+        if rotate:
+            how += ", rotated (attention query/key)"
         if spec.stochastic:
             how += ", stochastic rounding"
         return layout, how + (", token scale" if rows else "")
@@ -367,6 +414,8 @@ def _quantize(x: Tensor, layout: _Layout):
         return (R.pack_bits(x),)
     if layout.perm is not None:
         x = x.permute(layout.perm)
+    if layout.rotate:
+        x = x.float() @ _hadamard(x.shape[-1], x.device)
     out = R.quantize_core(x, _seed_of(x) if layout.stochastic else None, None, None, None, bits=layout.bits,
                           axes=layout.axes, group_size=layout.group_size, rows=layout.rows, running=None)
     return tuple(out)
@@ -376,8 +425,10 @@ def _dequantize(packed, layout: _Layout) -> Tensor:
     if layout.bits == 1:
         return R.unpack_bits(packed[0], layout.shape)
     shape = layout.shape if layout.perm is None else tuple(layout.shape[d] for d in layout.perm)
-    out = R.dequantize_core(tuple(packed), shape=shape, dtype=layout.dtype, bits=layout.bits,
-                            axes=layout.axes, group_size=layout.group_size, rows=layout.rows)
+    out = R.dequantize_core(tuple(packed), shape=shape, dtype=torch.float32 if layout.rotate else layout.dtype,
+                            bits=layout.bits, axes=layout.axes, group_size=layout.group_size, rows=layout.rows)
+    if layout.rotate:
+        out = (out @ _hadamard(shape[-1], out.device).t()).to(layout.dtype)
     if layout.perm is not None:
         inverse = [0] * len(layout.perm)
         for i, d in enumerate(layout.perm):
@@ -440,6 +491,9 @@ def _random(node) -> bool:
     with aggressive recomputation the partitioner would redraw it in
     backward, a different mask than the forward's (wrong gradients, measured
     on timm's Swin); it must be kept."""
+    if node.target in _ATTENTION:  # random only with dropout; else its forward reruns in backward
+        p = node.kwargs.get("dropout_p", node.args[3] if len(node.args) > 3 else 0.0)
+        return not (isinstance(p, (int, float)) and p == 0)
     return torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
 
 
