@@ -112,9 +112,10 @@ def _digits_vit(fused_attn):
 @pytest.mark.parametrize("fused_attn", [True, False])
 def test_briefly_trained_vit(fused_attn):
     """SDPA (its forward rerun in backward) and attention written out as
-    softmax(q k^T) v (the probabilities kept head-wise)."""
+    softmax(q k^T) v (the probabilities kept head-wise); the whole model
+    compiled, and by block (the default for a model with blocks)."""
     model, (x, y) = _digits_vit(fused_attn)
-    run = torch_mesa.compile(copy.deepcopy(model))
+    run = torch_mesa.compile(copy.deepcopy(model), blocks=False if fused_attn else None)
 
     def loss_fn(m):
         out = m(x)
@@ -324,6 +325,16 @@ def test_clear_errors_for_settings_it_cannot_honour():
     vit = VisionTransformer(image_size=8, patch_size=4, dim=16, depth=2, heads=2, num_classes=3)
     with pytest.raises(ValueError, match="blocks.1 differently"):
         torch_mesa.compile(vit, MesaConfig(policy={"blocks.1": None}), blocks=True)
+
+
+def test_by_block_where_the_model_has_blocks_the_config_treats_alike():
+    from torch_mesa.tools.models import VisionTransformer
+
+    vit = VisionTransformer(image_size=8, patch_size=4, dim=16, depth=2, heads=2, num_classes=3)
+    assert torch_mesa.compile(copy.deepcopy(vit)).__class__ is VisionTransformer  # blocks compiled in place
+    whole = torch_mesa.compile(copy.deepcopy(vit), MesaConfig(policy={"blocks.1": None}))
+    assert isinstance(whole, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(torch_mesa.compile(_Mixed()), torch._dynamo.eval_frame.OptimizedModule)  # no blocks
 
 
 def test_converted_model_is_restored_and_compiled_with_its_config():
