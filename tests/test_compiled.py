@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import torch_mesa
 from torch_mesa import MesaConfig, compiled
 
-from conftest import cosine
+from conftest import cosine, with_outliers
 from test_fidelity import _arithmetic_text, _lm, _train_briefly
 
 
@@ -377,7 +377,9 @@ def test_every_block_type_compiles_whole_by_block(case, monkeypatch):
         plain = _hf_model(model_type, overrides, head, attn)
         args, kwargs = (), _hf_inputs(head)
     plain.train()
-    run = torch_mesa.compile(copy.deepcopy(plain), blocks=True, fullgraph=True)
+    # static shapes: Swin's stages differ in shape, and tracing them again with
+    # symbolic shapes takes minutes (test_dynamic_shapes covers that path)
+    run = torch_mesa.compile(copy.deepcopy(plain), blocks=True, fullgraph=True, dynamic=False)
     outs = {}
     for key, m in (("plain", plain), ("compiled", run)):
         torch.manual_seed(0)
@@ -390,3 +392,32 @@ def test_every_block_type_compiles_whole_by_block(case, monkeypatch):
     assert worst[0] >= 0.999, worst
     plan = compiled.saving_of(run).plan()
     assert sum(e.kept == "8 bits" for e in plan) >= 3, torch_mesa.plan(run)
+
+
+def test_dynamic_shapes(monkeypatch):
+    """A second sequence length makes Dynamo retrace with symbolic sizes:
+    the hooks then decide and quantize on symbolic shapes. Gradients within
+    the bar at both lengths, values quantized in both graphs."""
+    from torch._dynamo.backends.debugging import aot_eager_decomp_partition
+
+    monkeypatch.setattr(compiled, "_compile_fx", aot_eager_decomp_partition)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.fc1, self.fc2 = torch.nn.LayerNorm(32), torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+
+        def forward(self, x):
+            return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+    torch.manual_seed(0)
+    model = Net()
+    run = torch_mesa.compile(copy.deepcopy(model))
+    for n in (24, 40, 56):
+        x = with_outliers(4, n, 32, seed=n, requires_grad=False)
+        model.zero_grad(set_to_none=True)
+        run.zero_grad(set_to_none=True)
+        _compare(model, run, lambda m: ((m(x) ** 2).mean(), m(x)))
+    graphs = {k[0] for k in compiled.saving_of(run).decisions}
+    assert len(graphs) >= 2
+    assert sum(e.kept == "8 bits" for e in compiled.saving_of(run).plan()) >= 2, torch_mesa.plan(run)  # fc1, in both
