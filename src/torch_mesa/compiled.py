@@ -28,7 +28,8 @@ log-sum-exp, a norm's statistics). Boolean masks are kept in 1 bit.
 
 What differs from the eager path (:func:`compress_`): ranges are dynamic
 (``range_estimate="running"`` needs state carried between steps and is
-refused), there is no q/k rotation, and stochastic rounding's seed comes from
+refused), q/k rotation applies to the queries and keys of scaled-dot-product
+attention ops only, and stochastic rounding's seed comes from
 the tensor's own values (a compiled graph has no step counter). Code that runs
 uncompiled inside the call (a graph break) keeps its tensors exact.
 """
@@ -362,6 +363,8 @@ class CompiledSaving:
             return None, f"{x.dtype} values (indices, counts) are kept exact"
         if x.dtype == torch.float64:
             return None, "float64 is kept exact"
+        if x.element_size() < 2:
+            return None, f"{x.dtype} is already 8 bits or fewer"
         if kind is not None and issubclass(kind, nn.modules.batchnorm._BatchNorm) and not spec.batch_norm:
             return None, "batch norm (MesaConfig.batch_norm=False)"
         if _auxiliary_output(node):
