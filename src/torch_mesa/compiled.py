@@ -142,17 +142,19 @@ _LAYOUT = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default
            _aten.transpose.int, _aten.t.default, _aten.expand.default, _aten.clone.default, _aten.alias.default}
 # Ops a value's error passes through unchanged in kind (layouts, sums and
 # products with other values): followed when looking for what a kept value feeds.
-_PASS_THROUGH = {
-    _aten.view.default, _aten.reshape.default, _aten._unsafe_view.default, _aten.permute.default,
-    _aten.transpose.int, _aten.t.default, _aten.expand.default, _aten.unsqueeze.default,
-    _aten.squeeze.dim, _aten.squeeze.default, _aten.slice.Tensor, _aten.select.int, _aten.clone.default,
+def _placeholder(bw_graph, name: str):
+    """The backward graph's input that receives the saved value ``name``."""
+    return next((n for n in bw_graph.find_nodes(op="placeholder") if n.name == name), None)
+
+
+_PASS_THROUGH = _LAYOUT | {
+    _aten.unsqueeze.default, _aten.squeeze.dim, _aten.squeeze.default, _aten.slice.Tensor, _aten.select.int,
     _aten.add.Tensor, _aten.sub.Tensor, _aten.mul.Tensor, _aten.div.Tensor, _aten.neg.default,
     _aten._to_copy.default, _aten.where.self, _aten.where.ScalarSelf, _aten.where.ScalarOther,
     _aten.clamp.default, _aten.clamp_min.default, _aten.clamp_max.default, _aten.maximum.default,
-    _aten.minimum.default, _aten.cat.default, _aten.alias.default, _aten.unsqueeze.default,
+    _aten.minimum.default, _aten.cat.default, torch.ops.prims.convert_element_type.default,
     *_optional_ops("prims.fma.default"),
-    torch.ops.prims.convert_element_type.default,
-} - {None}
+}
 _PRODUCTS = {_aten.mul.Tensor, _aten.div.Tensor}
 # Ops that exponentiate their input: an absolute error d becomes a relative
 # error of e**d (a score range of 30 at 8 bits: 12%), so what reaches them is kept exact.
@@ -164,7 +166,7 @@ def _feeds_exponential(bw_graph, name: str) -> bool:
     """Whether the backward graph exponentiates the saved value ``name``
     (a softmax or log-softmax recomputed from its input, a loss's
     ``exp(log_probs)``), directly or through layout and pointwise arithmetic."""
-    start = next((n for n in bw_graph.find_nodes(op="placeholder") if n.name == name), None)
+    start = _placeholder(bw_graph, name)
     if start is None:
         return False
     todo, derived = [start], {start}
@@ -192,7 +194,7 @@ def _consumers(bw_graph, name: str, depth: int = 6) -> List[str]:
     of the backward nodes it reaches through recomputation (pointwise and
     layout ops, up to ``depth`` steps), up to and including the first
     products (a layer's gradient computation)."""
-    start = next((n for n in bw_graph.find_nodes(op="placeholder") if n.name == name), None)
+    start = _placeholder(bw_graph, name)
     if start is None:
         return []
     out, frontier, seen = [], [start], {start}
@@ -230,7 +232,7 @@ def _query_or_key(bw_graph, name: str) -> bool:
     """Whether the saved value ``name`` is an attention's query or key (the
     first two arguments of a scaled-dot-product op in backward, through
     layout changes)."""
-    start = next((n for n in bw_graph.find_nodes(op="placeholder") if n.name == name), None)
+    start = _placeholder(bw_graph, name)
     todo, seen = ([start] if start is not None else []), set()
     while todo:
         n = todo.pop()
