@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import math
 import operator
+import re
 import threading
 import weakref
 from dataclasses import dataclass
@@ -84,6 +85,9 @@ class _Layout:
     stochastic: bool = False
     perm: Optional[Tuple[int, ...]] = None  # memory order of the dimensions, where not the logical one
     rotate: bool = False  # kept rotated along the last dimension (attention queries and keys)
+    # Sizes are symbolic (dynamic shapes): the kept tuple ends with an empty
+    # tensor of the value's shape, which carries its sizes into the backward.
+    symbolic: bool = False
 
 
 def _module_name(node, key: str = "nn_module_stack") -> Tuple[str, Optional[type]]:
@@ -95,14 +99,17 @@ def _module_name(node, key: str = "nn_module_stack") -> Tuple[str, Optional[type
     if not stack:
         return "", None
     path, kind = list(stack.values())[-1]
-    for head in ("L['self']", "L['mod']", "self"):
-        if path.startswith(head):
-            path = path[len(head):]
-            break
-    path = path.lstrip(".")
+    path = _ROOT.sub("", path)  # the compiled function's argument ("L['self']", "L['fn']", ...)
     if path.startswith("_orig_mod"):
         path = path[len("_orig_mod"):].lstrip(".")
     return path, kind if isinstance(kind, type) else None
+
+
+_ROOT = re.compile(r"^(L\[[^\]]*\]|self)\.?")
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
 
 
 def _hint(n) -> int:
@@ -189,8 +196,8 @@ _STOP = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm
          _aten.convolution.default, _aten.convolution_backward.default}
 
 
-def _consumers(bw_graph, name: str, depth: int = 6) -> List[str]:
-    """The modules whose backward uses the saved value ``name``: the modules
+def _consumers(bw_graph, name: str, depth: int = 6) -> List[Tuple[str, Optional[type]]]:
+    """The modules (name, type) whose backward uses the saved value ``name``: the modules
     of the backward nodes it reaches through recomputation (pointwise and
     layout ops, up to ``depth`` steps), up to and including the first
     products (a layer's gradient computation)."""
@@ -207,7 +214,7 @@ def _consumers(bw_graph, name: str, depth: int = 6) -> List[str]:
                 seen.add(u)
                 for key in ("nn_module_stack", "fwd_nn_module_stack"):
                     if u.meta.get(key):
-                        out.append(_module_name(u, key)[0])
+                        out.append(_module_name(u, key))
                 if u.target not in _STOP:
                     nxt.append(u)
         frontier = nxt
@@ -228,23 +235,54 @@ _ATTENTION = set(_optional_ops(
     "aten._scaled_dot_product_cudnn_attention_backward.default"))
 
 
-def _query_or_key(bw_graph, name: str) -> bool:
-    """Whether the saved value ``name`` is an attention's query or key (the
-    first two arguments of a scaled-dot-product op in backward, through
-    layout changes)."""
+def _argument(node, name: str, default=None):
+    """The argument ``name`` of an op's node, by the op's schema (given by
+    position or by keyword)."""
+    schema = getattr(node.target, "_schema", None)
+    for i, a in enumerate(schema.arguments if schema is not None else ()):
+        if a.name == name:
+            return node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
+    return default
+
+
+def _attention_roles(bw_graph, name: str, through=_LAYOUT) -> set:
+    """The arguments (by schema name: ``query``, ``key``, ``attn_mask``,
+    ...) as which the saved value ``name`` enters scaled-dot-product ops in
+    backward (the recomputed forward or the backward op), through the ops
+    ``through`` (layout changes; or arithmetic too: a bias added to a mask)."""
     start = _placeholder(bw_graph, name)
-    todo, seen = ([start] if start is not None else []), set()
+    roles, todo, seen = set(), ([start] if start is not None else []), set()
     while todo:
         n = todo.pop()
         for u in n.users:
-            if u in seen or u.op != "call_function":
+            if u.op != "call_function":
                 continue
-            seen.add(u)
-            if u.target in _ATTENTION and n in u.args[:2]:
-                return True
-            if u.target in _LAYOUT:
+            if u.target in _ATTENTION:
+                schema = u.target._schema
+                roles.update(a.name for i, a in enumerate(schema.arguments)
+                             if (u.args[i] if i < len(u.args) else u.kwargs.get(a.name)) is n)
+            elif u.target in through and u not in seen:
+                seen.add(u)
                 todo.append(u)
-    return False
+    return roles
+
+
+_MASKS = {"attn_mask", "attn_bias"}
+
+
+def _gets_gradient(node, bw_graph) -> bool:
+    """Whether the forward graph's input ``node`` receives a gradient from the
+    backward (a block's hidden state), rather than being only read (an
+    attention mask, rotary tables: shared by every block and held by the
+    caller anyway)."""
+    if bw_graph is None:
+        return False
+    match = re.fullmatch(r"primals_(\d+)", node.name)
+    if match is None:
+        return False
+    grads = next(iter(bw_graph.find_nodes(op="output"))).args[0]
+    i = int(match.group(1)) - 1
+    return i < len(grads) and grads[i] is not None
 
 
 def _hadamard(d: int, device) -> Tensor:
@@ -292,57 +330,87 @@ class CompiledSaving:
             )
         self.config = config
         self.prefix = prefix
-        self.decisions: Dict[Tuple[int, str], SavedPlan] = {}
-        self._layouts: Dict[Tuple[int, str], _Layout] = {}
-        self._graph_names: Dict[int, str] = {}
+        # Per compiled forward graph (id): which frame and compile it belongs
+        # to, and per saved value what was decided. Only the newest compile of
+        # each frame is kept: a recompile's graphs replace the older ones in
+        # the plan, and the older layouts are no longer needed (both hooks
+        # are traced when a graph is compiled).
+        self._graphs: Dict[int, Tuple[Any, int]] = {}
+        self._entries: Dict[int, Dict[str, Tuple[Optional[_Layout], SavedPlan]]] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()  # per thread: the hooks entered, and the hooks they hide
         key = hashlib.sha256(f"{_FORMAT}|{config.to_dict()}|{prefix}".encode()).hexdigest()
         ref = weakref.ref(self)
         self.pack = _hook_graph(lambda x: ref()._pack(x), "mesa_pack", key)
         self.unpack = _hook_graph(lambda p: ref()._unpack(p), "mesa_unpack", key)
-        self._stack: List[Any] = []
+
+    @property
+    def decisions(self) -> Dict[Tuple[int, str], SavedPlan]:
+        with self._lock:
+            return {(g, n): e[1] for g, entries in self._entries.items() for n, e in entries.items()}
 
     # ---------------------------------------------------------------- hooks
     def __enter__(self) -> "CompiledSaving":
+        stack = self._stack()
+        outer = torch._C._autograd._top_saved_tensors_default_hooks(True)
         cm = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
         cm.__enter__()
-        self._stack.append(cm)
+        stack.append((cm, outer))
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stack.pop().__exit__(*exc)
+        stack = self._stack()
+        if stack:  # (unbalanced where another pre-hook raised before ours ran)
+            stack.pop()[0].__exit__(*exc)
+
+    def _stack(self) -> list:
+        if not hasattr(self._local, "stack"):
+            self._local.stack = []
+        return self._local.stack
 
     def _context(self):
         from torch._functorch._aot_autograd.graph_compile import _get_saved_tensor_hook_context
 
         return _get_saved_tensor_hook_context()
 
-    def _key(self, ctx) -> Tuple[int, str]:
-        return id(ctx["_fw_graph"]), ctx["_node"].name
-
     def _pack(self, x: Tensor):
         ctx = self._context()
-        if ctx is None:
-            return x  # uncompiled code inside the call (a graph break): kept exact
+        if ctx is None:  # uncompiled code inside the call (a graph break): kept exact, or by the hooks ours hide
+            stack = self._stack()
+            outer = stack[-1][1] if stack else None
+            return x if outer is None else _Outer(outer[0](x), outer[1])
         node = ctx["_node"]
         module, kind = _module_of(node)
-        name = ".".join(p for p in (self.prefix, module) if p)
+        name = _join(self.prefix, module)
         layout, reason = self._choose(x, node, name, kind, ctx.get("_bw_graph"))
-        key = self._key(ctx)
-        with self._lock:
-            self._layouts[key] = layout
-            kept = "exact" if layout is None else ("1 bit" if layout.bits == 1 else f"{layout.bits} bits")
-            out = x if layout is None else _quantize(x, layout)
-            nbytes = sum(_hint(t.numel()) * t.element_size() for t in (out if isinstance(out, tuple) else (out,)))
-            self.decisions[key] = SavedPlan(node.name, name, tuple(_hint(n) for n in x.shape), x.dtype, kept,
-                                            reason, _hint(x.numel()) * x.element_size(), nbytes)
+        out = x if layout is None else _quantize(x, layout)
+        kept = "exact" if layout is None else ("1 bit" if layout.bits == 1 else f"{layout.bits} bits")
+        parts = [t for t in (out if isinstance(out, tuple) else (out,))
+                 if not (layout is not None and layout.symbolic and t is out[-1])]
+        entry = SavedPlan(node.name, name, tuple(_hint(n) for n in x.shape), x.dtype, kept, reason,
+                          _hint(x.numel()) * x.element_size(), sum(_hint(t.numel()) * t.element_size() for t in parts))
+        self._record(id(ctx["_fw_graph"]), node.name, layout, entry)
         return out
+
+    def _record(self, graph: int, name: str, layout: Optional[_Layout], entry: SavedPlan) -> None:
+        from torch._guards import CompileContext
+
+        cid = CompileContext.current_compile_id()
+        frame, count = getattr(cid, "frame_id", None), getattr(cid, "frame_compile_id", None) or 0
+        with self._lock:
+            if graph not in self._graphs:
+                older = [g for g, (f, c) in self._graphs.items() if f == frame and c < count]
+                for g in older:
+                    del self._graphs[g], self._entries[g]
+                self._graphs[graph] = (frame, count)
+            self._entries.setdefault(graph, {})[name] = (layout, entry)
 
     def _unpack(self, packed):
         ctx = self._context()
         if ctx is None:
-            return packed
-        layout = self._layouts.get(self._key(ctx))
+            return packed.unpack(packed.value) if isinstance(packed, _Outer) else packed
+        with self._lock:
+            layout = self._entries.get(id(ctx["_fw_graph"]), {}).get(ctx["_node"].name, (None,))[0]
         if layout is None:
             return packed
         return _dequantize(packed, layout)
@@ -353,28 +421,37 @@ class CompiledSaving:
         shape = tuple(x.shape)
         if spec is None:
             return None, "kept exact by policy"
-        for used_by in (_consumers(bw_graph, node.name) if bw_graph is not None else ()):
-            full = ".".join(p for p in (self.prefix, used_by) if p)
-            if self.config.resolve(full) is None:
+        if kind is not None and issubclass(kind, nn.modules.batchnorm._BatchNorm) and not spec.batch_norm:
+            return None, "batch norm (MesaConfig.batch_norm=False)"
+        for used_by, used_kind in (_consumers(bw_graph, node.name) if bw_graph is not None else ()):
+            full = _join(self.prefix, used_by)
+            used_spec = self.config.resolve(full)
+            if used_spec is None:
                 return None, f"kept exact by policy (used in the backward of {full})"
+            if used_kind is not None and issubclass(used_kind, nn.modules.batchnorm._BatchNorm) \
+                    and not used_spec.batch_norm:
+                return None, f"input of a batch norm ({full}; MesaConfig.batch_norm=False)"
+        if node.op == "placeholder" and not _gets_gradient(node, bw_graph):
+            return None, "an input the graph only reads (a mask or table shared by the blocks): kept as it is"
         if x.dtype == torch.bool:
             if x.numel() < MIN_NUMEL:
                 return None, "small mask"
-            return _Layout(shape, x.dtype, 1), "mask, 1 bit per element"
+            return _Layout(_ints(shape), x.dtype, 1, symbolic=_symbolic(shape)), "mask, 1 bit per element"
         if not x.is_floating_point():
             return None, f"{x.dtype} values (indices, counts) are kept exact"
         if x.dtype == torch.float64:
             return None, "float64 is kept exact"
         if x.element_size() < 2:
             return None, f"{x.dtype} is already 8 bits or fewer"
-        if kind is not None and issubclass(kind, nn.modules.batchnorm._BatchNorm) and not spec.batch_norm:
-            return None, "batch norm (MesaConfig.batch_norm=False)"
         if _auxiliary_output(node):
             return None, "auxiliary output of a multi-output op (statistics)"
         if x.dim() < 2 or shape[-1] == 1 or x.numel() < MIN_NUMEL:
             return None, "small tensor or per-row statistic"
         if bw_graph is not None and _feeds_exponential(bw_graph, node.name):
             return None, "backward exponentiates it (softmax logits): its error would grow exponentially"
+        if bw_graph is not None and _attention_roles(bw_graph, node.name, _PASS_THROUGH) & _MASKS:
+            return None, ("an attention's mask or bias: attention exponentiates it (its error would grow "
+                          "exponentially; masked positions hold -inf or the dtype's minimum)")
         head_wise = spec.head_wise and x.dim() == 4
         axes = (1, 3) if head_wise else (x.dim() - 1,)
         rows = "scaled" if spec.token_scale else None
@@ -383,8 +460,9 @@ class CompiledSaving:
             axes = tuple(sorted(perm.index(a) for a in axes))
         d = shape[-1]
         rotate = bool(spec.qk_rotation and isinstance(d, int) and 2 <= d <= 256 and d & (d - 1) == 0
-                      and bw_graph is not None and _query_or_key(bw_graph, node.name))
-        layout = _Layout(shape, x.dtype, spec.bits, axes, spec.group_size, rows, spec.stochastic, perm, rotate)
+                      and bw_graph is not None and _attention_roles(bw_graph, node.name) & {"query", "key"})
+        layout = _Layout(_ints(shape), x.dtype, spec.bits, axes, spec.group_size, rows, spec.stochastic, perm,
+                         rotate, _symbolic(shape))
         how = ("per head and channel" if head_wise else "per channel") if spec.group_size == 1 else (
             f"groups of {spec.group_size} channels" + (" per head" if head_wise else ""))
         if rotate:
@@ -394,8 +472,30 @@ class CompiledSaving:
         return layout, how + (", token scale" if rows else "")
 
     def plan(self) -> List[SavedPlan]:
-        """What the graphs compiled so far keep, one entry per saved value."""
+        """What the graphs compiled so far keep, one entry per saved value
+        (of each compiled code's newest compile)."""
         return list(self.decisions.values())
+
+
+class _Outer:
+    """A tensor packed by the saved-tensor hooks that ours hide (the caller's
+    ``save_on_cpu``, a non-reentrant checkpoint), for code that runs
+    uncompiled inside the call."""
+
+    __slots__ = ("value", "unpack")
+
+    def __init__(self, value, unpack) -> None:
+        self.value, self.unpack = value, unpack
+
+
+def _ints(shape) -> Tuple[int, ...]:
+    """A shape with symbolic sizes replaced by their hints: kept layouts
+    never hold a compile's symbols (nor its shape environment) alive."""
+    return tuple(_hint(n) for n in shape)
+
+
+def _symbolic(shape) -> bool:
+    return any(isinstance(n, torch.SymInt) for n in shape)
 
 
 def _memory_order(x: Tensor) -> Optional[Tuple[int, ...]]:
@@ -415,21 +515,26 @@ def _memory_order(x: Tensor) -> Optional[Tuple[int, ...]]:
 
 
 def _quantize(x: Tensor, layout: _Layout):
+    sizes = (x.new_empty((*x.shape, 0)),) if layout.symbolic else ()
     if layout.bits == 1:
-        return (R.pack_bits(x),)
+        return (R.pack_bits(x),) + sizes
     if layout.perm is not None:
         x = x.permute(layout.perm)
     if layout.rotate:
         x = x.float() @ _hadamard(x.shape[-1], x.device)
     out = R.quantize_core(x, _seed_of(x) if layout.stochastic else None, None, None, None, bits=layout.bits,
                           axes=layout.axes, group_size=layout.group_size, rows=layout.rows, running=None)
-    return tuple(out)
+    return tuple(out) + sizes
 
 
 def _dequantize(packed, layout: _Layout) -> Tensor:
+    shape = layout.shape
+    if layout.symbolic:
+        shape, packed = tuple(packed[-1].shape[:-1]), packed[:-1]
     if layout.bits == 1:
-        return R.unpack_bits(packed[0], layout.shape)
-    shape = layout.shape if layout.perm is None else tuple(layout.shape[d] for d in layout.perm)
+        return R.unpack_bits(packed[0], shape)
+    if layout.perm is not None:
+        shape = tuple(shape[d] for d in layout.perm)
     out = R.dequantize_core(tuple(packed), shape=shape, dtype=torch.float32 if layout.rotate else layout.dtype,
                             bits=layout.bits, axes=layout.axes, group_size=layout.group_size, rows=layout.rows)
     if layout.rotate:
@@ -497,7 +602,7 @@ def _random(node) -> bool:
     backward, a different mask than the forward's (wrong gradients, measured
     on timm's Swin); it must be kept."""
     if node.target in _ATTENTION:  # random only with dropout; else its forward reruns in backward
-        p = node.kwargs.get("dropout_p", node.args[3] if len(node.args) > 3 else 0.0)
+        p = _argument(node, "dropout_p", 0.0)
         return not (isinstance(p, (int, float)) and p == 0)
     return torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
 
@@ -547,11 +652,11 @@ def _install(module: nn.Module, saving: CompiledSaving) -> None:
 
 
 def _check_uniform(config: MesaConfig, blocks_name: str, blocks: nn.Module) -> None:
-    names = [f"{blocks_name}.{i}" for i in range(len(blocks))]
+    names = [_join(blocks_name, str(i)) for i in range(len(blocks))]
     rel = [n for n, _ in blocks[0].named_modules()]
-    first = [config.resolve(".".join(p for p in (names[0], r) if p)) for r in rel]
+    first = [config.resolve(_join(names[0], r)) for r in rel]
     for name in names[1:]:
-        other = [config.resolve(".".join(p for p in (name, r) if p)) for r in rel]
+        other = [config.resolve(_join(name, r)) for r in rel]
         if other != first:
             raise ValueError(
                 f"the config's policy treats {name} differently from {names[0]}; blocks compiled one by one "
@@ -633,7 +738,7 @@ def compile(model: nn.Module, config: Optional[MesaConfig] = None, *, blocks: Op
         return compiled
     name, container = find_blocks(model)
     _check_uniform(config, name, container)
-    saving = CompiledSaving(config, prefix=f"{name}.0")
+    saving = CompiledSaving(config, prefix=_join(name, "0"))
     for block in container:
         block.compile(backend=_inductor_recomputing_blocks, **compile_kwargs)
     _install(model, saving)

@@ -195,9 +195,11 @@ def measure_call(
 
 
 def _compiled_saving(model: nn.Module):
-    """The compiled saving of a model from :func:`torch_mesa.compile`, if any
-    (it replaces the saved-tensor hooks this module counts with)."""
-    return getattr(model, "_mesa_saving", None)
+    """The compiled saving of a model from :func:`torch_mesa.compile`, or of
+    a module inside it (a wrapper), if any: its graphs save their tensors
+    with saved-tensor hooks switched off, out of reach of the hooks this
+    module counts with."""
+    return next((m._mesa_saving for m in model.modules() if getattr(m, "_mesa_saving", None) is not None), None)
 
 
 def _saved_in_graph(roots) -> List[torch.Tensor]:
@@ -214,6 +216,7 @@ def _saved_in_graph(roots) -> List[torch.Tensor]:
         seen.add(f)
         if hasattr(f, "saved_tensors"):  # custom autograd functions (compiled graphs among them)
             out.extend(t for t in f.saved_tensors if isinstance(t, torch.Tensor))
+            out.extend(t for t in getattr(f, "_tensors_no_vc_check", ()) if isinstance(t, torch.Tensor))
         for a in dir(f):
             if a.startswith("_saved_"):
                 v = getattr(f, a)
@@ -236,8 +239,8 @@ def _measure_compiled_saving(model, fn, excluded, autocast_dtype, device_hint) -
     )
     with torch.enable_grad(), amp:
         out = fn(model)
-    roots = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
-    if not roots and hasattr(out, "values"):
+    roots = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if not roots and hasattr(out, "values"):  # (a mapping pytree does not know)
         roots = [t for t in out.values() if isinstance(t, torch.Tensor)]
     seen, total = set(), 0
     for t in _saved_in_graph(roots):
