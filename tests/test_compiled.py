@@ -628,3 +628,39 @@ def test_callers_hooks_and_wrappers(monkeypatch):
     handle.remove()
     assert torch._C._autograd._top_saved_tensors_default_hooks(True) is None
     run(x).sum().backward()
+
+
+def test_backward_expands_kept_values_where_they_are_used():
+    """AOTAutograd puts the expansion of every kept value at the start of
+    the backward; the post-grad pass moves each to just before its first
+    use (a whole model's backward then holds one block's expanded values at
+    a time), leaving the forward, the values and the other ops' order alone."""
+    g = torch.fx.Graph()
+    kept = [g.placeholder(f"kept_{i}") for i in range(3)]
+    grad = g.placeholder("tangents_1")
+    expanded = [g.call_function(torch.ops.aten.mul.Tensor, (k, 2.0)) for k in kept]  # (at the start)
+    shared = g.call_function(torch.ops.aten.add.Tensor, (expanded[0], 1.0))
+    h, uses = grad, []
+    for e in reversed(expanded):  # the backward uses the last block's values first
+        h = g.call_function(torch.ops.aten.mul.Tensor, (h, e))
+        uses.append(h)
+    out = g.call_function(torch.ops.aten.add.Tensor, (h, shared))
+    g.output(out)
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    args = [torch.randn(4) for _ in range(4)]
+    before = gm(*args)
+    forward = copy.deepcopy(g)
+    compiled._sink_expansions(g)
+    g.lint()
+    gm.recompile()
+    torch.testing.assert_close(gm(*args), before, rtol=0, atol=0)
+    expected = [expanded[2], uses[0], expanded[1], uses[1], expanded[0], uses[2], shared, out]
+    assert [n for n in g.nodes if n.op == "call_function"] == expected, list(g.nodes)
+    # a forward graph (no tangents) is left as it is
+    fw = copy.deepcopy(forward)
+    for n in fw.find_nodes(op="placeholder"):
+        if n.name == "tangents_1":
+            n.name = "primals_9"
+    order = [n.name for n in fw.nodes]
+    compiled._sink_expansions(fw)
+    assert [n.name for n in fw.nodes] == order

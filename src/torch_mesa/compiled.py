@@ -624,10 +624,56 @@ def _inductor_recomputing(gm, example_inputs, *, inputs_too: bool = False):
 
 def _compile_fx(gm, example_inputs):
     """Inductor (the tests swap in ``aot_eager_decomp_partition``: the same
-    tracing, partitioner and inlined hooks, without code generation)."""
+    tracing, partitioner and inlined hooks, without code generation), with
+    the backward's expansions of kept values moved to their first use
+    (:func:`_sink_expansions`)."""
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": _SinkExpansions()})
+
+
+def _sink_expansions(graph: torch.fx.Graph) -> None:
+    """In a backward graph, move every op computed from the graph's inputs
+    alone (above all, the expansion of each kept value, which AOTAutograd
+    puts at the start of the backward) to just before its first use. Else
+    a whole model's backward expands every block's values before it needs
+    the first (measured: the step's peak rose 0.44x of the compiled
+    unconverted model's where block by block it rose 0.21x). The order of
+    everything else is unchanged; so are the values."""
+    inputs = graph.find_nodes(op="placeholder")
+    if not any(n.name.startswith("tangents") for n in inputs):
+        return  # a forward graph
+    free = set(inputs)
+    for n in graph.nodes:
+        if n.op == "call_function" and not n.is_impure() and all(a in free for a in n.all_input_nodes) \
+                and torch.Tag.nondeterministic_seeded not in getattr(n.target, "tags", ()):
+            free.add(n)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in reversed(list(graph.nodes)):
+        if n.op != "call_function" or n not in free or not n.users:
+            continue
+        first = min(n.users, key=order.__getitem__)
+        if first.op != "output" and order[first] > order[n] + 1:
+            first.prepend(n)
+            order = {m: i for i, m in enumerate(graph.nodes)}
+
+
+def _pass_class():
+    try:
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+    except ImportError:  # (older PyTorch: the pass is not used)
+        return object
+    return CustomGraphPass
+
+
+class _SinkExpansions(_pass_class()):
+    """:func:`_sink_expansions` as Inductor's post-grad pass (its uuid keys the compile caches)."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        _sink_expansions(graph)
+
+    def uuid(self):
+        return f"{_FORMAT}|sink-expansions-1"
 
 
 def _inductor_recomputing_blocks(gm, example_inputs):
