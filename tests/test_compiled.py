@@ -664,3 +664,53 @@ def test_backward_expands_kept_values_where_they_are_used():
     order = [n.name for n in fw.nodes]
     compiled._sink_expansions(fw)
     assert [n.name for n in fw.nodes] == order
+
+
+class _Gated(torch.nn.Module):
+    """A value the backward divides by, or takes the log or root of, made
+    from a layer's output by pointwise functions; ``gate``: a sigmoid gate
+    (a bounded product, safe to quantize)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.fc, self.fc2, self.head = torch.nn.Linear(32, 64), torch.nn.Linear(32, 64), torch.nn.Linear(64, 16)
+
+    def forward(self, x):
+        h, z = self.fc(x), self.fc2(x)
+        if self.kind == "divide":  # near 0 where z is negative
+            h = h / (F.softplus(z - 4) + 1e-3)
+        elif self.kind == "log":
+            h = h * torch.log(z.clamp(min=1e-3))
+        elif self.kind == "rsqrt":
+            h = h * torch.rsqrt(z.abs() + 1e-4)
+        elif self.kind == "power":
+            h = h * z.clamp(min=0.01).pow(-1)
+        else:
+            h = h * torch.sigmoid(z)
+        return self.head(h).square().mean()
+
+
+@pytest.mark.parametrize("kind", ["divide", "log", "rsqrt", "power", "gate"])
+def test_values_the_backward_divides_by_stay_exact(kind, monkeypatch):
+    """An absolute quantization error in a value near 0 is an unbounded
+    relative one in its reciprocal, log or root: kept in 8 bits, these four
+    had given fc2's gradient cosines of 0.977, 0.909, -0.27 and 0.884. Such
+    values stay exact, with the reason; a bounded gate is still quantized."""
+    from torch._dynamo.backends.debugging import aot_eager_decomp_partition
+
+    monkeypatch.setattr(compiled, "_compile_fx", aot_eager_decomp_partition)
+    torch.manual_seed(0)
+    model = _Gated(kind)
+    x = with_outliers(256, 32, seed=1, requires_grad=False)
+    run = torch_mesa.compile(copy.deepcopy(model))
+    _compare(model, run, lambda m: (m(x), m(x).reshape(1)))
+    plan = compiled.saving_of(run).plan()
+    table = torch_mesa.plan(run)
+    gates = [e for e in plan if e.module == "fc2"]  # z, or what the backward recomputes the gate from
+    assert gates, table
+    if kind == "gate":
+        assert all(e.kept == "8 bits" for e in gates), table
+    else:
+        assert all(e.kept == "exact" and ("divides" in e.reason or "exponent" in e.reason) for e in gates), table
+    assert sum(e.kept == "8 bits" for e in plan) >= 2, table  # the rest is still quantized

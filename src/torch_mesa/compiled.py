@@ -192,6 +192,36 @@ def _feeds_exponential(bw_graph, name: str) -> bool:
     return False
 
 
+# Ops whose result near 0 turns a small absolute error of their input into
+# an unbounded one (1/x, log x, sqrt x's derivative).
+_DIVIDING = {_aten.reciprocal.default, _aten.rsqrt.default, _aten.sqrt.default, _aten.log.default,
+             _aten.log2.default, _aten.log10.default, _aten.log1p.default}
+
+
+def _divides_by(bw_graph, name: str) -> bool:
+    """Whether the backward graph divides by the saved value ``name``, or by
+    a pointwise function of it (``a / softplus(z)``, ``log(p)``, ``x ** -1``),
+    or takes its logarithm or root: where the value is near 0 a quantization
+    step is a large relative error, and the quotient's error unbounded.
+    Reductions (a norm's variance) stop the search: they average errors."""
+    start = _placeholder(bw_graph, name)
+    todo, derived = ([start] if start is not None else []), {start}
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u in derived or u.op != "call_function":
+                continue
+            if u.target in _DIVIDING or (u.target is _aten.div.Tensor and len(u.args) > 1 and u.args[1] is n):
+                return True
+            if u.target is _aten.pow.Tensor_Scalar and isinstance(u.args[1], (int, float)) and u.args[1] < 1:
+                return True
+            pointwise = torch.Tag.pointwise in getattr(u.target, "tags", ()) and len(u.all_input_nodes) == 1
+            if u.target in _PASS_THROUGH or pointwise:
+                derived.add(u)
+                todo.append(u)
+    return False
+
+
 _STOP = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
          _aten.convolution.default, _aten.convolution_backward.default}
 
@@ -449,6 +479,8 @@ class CompiledSaving:
             return None, "small tensor or per-row statistic"
         if bw_graph is not None and _feeds_exponential(bw_graph, node.name):
             return None, "backward exponentiates it (softmax logits): its error would grow exponentially"
+        if bw_graph is not None and _divides_by(bw_graph, node.name):
+            return None, "backward divides by it (or a function of it) or takes its log or root: unbounded error near 0"
         if bw_graph is not None and _attention_roles(bw_graph, node.name, _PASS_THROUGH) & _MASKS:
             return None, ("an attention's mask or bias: attention exponentiates it (its error would grow "
                           "exponentially; masked positions hold -inf or the dtype's minimum)")
