@@ -196,14 +196,24 @@ def _feeds_exponential(bw_graph, name: str) -> bool:
 # an unbounded one (1/x, log x, sqrt x's derivative).
 _DIVIDING = {_aten.reciprocal.default, _aten.rsqrt.default, _aten.sqrt.default, _aten.log.default,
              _aten.log2.default, _aten.log10.default, _aten.log1p.default}
+# Step functions: an error near a step flips the result by a whole step
+# (sign(z) from -1 to 1). Comparisons are not among them: a ReLU's mask
+# flips only where its input, and so its output, is near 0.
+_JUMPS = set(_optional_ops(
+    "aten.round.default", "aten.round.decimals", "aten.floor.default", "aten.ceil.default", "aten.trunc.default",
+    "aten.sign.default", "aten.sgn.default", "aten.frac.default", "aten.remainder.Tensor",
+    "aten.remainder.Scalar", "aten.fmod.Tensor", "aten.fmod.Scalar", "aten.div.Tensor_mode",
+    "aten.floor_divide.default"))
 
 
-def _divides_by(bw_graph, name: str) -> bool:
-    """Whether the backward graph divides by the saved value ``name``, or by
-    a pointwise function of it (``a / softplus(z)``, ``log(p)``, ``x ** -1``),
-    or takes its logarithm or root: where the value is near 0 a quantization
-    step is a large relative error, and the quotient's error unbounded.
-    Reductions (a norm's variance) stop the search: they average errors."""
+def _amplified(bw_graph, name: str) -> Optional[str]:
+    """Why the backward graph would amplify the saved value ``name``'s
+    quantization error without bound, if it does: it divides by the value
+    or by a pointwise function of it (``a / softplus(z)``, ``x ** -1``),
+    takes its logarithm or root (where the value is near 0 a quantization
+    step is a large relative error), or recomputes a step function of it
+    (``sign``, ``round``, ``remainder``). Reductions (a norm's variance)
+    stop the search: they average errors."""
     start = _placeholder(bw_graph, name)
     todo, derived = ([start] if start is not None else []), {start}
     while todo:
@@ -211,15 +221,16 @@ def _divides_by(bw_graph, name: str) -> bool:
         for u in n.users:
             if u in derived or u.op != "call_function":
                 continue
-            if u.target in _DIVIDING or (u.target is _aten.div.Tensor and len(u.args) > 1 and u.args[1] is n):
-                return True
-            if u.target is _aten.pow.Tensor_Scalar and isinstance(u.args[1], (int, float)) and u.args[1] < 1:
-                return True
+            if u.target in _DIVIDING or (u.target is _aten.div.Tensor and len(u.args) > 1 and u.args[1] is n) or (
+                    u.target is _aten.pow.Tensor_Scalar and isinstance(u.args[1], (int, float)) and u.args[1] < 1):
+                return "backward divides by it (or a function of it) or takes its log or root: unbounded error near 0"
+            if u.target in _JUMPS:
+                return "backward recomputes a step function of it (round, sign, remainder): an error flips a step"
             pointwise = torch.Tag.pointwise in getattr(u.target, "tags", ()) and len(u.all_input_nodes) == 1
             if u.target in _PASS_THROUGH or pointwise:
                 derived.add(u)
                 todo.append(u)
-    return False
+    return None
 
 
 _STOP = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
@@ -360,13 +371,11 @@ class CompiledSaving:
             )
         self.config = config
         self.prefix = prefix
-        # Per compiled forward graph (id): which frame and compile it belongs
-        # to, and per saved value what was decided. Only the newest compile of
-        # each frame is kept: a recompile's graphs replace the older ones in
-        # the plan, and the older layouts are no longer needed (both hooks
-        # are traced when a graph is compiled).
-        self._graphs: Dict[int, Tuple[Any, int]] = {}
-        self._entries: Dict[int, Dict[str, Tuple[Optional[_Layout], SavedPlan]]] = {}
+        # Per compile (frame, count), per saved value: what was decided. Only
+        # the newest compile of each frame is kept: a recompile's graph
+        # replaces the older one in the plan, and the older layouts are no
+        # longer needed (both hooks are traced when a graph is compiled).
+        self._entries: Dict[Tuple[Any, int], Dict[str, Tuple[Optional[_Layout], SavedPlan]]] = {}
         self._lock = threading.Lock()
         self._local = threading.local()  # per thread: the hooks entered, and the hooks they hide
         key = hashlib.sha256(f"{_FORMAT}|{config.to_dict()}|{prefix}".encode()).hexdigest()
@@ -419,28 +428,20 @@ class CompiledSaving:
                  if not (layout is not None and layout.symbolic and t is out[-1])]
         entry = SavedPlan(node.name, name, tuple(_hint(n) for n in x.shape), x.dtype, kept, reason,
                           _hint(x.numel()) * x.element_size(), sum(_hint(t.numel()) * t.element_size() for t in parts))
-        self._record(id(ctx["_fw_graph"]), node.name, layout, entry)
-        return out
-
-    def _record(self, graph: int, name: str, layout: Optional[_Layout], entry: SavedPlan) -> None:
-        from torch._guards import CompileContext
-
-        cid = CompileContext.current_compile_id()
-        frame, count = getattr(cid, "frame_id", None), getattr(cid, "frame_compile_id", None) or 0
+        key = _compile_key(ctx)
         with self._lock:
-            if graph not in self._graphs:
-                older = [g for g, (f, c) in self._graphs.items() if f == frame and c < count]
-                for g in older:
-                    del self._graphs[g], self._entries[g]
-                self._graphs[graph] = (frame, count)
-            self._entries.setdefault(graph, {})[name] = (layout, entry)
+            if key not in self._entries and key[0] is not None:
+                for older in [k for k in self._entries if k[0] == key[0] and k[1] < key[1]]:
+                    del self._entries[older]
+            self._entries.setdefault(key, {})[node.name] = (layout, entry)
+        return out
 
     def _unpack(self, packed):
         ctx = self._context()
         if ctx is None:
             return packed.unpack(packed.value) if isinstance(packed, _Outer) else packed
         with self._lock:
-            layout = self._entries.get(id(ctx["_fw_graph"]), {}).get(ctx["_node"].name, (None,))[0]
+            layout = self._entries.get(_compile_key(ctx), {}).get(ctx["_node"].name, (None,))[0]
         if layout is None:
             return packed
         return _dequantize(packed, layout)
@@ -462,7 +463,8 @@ class CompiledSaving:
                     and not used_spec.batch_norm:
                 return None, f"input of a batch norm ({full}; MesaConfig.batch_norm=False)"
         if node.op == "placeholder" and not _gets_gradient(node, bw_graph):
-            return None, "an input the graph only reads (a mask or table shared by the blocks): kept as it is"
+            return None, ("an input that gets no gradient (a mask or table the blocks share, a frozen "
+                          "embedding's output): kept as it is, which its caller holds anyway")
         if x.dtype == torch.bool:
             if x.numel() < MIN_NUMEL:
                 return None, "small mask"
@@ -479,8 +481,9 @@ class CompiledSaving:
             return None, "small tensor or per-row statistic"
         if bw_graph is not None and _feeds_exponential(bw_graph, node.name):
             return None, "backward exponentiates it (softmax logits): its error would grow exponentially"
-        if bw_graph is not None and _divides_by(bw_graph, node.name):
-            return None, "backward divides by it (or a function of it) or takes its log or root: unbounded error near 0"
+        why = _amplified(bw_graph, node.name) if bw_graph is not None else None
+        if why:
+            return None, why
         if bw_graph is not None and _attention_roles(bw_graph, node.name, _PASS_THROUGH) & _MASKS:
             return None, ("an attention's mask or bias: attention exponentiates it (its error would grow "
                           "exponentially; masked positions hold -inf or the dtype's minimum)")
@@ -507,6 +510,17 @@ class CompiledSaving:
         """What the graphs compiled so far keep, one entry per saved value
         (of each compiled code's newest compile)."""
         return list(self.decisions.values())
+
+
+def _compile_key(ctx) -> Tuple[Any, int]:
+    """The compile a hook is traced in: (Dynamo frame, compile count), or
+    where there is none, (None, the forward graph's id)."""
+    from torch._guards import CompileContext
+
+    cid = CompileContext.current_compile_id()
+    if cid is None or cid.frame_id is None:
+        return None, id(ctx["_fw_graph"])
+    return cid.frame_id, cid.frame_compile_id or 0
 
 
 class _Outer:
@@ -639,7 +653,8 @@ def _random(node) -> bool:
     return torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
 
 
-def _inductor_recomputing(gm, example_inputs, *, inputs_too: bool = False):
+def _inductor_recomputing(gm, example_inputs, *, inputs_too: bool = False, mode: Optional[str] = None,
+                          options: Optional[dict] = None):
     """Inductor, with the partitioner asked to recompute every cheap op in
     backward rather than keep its output (norm outputs, activations, the
     attention forward): then each value is kept once, and quantized once.
@@ -648,46 +663,79 @@ def _inductor_recomputing(gm, example_inputs, *, inputs_too: bool = False):
     ``inputs_too``: the hooks pack the graph's inputs too (not parameters
     and buffers), not only its intermediates: a block's input is the
     previous block's output, which only autograd holds once that block has
-    run, so keeping it quantized frees it."""
+    run, so keeping it quantized frees it.
+
+    ``mode``/``options``: ``torch.compile``'s, which it passes to a backend
+    given as a function; they become Inductor settings, as with Inductor."""
+    patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    patches.update(options or {})
     with torch._functorch.config.patch(aggressive_recomputation=True, joint_custom_pass=_keep_probabilities,
                                        saved_tensors_hooks_filtering_mode="no_static" if inputs_too else "donated"):
-        return _compile_fx(gm, example_inputs)
+        return _compile_fx(gm, example_inputs, **({"options": patches} if patches else {}))
 
 
-def _compile_fx(gm, example_inputs):
-    """Inductor (the tests swap in ``aot_eager_decomp_partition``: the same
-    tracing, partitioner and inlined hooks, without code generation), with
-    the backward's expansions of kept values moved to their first use
-    (:func:`_sink_expansions`)."""
+def _compile_fx(gm, example_inputs, options: Optional[dict] = None):
+    """Inductor with the settings ``options`` (the tests swap in
+    ``aot_eager_decomp_partition``: the same tracing, partitioner and inlined
+    hooks, without code generation), the backward's expansions of kept
+    values moved to their first use (:func:`_sink_expansions`; before a
+    post-grad pass of the caller's own, if any)."""
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": _SinkExpansions()})
+    patches = dict(options or {})
+    patches["post_grad_custom_post_pass"] = _SinkExpansions(patches.get("post_grad_custom_post_pass"))
+    return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def _sink_expansions(graph: torch.fx.Graph) -> None:
-    """In a backward graph, move every op computed from the graph's inputs
-    alone (above all, the expansion of each kept value, which AOTAutograd
-    puts at the start of the backward) to just before its first use. Else
-    a whole model's backward expands every block's values before it needs
-    the first (measured: the step's peak rose 0.44x of the compiled
-    unconverted model's where block by block it rose 0.21x). The order of
-    everything else is unchanged; so are the values."""
+    """In a backward graph, move every op computed from the kept values
+    alone, not from the incoming gradients (above all, the expansion of each
+    kept value, which AOTAutograd puts at the start of the backward, and the
+    forward ops recomputed from them), to just before its first use. Else a
+    whole model's backward expands every block's values before it needs the
+    first (measured: the step's peak rose 0.44x of the compiled unconverted
+    model's where block by block it rose 0.21x). Nothing moves past an
+    impure op (a write); the order of everything else, and the values, are
+    unchanged. One pass over the graph."""
     inputs = graph.find_nodes(op="placeholder")
     if not any(n.name.startswith("tangents") for n in inputs):
         return  # a forward graph
-    free = set(inputs)
+    kept = {n for n in inputs if not n.name.startswith("tangents")}
+    movable = set()
     for n in graph.nodes:
-        if n.op == "call_function" and not n.is_impure() and all(a in free for a in n.all_input_nodes) \
+        if n.op == "call_function" and not n.is_impure() and all(a in kept or a in movable for a in n.all_input_nodes) \
                 and torch.Tag.nondeterministic_seeded not in getattr(n.target, "tags", ()):
-            free.add(n)
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for n in reversed(list(graph.nodes)):
-        if n.op != "call_function" or n not in free or not n.users:
+            movable.add(n)
+    emitted, new, pending = set(), [], []
+
+    def emit(root) -> None:  # root, after the movable values it needs that are not placed yet
+        stack = [(root, False)]
+        while stack:
+            n, ready = stack.pop()
+            if n in emitted:
+                continue
+            if ready:
+                emitted.add(n)
+                new.append(n)
+                continue
+            stack.append((n, True))
+            stack.extend((a, False) for a in reversed(n.all_input_nodes) if a in movable and a not in emitted)
+
+    for n in graph.nodes:
+        if n in movable:
+            pending.append(n)
             continue
-        first = min(n.users, key=order.__getitem__)
-        if first.op != "output" and order[first] > order[n] + 1:
-            first.prepend(n)
-            order = {m: i for i, m in enumerate(graph.nodes)}
+        if n.op != "placeholder" and n.is_impure():  # a write: what was computed before it stays before it
+            for p in pending:
+                emit(p)
+            pending = []
+        emit(n)
+    for p in pending:
+        emit(p)
+    if new != list(graph.nodes):
+        for before, n in zip(new, new[1:]):
+            if before.next is not n:
+                before.append(n)
 
 
 def _pass_class():
@@ -699,13 +747,20 @@ def _pass_class():
 
 
 class _SinkExpansions(_pass_class()):
-    """:func:`_sink_expansions` as Inductor's post-grad pass (its uuid keys the compile caches)."""
+    """:func:`_sink_expansions` as Inductor's post-grad pass, then ``then``
+    (a caller's own pass); the uuid keys the compile caches."""
+
+    def __init__(self, then=None) -> None:
+        self.then = then
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         _sink_expansions(graph)
+        if self.then is not None:
+            self.then(graph)
 
     def uuid(self):
-        return f"{_FORMAT}|sink-expansions-1"
+        then = None if self.then is None else (self.then.uuid() if hasattr(self.then, "uuid") else repr(self.then))
+        return f"{_FORMAT}|sink-expansions-2|{then}"
 
 
 def _inductor_recomputing_blocks(gm, example_inputs):
