@@ -398,15 +398,18 @@ class _Consumers(torch.nn.Module):
         return self.lin[0](h) + self.lin[1](self.other(h + self.lin[2](h)))
 
 
-@pytest.mark.parametrize("kind,saved", [("qkv", 2), ("gate-up", 1), ("interleaved", None)])
+@pytest.mark.parametrize("kind,saved", [("qkv", 4), ("gate-up", 3), ("interleaved", None)])
 def test_one_norm_output_is_rebuilt_once_for_its_consumers(monkeypatch, kind, saved):
     """Consumers of one norm's output (Hugging Face's q, k, v; a gated MLP's
-    gate and up) rebuild it once in backward, not once each: the same
-    gradients as rebuilding it for each, one expansion for all, and nothing
-    held once backward ends. Where other rebuilds come between, the
-    gradients are still the same."""
+    gate and up) rebuild it once in backward, not once each, and the norm's
+    own backward (an activation's, after the product that rebuilt its
+    output) gets the input they expanded: the same gradients as rebuilding
+    it for each, one expansion for all (qkv: the norm's input, the sigmoid's
+    output, the first product's input; gate-up: the norm's input, gate and
+    up), and nothing held once backward ends. Where other rebuilds come
+    between, the gradients are still the same."""
     from torch_mesa import quant
-    from torch_mesa.ops import saving
+    from torch_mesa.ops import recipes
 
     x = with_outliers(4, 9, 48)
     grads, calls = {}, {}
@@ -415,7 +418,7 @@ def test_one_norm_output_is_rebuilt_once_for_its_consumers(monkeypatch, kind, sa
         m = _Consumers(kind)
         compress_(m)
         if not cached:
-            monkeypatch.setattr(saving, "_rebuild", lambda rebuild, tensors: rebuild(tensors))
+            monkeypatch.setattr(recipes, "rebuilt", lambda rebuild, tensors: rebuild(tensors))
         n = [0]
         real = quant.expand
 
@@ -428,7 +431,7 @@ def test_one_norm_output_is_rebuilt_once_for_its_consumers(monkeypatch, kind, sa
         monkeypatch.undo()
         grads[cached] = [p.grad for p in m.parameters()]
         calls[cached] = n[0]
-        assert saving._slot[0] is None
+        assert not recipes._held
     for a, b in zip(grads[True], grads[False]):
         assert torch.equal(a, b)
     if saved is not None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, Optional, Sequence, Set, Tuple
@@ -280,7 +281,7 @@ def mark_kept(out: Tensor, recipe: Recipe) -> Tensor:
 
 
 def _then(tensors, *, inner, n_inner, step, autocast):
-    x = inner(tensors[:n_inner])
+    x = rebuilt(inner, tensors[:n_inner])
     with autocast():
         return step(x, *tensors[n_inner:])
 
@@ -303,7 +304,7 @@ def derived(
 
 
 def _rebuild_pair(tensors, *, a, n_a, b, combine):
-    return combine(a(tensors[:n_a]), b(tensors[n_a:]))
+    return combine(rebuilt(a, tensors[:n_a]), rebuilt(b, tensors[n_a:]))
 
 
 def combined(a: Recipe, b: Recipe, combine: Callable[[Tensor, Tensor], Tensor]) -> Recipe:
@@ -311,3 +312,101 @@ def combined(a: Recipe, b: Recipe, combine: Callable[[Tensor, Tensor], Tensor]) 
     (a gated product, a product, attention scores ``q @ k^T``)."""
     rebuild = functools.partial(_rebuild_pair, a=a.rebuild, n_a=len(a.tensors), b=b.rebuild, combine=combine)
     return Recipe(tuple(a.tensors) + tuple(b.tensors), rebuild, a.outside + b.outside, a.for_norms and b.for_norms)
+
+
+# ------------------------------------------------ rebuilt once, used in turn
+# How many saved plans, or enclosing rebuilds, will still call each rebuild (a
+# recipe's own function object: one per kept tensor); weak, so a graph freed
+# without backward leaves nothing.
+_uses: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Rebuilt tensors still wanted, oldest first: rebuild -> (tensor, its
+# version, the backward pass). For the process, not per thread: the engine
+# may finish a pass on another thread than the one that rebuilt.
+_held: Dict[Callable, Tuple[Tensor, int, int]] = {}
+_MAX_HELD = 4  # (q, k and their scores; an activation's input and its dropout mask)
+_callbacks: Set[int] = set()  # backward passes whose end clears what they hold
+
+
+def _nested(rebuild) -> Tuple[Callable, ...]:
+    """The rebuilds a derived or combined recipe's rebuild calls."""
+    if isinstance(rebuild, functools.partial):
+        if rebuild.func is _then:
+            return (rebuild.keywords["inner"],)
+        if rebuild.func is _rebuild_pair:
+            return (rebuild.keywords["a"], rebuild.keywords["b"])
+    return ()
+
+
+def hold(rebuild) -> None:
+    """Count one more caller of ``rebuild`` (and of the rebuilds it calls):
+    a saved plan that will rebuild it in backward."""
+    if rebuild is _identity:
+        return
+    _uses[rebuild] = _uses.get(rebuild, 0) + 1
+    for inner in _nested(rebuild):
+        hold(inner)
+
+
+def _done(rebuild) -> int:
+    """One caller of ``rebuild`` is done; the callers left."""
+    left = _uses.get(rebuild, 0) - 1
+    if left > 0:
+        _uses[rebuild] = left
+    else:
+        _uses.pop(rebuild, None)
+        _held.pop(rebuild, None)
+    return left
+
+
+def _skip(rebuild) -> None:
+    """A caller of ``rebuild`` got its result without calling it (the
+    enclosing rebuild's result was held): it, and the rebuilds it calls,
+    have one caller less."""
+    if rebuild is not _identity:
+        _done(rebuild)
+        for inner in _nested(rebuild):
+            _skip(inner)
+
+
+def _graph_task() -> int:
+    """The running backward pass's id, -1 outside backward."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return -1 if current is None else current()
+
+
+def _clear(task: int) -> None:
+    _callbacks.discard(task)
+    for rebuild in [r for r, entry in _held.items() if entry[2] == task]:
+        del _held[rebuild]
+
+
+def rebuilt(rebuild, tensors) -> Tensor:
+    """``rebuild(tensors)``, shared by the consumers of one kept tensor whose
+    backwards run one after another: the q, k and v projections of one
+    norm's output; a gated MLP's gate and up; and an op and the consumer of
+    its output, which rebuilds that output from the op's kept input (a
+    norm or activation and the Linear after it, ``q @ k^T`` and the softmax
+    after it): the consumer's backward runs first, and the op's own backward
+    gets the input it rebuilt. A rebuilt tensor is held while other saved
+    plans still call the same rebuild, and dropped when the last of them has
+    run or the backward pass ends; at most a few are held (the oldest is
+    dropped first), and one changed in place since is rebuilt again."""
+    if rebuild is _identity:
+        return tensors[0]
+    entry = _held.get(rebuild)
+    if entry is not None and entry[0]._version == entry[1]:
+        out = entry[0]
+        for inner in _nested(rebuild):
+            _skip(inner)
+    else:
+        out = rebuild(tensors)  # (the rebuilds it calls come through here too)
+    if _done(rebuild) > 0 and isinstance(out, Tensor) and (entry is None or entry[0] is not out):
+        task = _graph_task()
+        if task != -1 and task not in _callbacks:
+            _callbacks.add(task)
+            torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_clear, task))
+        _held.pop(rebuild, None)
+        _held[rebuild] = (out, out._version, task)
+        while len(_held) > _MAX_HELD:
+            del _held[next(iter(_held))]
+    return out
