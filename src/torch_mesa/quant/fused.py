@@ -138,9 +138,11 @@ def _run(compiled: Callable, eager: Callable, *args):
     global _broken
     # (detached: whether an input requires grad changes nothing here, and
     # Dynamo would compile a variant for each)
-    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args)
     if compiled not in _failed:
         try:
+            if not torch._C._len_torch_function_stack():  # (the usual case: ops step out of the routing mode)
+                return compiled(*args)
             with _no_function_modes():
                 return compiled(*args)
         except torch.OutOfMemoryError:
