@@ -438,3 +438,37 @@ def test_one_norm_output_is_rebuilt_once_for_its_consumers(monkeypatch, kind, sa
         assert calls[False] - calls[True] == saved, calls
     else:
         assert calls[True] <= calls[False], calls
+
+
+def test_sdpa_keeps_q_and_k_by_one_quantization(monkeypatch):
+    """SDPA's q and k (kept rotated) are quantized by one call and expanded
+    by one: every range lies within q or within k, so the codes, the
+    gradients and the bytes kept are those of keeping each on its own."""
+    from torch_mesa import quant
+    from torch_mesa.ops import attention
+
+    q, k, v = (with_outliers(3, 5, 33, 64, seed=s) for s in range(3))
+    g = torch.randn(3, 5, 33, 64)
+    runs = {}
+    for pair in (True, False):
+        if not pair:
+            monkeypatch.setattr(attention, "quantized_qk", lambda *a, **kw: None)
+        calls = {"compress": 0, "expand": 0}
+        for name in calls:
+            real = getattr(quant, name)
+            monkeypatch.setattr(quant, name, lambda *a, _real=real, _name=name, **kw: (
+                calls.__setitem__(_name, calls[_name] + 1), _real(*a, **kw))[1])
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = ops.scaled_dot_product_attention(q, k, v, config=MesaConfig())
+        runs[pair] = (out, torch.autograd.grad(out, (q, k, v), g), calls, sum(storages.values()))
+        monkeypatch.undo()
+    (out, grads, calls, kept), (out0, grads0, calls0, kept0) = runs[True], runs[False]
+    assert torch.equal(out, out0) and all(torch.equal(a, b) for a, b in zip(grads, grads0))
+    assert calls == {"compress": 2, "expand": 2} and calls0 == {"compress": 3, "expand": 3}, (calls, calls0)
+    assert kept == kept0

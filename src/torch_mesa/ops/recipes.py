@@ -207,6 +207,48 @@ def quantized(x: Tensor, spec: QuantSpec, *, op: str, heads: bool = False, rows:
     return Recipe(tensors, functools.partial(_rebuild_quantized, layout=layout))
 
 
+def _pick(tensors: Sequence[Tensor], *, inner, index: int) -> Tensor:
+    return rebuilt(inner, tensors)[index]
+
+
+def quantized_qk(q: Tensor, k: Tensor, spec: QuantSpec, *, op: str) -> Optional[Tuple[Recipe, Recipe]]:
+    """Attention's queries and keys (``(..., H, N, D)`` each, the same shape)
+    kept rotated (see :func:`quantized` with ``rotate=-1``) by one
+    quantization of both, with the ranges each would get on its own (every
+    group lies within q or within k), so one compiled call keeps them, one
+    expands them and one product rotates them back, instead of two each: a
+    small model pays per call. None where that does not apply (no rotation,
+    other shapes, running ranges, a recipe to reuse): keep each with
+    :func:`keep`."""
+    d = q.shape[-1] if q.dim() else 0
+    if (not spec.qk_rotation or spec.running or q.dim() < 3 or q.shape != k.shape or q.dtype != k.dtype
+            or q.device != k.device or not _MIN_SCALED_ROW <= d <= _MAX_ROTATED or is_weight(q) or is_weight(k)
+            or op in _exact_ops.get() or (spec.keep_once and (kept_of(q) is not None or kept_of(k) is not None))):
+        return None
+    seen = _seen_ops.get()
+    if seen is not None:
+        seen.add(op)
+    r = rotation(d, q.device)
+    both = torch.empty((2,) + tuple(q.shape), dtype=torch.float32, device=q.device)  # (2, ..., H, N, D)
+    torch.matmul(q.float(), r, out=both[0])
+    torch.matmul(k.float(), r, out=both[1])
+    # the axes quantized() gives q alone (head-wise: heads and channels),
+    # and the q/k index
+    axes, group_size = (q.dim() - 1,), spec.group_size
+    if spec.head_wise:
+        gs = spec.group_size if spec.group_size is not None else max(1, d)
+        if 8 * q.shape[-3] * -(-d // gs) <= q.numel() * spec.bits / 64:
+            axes, group_size = (q.dim() - 3, q.dim() - 1), gs
+    if group_size is None:
+        return None  # one range for each of q and k: not one for both
+    mode = "scaled" if spec.token_scale else None
+    tensors, layout = quant.compress(both, spec.bits, (0,) + tuple(a + 1 for a in axes), group_size,
+                                     spec.stochastic, None, spec.kernel, rows=mode)
+    pair = functools.partial(_rebuild_rotated, layout=layout, dim=-1, dtype=q.dtype)
+    return (Recipe(tensors, functools.partial(_pick, inner=pair, index=0)),
+            Recipe(tensors, functools.partial(_pick, inner=pair, index=1)))
+
+
 def _rebuild_moved(tensors: Sequence[Tensor], *, inner) -> Tensor:
     return inner(tensors).movedim(-1, 1)
 
@@ -334,6 +376,8 @@ def _nested(rebuild) -> Tuple[Callable, ...]:
             return (rebuild.keywords["inner"],)
         if rebuild.func is _rebuild_pair:
             return (rebuild.keywords["a"], rebuild.keywords["b"])
+        if rebuild.func is _pick:
+            return (rebuild.keywords["inner"],)
     return ()
 
 
