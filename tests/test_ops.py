@@ -440,19 +440,26 @@ def test_one_norm_output_is_rebuilt_once_for_its_consumers(monkeypatch, kind, sa
         assert calls[True] <= calls[False], calls
 
 
-def test_sdpa_keeps_q_and_k_by_one_quantization(monkeypatch):
-    """SDPA's q and k (kept rotated) are quantized by one call and expanded
-    by one: every range lies within q or within k, so the codes, the
+@pytest.mark.parametrize("layout,calls_expected", [("rotated", 2), ("qkv-views", 1)])
+def test_sdpa_keeps_q_k_v_by_fewer_quantizations(monkeypatch, layout, calls_expected):
+    """SDPA's q and k, kept rotated, are quantized by one call and expanded
+    by one; without the rotation (heads under 32 channels), q, k and v
+    unbound from one projection's output are kept by one call over the view
+    they share. Every range lies within one of them, so the codes, the
     gradients and the bytes kept are those of keeping each on its own."""
     from torch_mesa import quant
     from torch_mesa.ops import attention
 
-    q, k, v = (with_outliers(3, 5, 33, 64, seed=s) for s in range(3))
-    g = torch.randn(3, 5, 33, 64)
+    if layout == "rotated":
+        leaves = q, k, v = tuple(with_outliers(3, 5, 33, 64, seed=s) for s in range(3))
+    else:
+        leaves = (with_outliers(3, 33, 3 * 5 * 16),)
+        q, k, v = leaves[0].reshape(3, 33, 3, 5, 16).permute(2, 0, 3, 1, 4).unbind(0)
+    g = torch.randn(q.shape)
     runs = {}
     for pair in (True, False):
         if not pair:
-            monkeypatch.setattr(attention, "quantized_qk", lambda *a, **kw: None)
+            monkeypatch.setattr(attention, "quantized_qkv", lambda *a, **kw: None)
         calls = {"compress": 0, "expand": 0}
         for name in calls:
             real = getattr(quant, name)
@@ -466,9 +473,10 @@ def test_sdpa_keeps_q_and_k_by_one_quantization(monkeypatch):
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = ops.scaled_dot_product_attention(q, k, v, config=MesaConfig())
-        runs[pair] = (out, torch.autograd.grad(out, (q, k, v), g), calls, sum(storages.values()))
+        runs[pair] = (out, torch.autograd.grad(out, leaves, g), calls, sum(storages.values()))
         monkeypatch.undo()
     (out, grads, calls, kept), (out0, grads0, calls0, kept0) = runs[True], runs[False]
     assert torch.equal(out, out0) and all(torch.equal(a, b) for a, b in zip(grads, grads0))
-    assert calls == {"compress": 2, "expand": 2} and calls0 == {"compress": 3, "expand": 3}, (calls, calls0)
+    assert calls == {"compress": calls_expected, "expand": calls_expected}, calls
+    assert calls0 == {"compress": 3, "expand": 3}, calls0
     assert kept == kept0

@@ -211,42 +211,82 @@ def _pick(tensors: Sequence[Tensor], *, inner, index: int) -> Tensor:
     return rebuilt(inner, tensors)[index]
 
 
-def quantized_qk(q: Tensor, k: Tensor, spec: QuantSpec, *, op: str) -> Optional[Tuple[Recipe, Recipe]]:
-    """Attention's queries and keys (``(..., H, N, D)`` each, the same shape)
-    kept rotated (see :func:`quantized` with ``rotate=-1``) by one
-    quantization of both, with the ranges each would get on its own (every
-    group lies within q or within k), so one compiled call keeps them, one
-    expands them and one product rotates them back, instead of two each: a
-    small model pays per call. None where that does not apply (no rotation,
-    other shapes, running ranges, a recipe to reuse): keep each with
-    :func:`keep`."""
-    d = q.shape[-1] if q.dim() else 0
-    if (not spec.qk_rotation or spec.running or q.dim() < 3 or q.shape != k.shape or q.dtype != k.dtype
-            or q.device != k.device or not _MIN_SCALED_ROW <= d <= _MAX_ROTATED or is_weight(q) or is_weight(k)
-            or op in _exact_ops.get() or (spec.keep_once and (kept_of(q) is not None or kept_of(k) is not None))):
+def _stacked_view(ts: Sequence[Tensor]) -> Optional[Tensor]:
+    """The tensors, of one shape, dtype and strides, as one view ``(len(ts),
+    *shape)`` of their common storage, where they lie at equal distances in
+    it and share no element (q, k and v unbound from one projection's
+    output); else None."""
+    first = ts[0]
+    step = ts[1].storage_offset() - first.storage_offset()
+    storage = first.untyped_storage().data_ptr()
+    for i, t in enumerate(ts):
+        if (t.stride() != first.stride() or t.untyped_storage().data_ptr() != storage
+                or t.storage_offset() != first.storage_offset() + i * step):
+            return None
+    shape, strides = (len(ts),) + tuple(first.shape), (step,) + tuple(first.stride())
+    # no element twice: each stride, smallest first, steps past everything
+    # the smaller ones reach
+    reach = 0
+    for st, n in sorted((st, n) for n, st in zip(shape, strides) if n > 1):
+        if st <= reach:
+            return None
+        reach += (n - 1) * st
+    return first.as_strided(shape, strides, first.storage_offset())
+
+
+def quantized_qkv(q: Tensor, k: Tensor, v: Tensor, spec: QuantSpec, *,
+                  op: str) -> Optional[Tuple[Recipe, Recipe, Recipe]]:
+    """Attention's queries, keys and values (``(..., H, N, D)``, one shape)
+    kept by fewer quantizations, with the ranges each would get on its own
+    (every group lies within one of them), so the codes are those of
+    :func:`keep` with ``heads=True`` (and ``rotate=-1`` for q and k): q and
+    k rotated by one call and expanded and rotated back by one; without the
+    rotation (head dimensions under 32, as in small models) q, k and v by
+    one call over the view of the projection output they were unbound from.
+    A small model pays per compiled call. None where that does not apply
+    (running ranges, other shapes, recipes to reuse, no common view): keep
+    each with :func:`keep`."""
+    if (spec.running or q.dim() < 3 or not q.is_floating_point() or q.shape != k.shape or q.shape != v.shape
+            or q.dtype != k.dtype or q.dtype != v.dtype or q.device != k.device or q.device != v.device
+            or any(is_weight(t) for t in (q, k, v)) or op in _exact_ops.get()
+            or (spec.keep_once and any(kept_of(t) is not None for t in (q, k, v)))):
         return None
-    seen = _seen_ops.get()
-    if seen is not None:
-        seen.add(op)
-    r = rotation(d, q.device)
-    both = torch.empty((2,) + tuple(q.shape), dtype=torch.float32, device=q.device)  # (2, ..., H, N, D)
-    torch.matmul(q.float(), r, out=both[0])
-    torch.matmul(k.float(), r, out=both[1])
-    # the axes quantized() gives q alone (head-wise: heads and channels),
-    # and the q/k index
+    d = q.shape[-1]
+    # the axes quantized() gives each alone (head-wise: heads and channels),
+    # then the index along the stack
     axes, group_size = (q.dim() - 1,), spec.group_size
     if spec.head_wise:
         gs = spec.group_size if spec.group_size is not None else max(1, d)
         if 8 * q.shape[-3] * -(-d // gs) <= q.numel() * spec.bits / 64:
             axes, group_size = (q.dim() - 3, q.dim() - 1), gs
     if group_size is None:
-        return None  # one range for each of q and k: not one for both
-    mode = "scaled" if spec.token_scale else None
-    tensors, layout = quant.compress(both, spec.bits, (0,) + tuple(a + 1 for a in axes), group_size,
-                                     spec.stochastic, None, spec.kernel, rows=mode)
-    pair = functools.partial(_rebuild_rotated, layout=layout, dim=-1, dtype=q.dtype)
-    return (Recipe(tensors, functools.partial(_pick, inner=pair, index=0)),
-            Recipe(tensors, functools.partial(_pick, inner=pair, index=1)))
+        return None  # one range for each tensor: not one for all
+    axes = (0,) + tuple(a + 1 for a in axes)
+    rotate = spec.qk_rotation and _MIN_SCALED_ROW <= d <= _MAX_ROTATED
+    if rotate:
+        both = torch.empty((2,) + tuple(q.shape), dtype=torch.float32, device=q.device)  # (2, ..., H, N, D)
+        r = rotation(d, q.device)
+        torch.matmul(q.float(), r, out=both[0])
+        torch.matmul(k.float(), r, out=both[1])
+        stacked, n = both, 2
+    else:
+        stacked, n = _stacked_view((q, k, v)), 3
+        if stacked is None:
+            return None
+    seen = _seen_ops.get()
+    if seen is not None:
+        seen.add(op)
+    mode = "scaled" if spec.token_scale and d >= _MIN_SCALED_ROW else None
+    tensors, layout = quant.compress(stacked, spec.bits, axes, group_size, spec.stochastic, None, spec.kernel,
+                                     rows=mode)
+    if rotate:
+        inner = functools.partial(_rebuild_rotated, layout=layout, dim=-1, dtype=q.dtype)
+    else:
+        inner = functools.partial(_rebuild_quantized, layout=layout)
+    kept = [Recipe(tensors, functools.partial(_pick, inner=inner, index=i)) for i in range(n)]
+    if n == 2:
+        kept.append(quantized(v, spec, op=op, heads=True))
+    return tuple(kept)
 
 
 def _rebuild_moved(tensors: Sequence[Tensor], *, inner) -> Tensor:
