@@ -15,6 +15,12 @@ AdamW step, unconverted and 8-bit interleaved, the median of
 ``--demo-steps`` steps each.
 
     python benchmarks/compile.py --docs docs/benchmarks.md
+
+``--eager`` runs the eager rows (unconverted and torch-mesa 8-bit) and the
+demo model only, in a few minutes instead of ten, and writes them to a
+section of their own ("Eager overhead"):
+
+    python benchmarks/compile.py --eager --repeats 9 --demo-steps 80 --docs docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from torch_mesa.tools.zoo import resolve
 CONFIGS = ("unconverted", "unconverted, compiled", "torch-mesa 8-bit", "torch-mesa 8-bit, compiled",
            "compiled saving 8-bit", "compiled saving 8-bit, by block")
 SAVING = CONFIGS[4]  # torch_mesa.compile: what the compiled targets are judged on
+EAGER = (CONFIGS[0], CONFIGS[2])  # --eager
 
 
 def kept(model, spec, batch, amp):
@@ -47,7 +54,7 @@ def run(amp, args, progress):
     spec = resolve("vit:small", image_size=224, seq_len=128)
     batch = spec.batch(args.batch_size, "cpu")
     models = {}
-    for c in CONFIGS:
+    for c in (EAGER if args.eager else CONFIGS):
         if c.startswith("compiled saving"):
             models[c] = bench.build(spec, "native8+blocks" if c.endswith("by block") else "native8", "cpu")
             continue
@@ -64,9 +71,9 @@ def run(amp, args, progress):
     # step right after a compiled one ran measurably slower (Inductor's
     # OpenMP threads and ATen's share the 2 cores), which would tax
     # whichever eager model follows a compiled one.
-    compiled = [c for c in CONFIGS if c.endswith("compiled") or c.startswith("compiled")]
-    for group in ([c for c in CONFIGS if c not in compiled], compiled):
-        for r in range(args.repeats):
+    compiled = [c for c in models if c.endswith("compiled") or c.startswith("compiled")]
+    for group in ([c for c in models if c not in compiled], compiled):
+        for r in range(args.repeats if group else 0):
             for c in group:
                 t = time.perf_counter()
                 bench.train_step(models[c], spec, batch, "cpu", amp)
@@ -118,6 +125,16 @@ def eager_goals(results):
     return "Eager torch-mesa against the eager unconverted model: " + "; ".join(goals) + "."
 
 
+def eager_table(results):
+    lines = ["| autocast | configuration | kept (MiB) | ratio | step time (s) | ratio |", "|---|---|---:|---:|---:|---:|"]
+    for amp, rows in results.items():
+        base = rows[CONFIGS[0]]
+        for c, r in rows.items():
+            lines.append(f"| {amp} | {c} | {r['kept'] / 2**20:,.1f} | {r['kept'] / base['kept']:.3f} | "
+                         f"{r['step']:.3f} | {r['step'] / base['step']:.3f}x |")
+    return "\n".join(lines)
+
+
 def table(results):
     lines = ["| autocast | configuration | kept (MiB) | ratio to unconverted | ratio to unconverted, compiled | "
              "step time (s) | ratio to unconverted | ratio to unconverted, compiled |",
@@ -151,15 +168,27 @@ def main(argv=None):
     p.add_argument("--amp", default="none,bf16", help="comma-separated: none, bf16")
     p.add_argument("--demo-steps", type=int, default=40, help="demo-model steps of each (0: skip)")
     p.add_argument("--docs", help="write the results into this Markdown file")
+    p.add_argument("--eager", action="store_true",
+                   help="only the eager rows and the demo model (docs: the section 'Eager overhead')")
     args = p.parse_args(argv)
     start = time.time()
     progress = lambda s: print(s, flush=True)  # noqa: E731
     results = {amp: run(amp, args, progress) for amp in args.amp.split(",")}
-    body = table(results) + "\n\n" + eager_goals(results)
+    body = (eager_table(results) if args.eager else table(results)) + "\n\n" + eager_goals(results)
     if args.demo_steps:
         body += "\n\n" + demo_table(demo_ratio(args, progress))
     print(body)
-    if args.docs:
+    if args.docs and args.eager:
+        command = "python benchmarks/compile.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        head = (f"ViT-S/16, batch {args.batch_size}, 224 x 224, on {platform.machine()} CPU, "
+                f"{torch.get_num_threads()} threads; torch {torch.__version__}, commit {bench._commit()}, "
+                f"{datetime.date.today()}; step time is the median of {args.repeats} interleaved repeats (ViT-S) "
+                f"and of {args.demo_steps} interleaved steps (demo model); the whole command took "
+                f"{(time.time() - start) / 60:.1f} min. This machine's 2 cores are shared: repeated runs of the "
+                "same commit have differed by 0.05x or more.")
+        bench.replace_section(args.docs, "eager", f"```\n{command}\n```\n\n{head}\n\n{body}",
+                              heading="Eager overhead")
+    elif args.docs:
         command = "python benchmarks/compile.py --docs docs/benchmarks.md"
         head = (f"ViT-S/16, batch {args.batch_size}, 224 x 224, on {platform.machine()} CPU, "
                 f"{torch.get_num_threads()} threads; torch {torch.__version__}, commit {bench._commit()}, "

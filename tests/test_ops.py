@@ -398,15 +398,18 @@ class _Consumers(torch.nn.Module):
         return self.lin[0](h) + self.lin[1](self.other(h + self.lin[2](h)))
 
 
-@pytest.mark.parametrize("kind,saved", [("qkv", 2), ("gate-up", 1), ("interleaved", None)])
+@pytest.mark.parametrize("kind,saved", [("qkv", 4), ("gate-up", 3), ("interleaved", None)])
 def test_one_norm_output_is_rebuilt_once_for_its_consumers(monkeypatch, kind, saved):
     """Consumers of one norm's output (Hugging Face's q, k, v; a gated MLP's
-    gate and up) rebuild it once in backward, not once each: the same
-    gradients as rebuilding it for each, one expansion for all, and nothing
-    held once backward ends. Where other rebuilds come between, the
-    gradients are still the same."""
+    gate and up) rebuild it once in backward, not once each, and the norm's
+    own backward (an activation's, after the product that rebuilt its
+    output) gets the input they expanded: the same gradients as rebuilding
+    it for each, one expansion for all (qkv: the norm's input, the sigmoid's
+    output, the first product's input; gate-up: the norm's input, gate and
+    up), and nothing held once backward ends. Where other rebuilds come
+    between, the gradients are still the same."""
     from torch_mesa import quant
-    from torch_mesa.ops import saving
+    from torch_mesa.ops import recipes
 
     x = with_outliers(4, 9, 48)
     grads, calls = {}, {}
@@ -415,7 +418,7 @@ def test_one_norm_output_is_rebuilt_once_for_its_consumers(monkeypatch, kind, sa
         m = _Consumers(kind)
         compress_(m)
         if not cached:
-            monkeypatch.setattr(saving, "_rebuild", lambda rebuild, tensors: rebuild(tensors))
+            monkeypatch.setattr(recipes, "rebuilt", lambda rebuild, tensors: rebuild(tensors))
         n = [0]
         real = quant.expand
 
@@ -428,10 +431,52 @@ def test_one_norm_output_is_rebuilt_once_for_its_consumers(monkeypatch, kind, sa
         monkeypatch.undo()
         grads[cached] = [p.grad for p in m.parameters()]
         calls[cached] = n[0]
-        assert saving._slot[0] is None
+        assert not recipes._held
     for a, b in zip(grads[True], grads[False]):
         assert torch.equal(a, b)
     if saved is not None:
         assert calls[False] - calls[True] == saved, calls
     else:
         assert calls[True] <= calls[False], calls
+
+
+@pytest.mark.parametrize("layout,calls_expected", [("rotated", 2), ("qkv-views", 1)])
+def test_sdpa_keeps_q_k_v_by_fewer_quantizations(monkeypatch, layout, calls_expected):
+    """SDPA's q and k, kept rotated, are quantized by one call and expanded
+    by one; without the rotation (heads under 32 channels), q, k and v
+    unbound from one projection's output are kept by one call over the view
+    they share. Every range lies within one of them, so the codes, the
+    gradients and the bytes kept are those of keeping each on its own."""
+    from torch_mesa import quant
+    from torch_mesa.ops import attention
+
+    if layout == "rotated":
+        leaves = q, k, v = tuple(with_outliers(3, 5, 33, 64, seed=s) for s in range(3))
+    else:
+        leaves = (with_outliers(3, 33, 3 * 5 * 16),)
+        q, k, v = leaves[0].reshape(3, 33, 3, 5, 16).permute(2, 0, 3, 1, 4).unbind(0)
+    g = torch.randn(q.shape)
+    runs = {}
+    for pair in (True, False):
+        if not pair:
+            monkeypatch.setattr(attention, "quantized_qkv", lambda *a, **kw: None)
+        calls = {"compress": 0, "expand": 0}
+        for name in calls:
+            real = getattr(quant, name)
+            monkeypatch.setattr(quant, name, lambda *a, _real=real, _name=name, **kw: (
+                calls.__setitem__(_name, calls[_name] + 1), _real(*a, **kw))[1])
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = ops.scaled_dot_product_attention(q, k, v, config=MesaConfig())
+        runs[pair] = (out, torch.autograd.grad(out, leaves, g), calls, sum(storages.values()))
+        monkeypatch.undo()
+    (out, grads, calls, kept), (out0, grads0, calls0, kept0) = runs[True], runs[False]
+    assert torch.equal(out, out0) and all(torch.equal(a, b) for a, b in zip(grads, grads0))
+    assert calls == {"compress": calls_expected, "expand": calls_expected}, calls
+    assert calls0 == {"compress": 3, "expand": 3}, calls0
+    assert kept == kept0

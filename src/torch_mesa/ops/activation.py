@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .. import quant
 from ..config import QuantSpec
 from ..quant.running import RangeStates
-from .recipes import combined, derived, exact, is_channels_first, keep, kept_of, quantized
+from .recipes import Recipe, combined, derived, exact, is_channels_first, keep, kept_of, quantized
 from .replay import AutocastState
 from .saving import OpFunction, as_spec, fresh, load, needs_saving, no_double_backward, run_with_kept, save
 
@@ -364,8 +364,11 @@ def gated(
 
 
 # ------------------------------------------------------------------ dropout
-def _apply_mask(x: Tensor, mask_packed: Tensor, *, shape, scale: float) -> Tensor:
-    mask = quant.unpack_bits(mask_packed, shape)
+def _unpack_mask(tensors, *, shape) -> Tensor:
+    return quant.unpack_bits(tensors[0], shape)
+
+
+def _apply_mask(x: Tensor, mask: Tensor, *, scale: float) -> Tensor:
     return torch.ops.aten.native_dropout_backward(x, mask, scale)
 
 
@@ -373,21 +376,22 @@ class _DropoutFn(OpFunction):
     @staticmethod
     def forward(ctx, x, p: float, spec: QuantSpec):
         out, mask = torch.native_dropout(x, p, True)
-        mask_packed = quant.pack_bits(mask)
+        # the mask, 1 bit per element, as a recipe: the consumer that
+        # rebuilds the output (the Linear after an activation and dropout)
+        # unpacks it, and this op's backward, which runs next, reuses it
+        kept_mask = Recipe((quant.pack_bits(mask),), functools.partial(_unpack_mask, shape=tuple(x.shape)))
         scale = 1.0 / (1.0 - p)
-        ctx.shape, ctx.scale = tuple(x.shape), scale
-        ctx.save_for_backward(mask_packed)
+        ctx.scale = scale
+        save(ctx, kept_mask)
         kept = kept_of(x) if spec.keep_once else None
         if kept is not None:
-            step = functools.partial(_apply_mask, shape=tuple(x.shape), scale=scale)
-            ctx.mesa_out = derived(kept, step, (mask_packed,), AutocastState(x.device.type))
+            ctx.mesa_out = combined(kept, kept_mask, functools.partial(_apply_mask, scale=scale))
         return fresh(out, x)
 
     @staticmethod
     def backward(ctx, grad_out):
-        no_double_backward()
-        (mask_packed,) = ctx.saved_tensors
-        return _apply_mask(grad_out, mask_packed, shape=ctx.shape, scale=ctx.scale), None, None
+        (mask,) = load(ctx)
+        return _apply_mask(grad_out, mask, scale=ctx.scale), None, None
 
 
 def dropout(x: Tensor, p: float = 0.5, training: bool = True, *, config=None) -> Tensor:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..config import QuantSpec
 from ..quant.running import RangeStates
-from .recipes import combined, derived, exact, keep, kept_of, quantized
+from .recipes import combined, derived, exact, keep, kept_of, quantized, quantized_qkv
 from .replay import AutocastState, RngReplay, grad_by_recompute
 from .saving import OpFunction, as_spec, fresh, load, needs_saving, run_with_kept, save
 
@@ -263,11 +263,13 @@ class _SDPAFn(OpFunction):
         rng = RngReplay(q.device) if kwargs.get("dropout_p", 0.0) > 0.0 else None
         fn = functools.partial(_sdpa, kwargs=kwargs)
         out = fn(q, k, v, mask)
-        save(
-            ctx,
+        kept_qkv = quantized_qkv(q, k, v, spec, op="attention") or (
             keep(q, spec, op="attention", heads=True, running=_running(states, spec, "q"), rotate=-1),
             keep(k, spec, op="attention", heads=True, running=_running(states, spec, "k"), rotate=-1),
-            keep(v, spec, op="attention", heads=True, running=_running(states, spec, "v")),
+            keep(v, spec, op="attention", heads=True, running=_running(states, spec, "v")))
+        save(
+            ctx,
+            *kept_qkv,
             # a mask built from smaller tensors (a bias plus a broadcast shift
             # mask, as in Swin) is kept as those, exactly
             (kept_of(mask) if spec.keep_once else None) or exact(mask),

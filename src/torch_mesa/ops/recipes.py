@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, Optional, Sequence, Set, Tuple
@@ -206,6 +207,88 @@ def quantized(x: Tensor, spec: QuantSpec, *, op: str, heads: bool = False, rows:
     return Recipe(tensors, functools.partial(_rebuild_quantized, layout=layout))
 
 
+def _pick(tensors: Sequence[Tensor], *, inner, index: int) -> Tensor:
+    return rebuilt(inner, tensors)[index]
+
+
+def _stacked_view(ts: Sequence[Tensor]) -> Optional[Tensor]:
+    """The tensors, of one shape, dtype and strides, as one view ``(len(ts),
+    *shape)`` of their common storage, where they lie at equal distances in
+    it and share no element (q, k and v unbound from one projection's
+    output); else None."""
+    first = ts[0]
+    step = ts[1].storage_offset() - first.storage_offset()
+    storage = first.untyped_storage().data_ptr()
+    for i, t in enumerate(ts):
+        if (t.stride() != first.stride() or t.untyped_storage().data_ptr() != storage
+                or t.storage_offset() != first.storage_offset() + i * step):
+            return None
+    shape, strides = (len(ts),) + tuple(first.shape), (step,) + tuple(first.stride())
+    # no element twice: each stride, smallest first, steps past everything
+    # the smaller ones reach
+    reach = 0
+    for st, n in sorted((st, n) for n, st in zip(shape, strides) if n > 1):
+        if st <= reach:
+            return None
+        reach += (n - 1) * st
+    return first.as_strided(shape, strides, first.storage_offset())
+
+
+def quantized_qkv(q: Tensor, k: Tensor, v: Tensor, spec: QuantSpec, *,
+                  op: str) -> Optional[Tuple[Recipe, Recipe, Recipe]]:
+    """Attention's queries, keys and values (``(..., H, N, D)``, one shape)
+    kept by fewer quantizations, with the ranges each would get on its own
+    (every group lies within one of them), so the codes are those of
+    :func:`keep` with ``heads=True`` (and ``rotate=-1`` for q and k): q and
+    k rotated by one call and expanded and rotated back by one; without the
+    rotation (head dimensions under 32, as in small models) q, k and v by
+    one call over the view of the projection output they were unbound from.
+    A small model pays per compiled call. None where that does not apply
+    (running ranges, other shapes, recipes to reuse, no common view): keep
+    each with :func:`keep`."""
+    if (spec.running or q.dim() < 3 or not q.is_floating_point() or q.shape != k.shape or q.shape != v.shape
+            or q.dtype != k.dtype or q.dtype != v.dtype or q.device != k.device or q.device != v.device
+            or any(is_weight(t) for t in (q, k, v)) or op in _exact_ops.get()
+            or (spec.keep_once and any(kept_of(t) is not None for t in (q, k, v)))):
+        return None
+    d = q.shape[-1]
+    # the axes quantized() gives each alone (head-wise: heads and channels),
+    # then the index along the stack
+    axes, group_size = (q.dim() - 1,), spec.group_size
+    if spec.head_wise:
+        gs = spec.group_size if spec.group_size is not None else max(1, d)
+        if 8 * q.shape[-3] * -(-d // gs) <= q.numel() * spec.bits / 64:
+            axes, group_size = (q.dim() - 3, q.dim() - 1), gs
+    if group_size is None:
+        return None  # one range for each tensor: not one for all
+    axes = (0,) + tuple(a + 1 for a in axes)
+    rotate = spec.qk_rotation and _MIN_SCALED_ROW <= d <= _MAX_ROTATED
+    if rotate:
+        both = torch.empty((2,) + tuple(q.shape), dtype=torch.float32, device=q.device)  # (2, ..., H, N, D)
+        r = rotation(d, q.device)
+        torch.matmul(q.float(), r, out=both[0])
+        torch.matmul(k.float(), r, out=both[1])
+        stacked, n = both, 2
+    else:
+        stacked, n = _stacked_view((q, k, v)), 3
+        if stacked is None:
+            return None
+    seen = _seen_ops.get()
+    if seen is not None:
+        seen.add(op)
+    mode = "scaled" if spec.token_scale and d >= _MIN_SCALED_ROW else None
+    tensors, layout = quant.compress(stacked, spec.bits, axes, group_size, spec.stochastic, None, spec.kernel,
+                                     rows=mode)
+    if rotate:
+        inner = functools.partial(_rebuild_rotated, layout=layout, dim=-1, dtype=q.dtype)
+    else:
+        inner = functools.partial(_rebuild_quantized, layout=layout)
+    kept = [Recipe(tensors, functools.partial(_pick, inner=inner, index=i)) for i in range(n)]
+    if n == 2:
+        kept.append(quantized(v, spec, op=op, heads=True))
+    return tuple(kept)
+
+
 def _rebuild_moved(tensors: Sequence[Tensor], *, inner) -> Tensor:
     return inner(tensors).movedim(-1, 1)
 
@@ -280,7 +363,7 @@ def mark_kept(out: Tensor, recipe: Recipe) -> Tensor:
 
 
 def _then(tensors, *, inner, n_inner, step, autocast):
-    x = inner(tensors[:n_inner])
+    x = rebuilt(inner, tensors[:n_inner])
     with autocast():
         return step(x, *tensors[n_inner:])
 
@@ -303,7 +386,7 @@ def derived(
 
 
 def _rebuild_pair(tensors, *, a, n_a, b, combine):
-    return combine(a(tensors[:n_a]), b(tensors[n_a:]))
+    return combine(rebuilt(a, tensors[:n_a]), rebuilt(b, tensors[n_a:]))
 
 
 def combined(a: Recipe, b: Recipe, combine: Callable[[Tensor, Tensor], Tensor]) -> Recipe:
@@ -311,3 +394,103 @@ def combined(a: Recipe, b: Recipe, combine: Callable[[Tensor, Tensor], Tensor]) 
     (a gated product, a product, attention scores ``q @ k^T``)."""
     rebuild = functools.partial(_rebuild_pair, a=a.rebuild, n_a=len(a.tensors), b=b.rebuild, combine=combine)
     return Recipe(tuple(a.tensors) + tuple(b.tensors), rebuild, a.outside + b.outside, a.for_norms and b.for_norms)
+
+
+# ------------------------------------------------ rebuilt once, used in turn
+# How many saved plans, or enclosing rebuilds, will still call each rebuild (a
+# recipe's own function object: one per kept tensor); weak, so a graph freed
+# without backward leaves nothing.
+_uses: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Rebuilt tensors still wanted, oldest first: rebuild -> (tensor, its
+# version, the backward pass). For the process, not per thread: the engine
+# may finish a pass on another thread than the one that rebuilt.
+_held: Dict[Callable, Tuple[Tensor, int, int]] = {}
+_MAX_HELD = 4  # (q, k and their scores; an activation's input and its dropout mask)
+_callbacks: Set[int] = set()  # backward passes whose end clears what they hold
+
+
+def _nested(rebuild) -> Tuple[Callable, ...]:
+    """The rebuilds a derived or combined recipe's rebuild calls."""
+    if isinstance(rebuild, functools.partial):
+        if rebuild.func is _then:
+            return (rebuild.keywords["inner"],)
+        if rebuild.func is _rebuild_pair:
+            return (rebuild.keywords["a"], rebuild.keywords["b"])
+        if rebuild.func is _pick:
+            return (rebuild.keywords["inner"],)
+    return ()
+
+
+def hold(rebuild) -> None:
+    """Count one more caller of ``rebuild`` (and of the rebuilds it calls):
+    a saved plan that will rebuild it in backward."""
+    if rebuild is _identity:
+        return
+    _uses[rebuild] = _uses.get(rebuild, 0) + 1
+    for inner in _nested(rebuild):
+        hold(inner)
+
+
+def _done(rebuild) -> int:
+    """One caller of ``rebuild`` is done; the callers left."""
+    left = _uses.get(rebuild, 0) - 1
+    if left > 0:
+        _uses[rebuild] = left
+    else:
+        _uses.pop(rebuild, None)
+        _held.pop(rebuild, None)
+    return left
+
+
+def _skip(rebuild) -> None:
+    """A caller of ``rebuild`` got its result without calling it (the
+    enclosing rebuild's result was held): it, and the rebuilds it calls,
+    have one caller less."""
+    if rebuild is not _identity:
+        _done(rebuild)
+        for inner in _nested(rebuild):
+            _skip(inner)
+
+
+def _graph_task() -> int:
+    """The running backward pass's id, -1 outside backward."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return -1 if current is None else current()
+
+
+def _clear(task: int) -> None:
+    _callbacks.discard(task)
+    for rebuild in [r for r, entry in _held.items() if entry[2] == task]:
+        del _held[rebuild]
+
+
+def rebuilt(rebuild, tensors) -> Tensor:
+    """``rebuild(tensors)``, shared by the consumers of one kept tensor whose
+    backwards run one after another: the q, k and v projections of one
+    norm's output; a gated MLP's gate and up; and an op and the consumer of
+    its output, which rebuilds that output from the op's kept input (a
+    norm or activation and the Linear after it, ``q @ k^T`` and the softmax
+    after it): the consumer's backward runs first, and the op's own backward
+    gets the input it rebuilt. A rebuilt tensor is held while other saved
+    plans still call the same rebuild, and dropped when the last of them has
+    run or the backward pass ends; at most a few are held (the oldest is
+    dropped first), and one changed in place since is rebuilt again."""
+    if rebuild is _identity:
+        return tensors[0]
+    entry = _held.get(rebuild)
+    if entry is not None and entry[0]._version == entry[1]:
+        out = entry[0]
+        for inner in _nested(rebuild):
+            _skip(inner)
+    else:
+        out = rebuild(tensors)  # (the rebuilds it calls come through here too)
+    if _done(rebuild) > 0 and isinstance(out, Tensor) and (entry is None or entry[0] is not out):
+        task = _graph_task()
+        if task != -1 and task not in _callbacks:
+            _callbacks.add(task)
+            torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_clear, task))
+        _held.pop(rebuild, None)
+        _held[rebuild] = (out, out._version, task)
+        while len(_held) > _MAX_HELD:
+            del _held[next(iter(_held))]
+    return out

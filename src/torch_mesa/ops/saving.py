@@ -9,14 +9,14 @@ remembers how to rebuild each), :func:`load` rebuilds them in backward,
 from __future__ import annotations
 
 import functools
-import weakref
 from typing import List, Optional, Union
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from ..config import MesaConfig, QuantSpec
-from .recipes import Recipe, _identity, is_channels_first, mark_channels_first, mark_kept
+from . import recipes
+from .recipes import Recipe, is_channels_first, mark_channels_first, mark_kept
 
 Tensor = torch.Tensor
 
@@ -85,15 +85,6 @@ def needs_saving(*tensors: Optional[Tensor]) -> bool:
     return any(t is not None and t.requires_grad for t in tensors)
 
 
-# How many saved plans hold each rebuild (a recipe's own function object:
-# one per kept tensor); weak, so a graph freed without backward leaves nothing
-_uses: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-# The last rebuilt tensor still wanted: (rebuild, tensor, its version, the
-# backward pass). One for the process, not per thread: the engine may finish
-# a pass on another thread than the one that rebuilt.
-_slot: List[Optional[tuple]] = [None]
-
-
 def save(ctx, *items: Optional[Recipe]) -> None:
     """Save the recipes' tensors; ``None`` items (nothing needed) load as None."""
     tensors: List[Optional[Tensor]] = []
@@ -104,52 +95,9 @@ def save(ctx, *items: Optional[Recipe]) -> None:
             continue
         plan.append((len(item.tensors), item.rebuild))
         tensors.extend(item.tensors)
-        if item.rebuild is not _identity:
-            _uses[item.rebuild] = _uses.get(item.rebuild, 0) + 1
+        recipes.hold(item.rebuild)
     ctx.save_for_backward(*tensors)
     ctx.mesa_plan = plan
-
-
-def _graph_task() -> int:
-    """The running backward pass's id, -1 outside backward."""
-    current = getattr(torch._C, "_current_graph_task_id", None)
-    return -1 if current is None else current()
-
-
-def _clear_slot(task: int) -> None:
-    entry = _slot[0]
-    if entry is not None and entry[3] == task:
-        _slot[0] = None
-
-
-def _rebuild(rebuild, tensors) -> Tensor:
-    """``rebuild(tensors)``, shared by the consumers of one kept tensor whose
-    backwards run one after another (q, k and v projections of one norm's
-    output; a gated MLP's gate and up): the last rebuilt tensor is held
-    while other saved plans still hold the same rebuild, and dropped when the
-    last of them has run or the backward pass ends. At most one rebuilt
-    tensor is held beyond its use, only between consecutive consumers; one
-    changed in place since is rebuilt again."""
-    if rebuild is _identity:
-        return rebuild(tensors)
-    entry = _slot[0]
-    if entry is not None and entry[0] is rebuild and entry[1]._version == entry[2]:
-        out = entry[1]
-    else:
-        out = rebuild(tensors)
-    left = _uses.get(rebuild, 0) - 1
-    if left > 0:
-        _uses[rebuild] = left
-        if entry is None or entry[0] is not rebuild:
-            task = _graph_task()
-            if task != -1 and (entry is None or entry[3] != task):
-                torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_clear_slot, task))
-            _slot[0] = (rebuild, out, out._version, task)
-    else:
-        _uses.pop(rebuild, None)
-        if entry is not None and entry[0] is rebuild:
-            _slot[0] = None
-    return out
 
 
 def no_double_backward() -> None:
@@ -170,7 +118,7 @@ def load(ctx) -> List[Optional[Tensor]]:
     out: List[Optional[Tensor]] = []
     i = 0
     for n, rebuild in ctx.mesa_plan:
-        out.append(None if rebuild is None else _rebuild(rebuild, tensors[i : i + n]))
+        out.append(None if rebuild is None else recipes.rebuilt(rebuild, tensors[i : i + n]))
         i += n
     return out
 

@@ -106,7 +106,7 @@ def expand(saved: Tuple[Tensor, ...], layout: Layout) -> Tensor:
         saved, shape, layout.dtype, layout.bits, layout.axes if layout.shape else (0,), layout.group_size,
         rows=layout.rows,
     )
-    return out.reshape(layout.shape)
+    return out if layout.shape else out.reshape(())  # (of the layout's shape already otherwise)
 
 
 def pack_bits(mask: Tensor) -> Tensor:

@@ -49,17 +49,17 @@ class _Compiled:
     behaves.
     """
 
-    def __init__(self, fn: Callable, tag: str) -> None:
-        self.fn, self.tag = fn, tag
+    def __init__(self, fn: Callable, tag: str, serial: bool = False) -> None:
+        self.fn, self.tag, self.serial = fn, tag, serial
         self.dynamic = False
         self.impl = self._make(None)
 
     def _make(self, dynamic):
         fn = self.fn
-        name = f"{fn.__name__}_{self.tag}" + ("_dynamic" if dynamic else "")
+        name = f"{fn.__name__}_{self.tag}" + ("_serial" if self.serial else "") + ("_dynamic" if dynamic else "")
         code = fn.__code__.replace(co_name=name)
         own = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-        return torch.compile(own, fullgraph=True, dynamic=dynamic)
+        return torch.compile(own, fullgraph=True, dynamic=dynamic, options=_SERIAL if self.serial else None)
 
     def __call__(self, *args):
         try:
@@ -72,8 +72,24 @@ class _Compiled:
             return self.impl(*args)
 
 
-def _compile(fn: Callable, tag: str) -> Callable:
-    return _Compiled(fn, tag)
+def _compile(fn: Callable, tag: str, serial: bool = False) -> Callable:
+    return _Compiled(fn, tag, serial)
+
+
+# Tensors under this many elements are kept and expanded by code compiled
+# for one thread. A compiled keep makes four passes (statistics, then codes),
+# each an OpenMP loop ending in a barrier: on a 2-core machine shared with
+# other work, a thread that waits at a barrier for one that is not running
+# waited a scheduler time slice, several milliseconds, for passes that take
+# tens of microseconds on one core (a (64, 17, 64) keep: 0.3 ms on one thread
+# against 48 ms on two, measured side by side under load). ATen runs its
+# one-pass ops in one thread below 32768 elements per thread.
+_SERIAL_NUMEL = 1 << 19
+_SERIAL = {"cpp.threads": 1}
+
+
+def _serial(numel: int, device: torch.device) -> bool:
+    return device.type == "cpu" and numel < _SERIAL_NUMEL
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -86,7 +102,7 @@ def _setting_tag(*parts) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _quantize(dtype: torch.dtype, ndim: int, bits: int, axes: tuple, group_size, rows, running,
-              stochastic: bool) -> Callable:
+              stochastic: bool, serial: bool = False) -> Callable:
     settings = dict(bits=bits, axes=axes, group_size=group_size, rows=rows, running=running)
 
     # (the optional tensors are passed or not by setting, so no None reaches the compiled code)
@@ -96,16 +112,18 @@ def _quantize(dtype: torch.dtype, ndim: int, bits: int, axes: tuple, group_size,
         return ref.quantize_core(x, seed, *state, **settings)
 
     return _compile(quantize, _setting_tag("q", _dtype_name(dtype), ndim, bits, axes, group_size, rows, running,
-                                           int(stochastic)))
+                                           int(stochastic)), serial)
 
 
 @functools.lru_cache(maxsize=None)
-def _dequantize(shape_rank: int, dtype: torch.dtype, bits: int, axes: tuple, group_size, rows) -> Callable:
+def _dequantize(shape_rank: int, dtype: torch.dtype, bits: int, axes: tuple, group_size, rows,
+                serial: bool = False) -> Callable:
     def dequantize(shape, *saved):
         return ref.dequantize_core(saved, shape=shape, dtype=dtype, bits=bits, axes=axes, group_size=group_size,
                                    rows=rows)
 
-    return _compile(dequantize, _setting_tag("dq", shape_rank, _dtype_name(dtype), bits, axes, group_size, rows))
+    return _compile(dequantize, _setting_tag("dq", shape_rank, _dtype_name(dtype), bits, axes, group_size, rows),
+                    serial)
 
 
 def available() -> bool:
@@ -138,9 +156,11 @@ def _run(compiled: Callable, eager: Callable, *args):
     global _broken
     # (detached: whether an input requires grad changes nothing here, and
     # Dynamo would compile a variant for each)
-    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args)
     if compiled not in _failed:
         try:
+            if not torch._C._len_torch_function_stack():  # (the usual case: ops step out of the routing mode)
+                return compiled(*args)
             with _no_function_modes():
                 return compiled(*args)
         except torch.OutOfMemoryError:
@@ -164,7 +184,8 @@ def _run(compiled: Callable, eager: Callable, *args):
 
 
 def _quantize_core(x, seed, run_lo, run_span, momentum, *, bits, axes, group_size, rows, running):
-    compiled = _quantize(x.dtype, x.dim(), bits, axes, group_size, rows, running, seed is not None)
+    compiled = _quantize(x.dtype, x.dim(), bits, axes, group_size, rows, running, seed is not None,
+                         _serial(x.numel(), x.device))
     extra = ((seed,) if seed is not None else ()) + ((run_lo, run_span, momentum) if running is not None else ())
     return _run(compiled, lambda t, *e: ref.quantize_core(
         t, seed, run_lo, run_span, momentum, bits=bits, axes=axes, group_size=group_size, rows=rows,
@@ -180,36 +201,37 @@ def dequantize(saved, shape, dtype, bits, axes, group_size, *, rows=None):
     """:func:`.reference.dequantize`, compiled."""
     shape = tuple(shape)
     axes = ref.normalize_axes(axes, len(shape))
-    compiled = _dequantize(len(shape), dtype, bits, axes, group_size, rows)
+    compiled = _dequantize(len(shape), dtype, bits, axes, group_size, rows,
+                           _serial(math.prod(shape), saved[0].device))
     return _run(compiled, lambda sh, *sv: ref.dequantize_core(
         sv, shape=sh, dtype=dtype, bits=bits, axes=axes, group_size=group_size, rows=rows), shape, *saved)
 
 
 @functools.lru_cache(maxsize=None)
-def _pack_bits(ndim: int) -> Callable:
+def _pack_bits(ndim: int, serial: bool = False) -> Callable:
     def pack_bits(mask):
         return ref.pack_bits(mask)
 
-    return _compile(pack_bits, f"bits_{ndim}d")
+    return _compile(pack_bits, f"bits_{ndim}d", serial)
 
 
 @functools.lru_cache(maxsize=None)
-def _unpack_bits(ndim: int) -> Callable:
+def _unpack_bits(ndim: int, serial: bool = False) -> Callable:
     def unpack_bits(shape, packed):
         # (as uint8: Inductor's CPU stores of bool are about 4x slower; the
         # 0/1 bytes are reinterpreted as bool outside)
         return ref.unpack(packed, 1, math.prod(shape)).reshape(shape)
 
-    return _compile(unpack_bits, f"bits_{ndim}d")
+    return _compile(unpack_bits, f"bits_{ndim}d", serial)
 
 
 def pack_bits(mask):
     """:func:`.reference.pack_bits`, compiled."""
-    return _run(_pack_bits(mask.dim()), ref.pack_bits, mask)
+    return _run(_pack_bits(mask.dim(), _serial(mask.numel(), mask.device)), ref.pack_bits, mask)
 
 
 def unpack_bits(packed, shape):
     """:func:`.reference.unpack_bits`, compiled."""
     shape = tuple(shape)
-    codes = _run(_unpack_bits(len(shape)), lambda sh, p: ref.unpack(p, 1, math.prod(sh)).reshape(sh), shape, packed)
+    codes = _run(_unpack_bits(len(shape), _serial(math.prod(shape), packed.device)), lambda sh, p: ref.unpack(p, 1, math.prod(sh)).reshape(sh), shape, packed)
     return codes.view(torch.bool)
