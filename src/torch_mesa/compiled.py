@@ -147,13 +147,29 @@ def _optional_ops(*names: str) -> List[Any]:
 
 _LAYOUT = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default, _aten.permute.default,
            _aten.transpose.int, _aten.t.default, _aten.expand.default, _aten.clone.default, _aten.alias.default}
+
+
+def _uses(bw_graph, name: str, follow: Callable):
+    """Each use ``(value, user)`` of the saved value ``name`` in the backward
+    graph ``bw_graph`` (None: none), and of what is computed from it through
+    the ops ``follow(user, derived)`` accepts (``derived``: the values
+    reached so far): the walk the rules below share."""
+    start = None if bw_graph is None else next(
+        (n for n in bw_graph.find_nodes(op="placeholder") if n.name == name), None)
+    todo, derived = ([start] if start is not None else []), {start}
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u.op != "call_function":
+                continue
+            yield n, u
+            if u not in derived and follow(u, derived):
+                derived.add(u)
+                todo.append(u)
+
+
 # Ops a value's error passes through unchanged in kind (layouts, sums and
 # products with other values): followed when looking for what a kept value feeds.
-def _placeholder(bw_graph, name: str):
-    """The backward graph's input that receives the saved value ``name``."""
-    return next((n for n in bw_graph.find_nodes(op="placeholder") if n.name == name), None)
-
-
 _PASS_THROUGH = _LAYOUT | {
     _aten.unsqueeze.default, _aten.squeeze.dim, _aten.squeeze.default, _aten.slice.Tensor, _aten.select.int,
     _aten.add.Tensor, _aten.sub.Tensor, _aten.mul.Tensor, _aten.div.Tensor, _aten.neg.default,
@@ -169,27 +185,16 @@ _EXPONENTIAL = {_aten.exp.default, _aten.exp2.default, _aten.expm1.default, _ate
                 _aten._softmax.default, _aten._log_softmax.default, _aten.logsumexp.default}
 
 
+def _arithmetic(u, derived) -> bool:
+    # (x * x stops: exp(-x**2 / 2), GELU's derivative, is bounded, not amplifying)
+    return u.target in _PASS_THROUGH and not (u.target in _PRODUCTS and sum(a in derived for a in u.args) > 1)
+
+
 def _feeds_exponential(bw_graph, name: str) -> bool:
     """Whether the backward graph exponentiates the saved value ``name``
     (a softmax or log-softmax recomputed from its input, a loss's
     ``exp(log_probs)``), directly or through layout and pointwise arithmetic."""
-    start = _placeholder(bw_graph, name)
-    if start is None:
-        return False
-    todo, derived = [start], {start}
-    while todo:
-        n = todo.pop()
-        for u in n.users:
-            if u in derived or u.op != "call_function":
-                continue
-            if u.target in _EXPONENTIAL:
-                return True
-            if u.target in _PRODUCTS and sum(a in derived for a in u.args) > 1:
-                continue  # x * x: exp(-x**2 / 2) (GELU's derivative) is bounded, not amplifying
-            if u.target in _PASS_THROUGH:
-                derived.add(u)
-                todo.append(u)
-    return False
+    return any(u.target in _EXPONENTIAL for _, u in _uses(bw_graph, name, _arithmetic))
 
 
 # Ops whose result near 0 turns a small absolute error of their input into
@@ -214,23 +219,19 @@ def _amplified(bw_graph, name: str) -> Optional[str]:
     step is a large relative error), or recomputes a step function of it
     (``sign``, ``round``, ``remainder``). Reductions (a norm's variance)
     stop the search: they average errors."""
-    start = _placeholder(bw_graph, name)
-    todo, derived = ([start] if start is not None else []), {start}
-    while todo:
-        n = todo.pop()
-        for u in n.users:
-            if u in derived or u.op != "call_function":
-                continue
-            if u.target in _DIVIDING or (u.target is _aten.div.Tensor and len(u.args) > 1 and u.args[1] is n) or (
-                    u.target is _aten.pow.Tensor_Scalar and isinstance(u.args[1], (int, float)) and u.args[1] < 1):
-                return "backward divides by it (or a function of it) or takes its log or root: unbounded error near 0"
-            if u.target in _JUMPS:
-                return "backward recomputes a step function of it (round, sign, remainder): an error flips a step"
-            pointwise = torch.Tag.pointwise in getattr(u.target, "tags", ()) and len(u.all_input_nodes) == 1
-            if u.target in _PASS_THROUGH or pointwise:
-                derived.add(u)
-                todo.append(u)
+    for n, u in _uses(bw_graph, name, _pointwise):
+        if u.target in _DIVIDING or (u.target is _aten.div.Tensor and len(u.args) > 1 and u.args[1] is n) or (
+                u.target is _aten.pow.Tensor_Scalar and isinstance(u.args[1], (int, float)) and u.args[1] < 1):
+            return "backward divides by it (or a function of it) or takes its log or root: unbounded error near 0"
+        if u.target in _JUMPS:
+            return "backward recomputes a step function of it (round, sign, remainder): an error flips a step"
     return None
+
+
+def _pointwise(u, derived) -> bool:
+    """Layout and arithmetic, and single-input pointwise functions (softplus, clamp, abs)."""
+    return u.target in _PASS_THROUGH or (
+        torch.Tag.pointwise in getattr(u.target, "tags", ()) and len(u.all_input_nodes) == 1)
 
 
 _STOP = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
@@ -242,7 +243,8 @@ def _consumers(bw_graph, name: str, depth: int = 6) -> List[Tuple[str, Optional[
     of the backward nodes it reaches through recomputation (pointwise and
     layout ops, up to ``depth`` steps), up to and including the first
     products (a layer's gradient computation)."""
-    start = _placeholder(bw_graph, name)
+    start = None if bw_graph is None else next(
+        (n for n in bw_graph.find_nodes(op="placeholder") if n.name == name), None)
     if start is None:
         return []
     out, frontier, seen = [], [start], {start}
@@ -276,14 +278,12 @@ _ATTENTION = set(_optional_ops(
     "aten._scaled_dot_product_cudnn_attention_backward.default"))
 
 
-def _argument(node, name: str, default=None):
-    """The argument ``name`` of an op's node, by the op's schema (given by
+def _arguments(node) -> Dict[str, Any]:
+    """An op's node's arguments by their names in the op's schema (given by
     position or by keyword)."""
     schema = getattr(node.target, "_schema", None)
-    for i, a in enumerate(schema.arguments if schema is not None else ()):
-        if a.name == name:
-            return node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
-    return default
+    return {a.name: node.args[i] if i < len(node.args) else node.kwargs.get(a.name, a.default_value)
+            for i, a in enumerate(schema.arguments if schema is not None else ())}
 
 
 def _attention_roles(bw_graph, name: str, through=_LAYOUT) -> set:
@@ -291,21 +291,8 @@ def _attention_roles(bw_graph, name: str, through=_LAYOUT) -> set:
     ...) as which the saved value ``name`` enters scaled-dot-product ops in
     backward (the recomputed forward or the backward op), through the ops
     ``through`` (layout changes; or arithmetic too: a bias added to a mask)."""
-    start = _placeholder(bw_graph, name)
-    roles, todo, seen = set(), ([start] if start is not None else []), set()
-    while todo:
-        n = todo.pop()
-        for u in n.users:
-            if u.op != "call_function":
-                continue
-            if u.target in _ATTENTION:
-                schema = u.target._schema
-                roles.update(a.name for i, a in enumerate(schema.arguments)
-                             if (u.args[i] if i < len(u.args) else u.kwargs.get(a.name)) is n)
-            elif u.target in through and u not in seen:
-                seen.add(u)
-                todo.append(u)
-    return roles
+    return {arg for n, u in _uses(bw_graph, name, lambda u, derived: u.target in through) if u.target in _ATTENTION
+            for arg, value in _arguments(u).items() if value is n}
 
 
 _MASKS = {"attn_mask", "attn_bias"}
@@ -424,9 +411,8 @@ class CompiledSaving:
         layout, reason = self._choose(x, node, name, kind, ctx.get("_bw_graph"))
         out = x if layout is None else _quantize(x, layout)
         kept = "exact" if layout is None else ("1 bit" if layout.bits == 1 else f"{layout.bits} bits")
-        parts = [t for t in (out if isinstance(out, tuple) else (out,))
-                 if not (layout is not None and layout.symbolic and t is out[-1])]
-        entry = SavedPlan(node.name, name, tuple(_hint(n) for n in x.shape), x.dtype, kept, reason,
+        parts = out if isinstance(out, tuple) else (out,)  # (a symbolic layout's size carrier is empty)
+        entry = SavedPlan(node.name, name, _ints(x.shape), x.dtype, kept, reason,
                           _hint(x.numel()) * x.element_size(), sum(_hint(t.numel()) * t.element_size() for t in parts))
         key = _compile_key(ctx)
         with self._lock:
@@ -452,15 +438,14 @@ class CompiledSaving:
         shape = tuple(x.shape)
         if spec is None:
             return None, "kept exact by policy"
-        if kind is not None and issubclass(kind, nn.modules.batchnorm._BatchNorm) and not spec.batch_norm:
+        if _batch_norm(kind) and not spec.batch_norm:
             return None, "batch norm (MesaConfig.batch_norm=False)"
-        for used_by, used_kind in (_consumers(bw_graph, node.name) if bw_graph is not None else ()):
+        for used_by, used_kind in _consumers(bw_graph, node.name):
             full = _join(self.prefix, used_by)
             used_spec = self.config.resolve(full)
             if used_spec is None:
                 return None, f"kept exact by policy (used in the backward of {full})"
-            if used_kind is not None and issubclass(used_kind, nn.modules.batchnorm._BatchNorm) \
-                    and not used_spec.batch_norm:
+            if _batch_norm(used_kind) and not used_spec.batch_norm:
                 return None, f"input of a batch norm ({full}; MesaConfig.batch_norm=False)"
         if node.op == "placeholder" and not _gets_gradient(node, bw_graph):
             return None, ("an input that gets no gradient (a mask or table the blocks share, a frozen "
@@ -479,12 +464,12 @@ class CompiledSaving:
             return None, "auxiliary output of a multi-output op (statistics)"
         if x.dim() < 2 or shape[-1] == 1 or x.numel() < MIN_NUMEL:
             return None, "small tensor or per-row statistic"
-        if bw_graph is not None and _feeds_exponential(bw_graph, node.name):
+        if _feeds_exponential(bw_graph, node.name):
             return None, "backward exponentiates it (softmax logits): its error would grow exponentially"
-        why = _amplified(bw_graph, node.name) if bw_graph is not None else None
+        why = _amplified(bw_graph, node.name)
         if why:
             return None, why
-        if bw_graph is not None and _attention_roles(bw_graph, node.name, _PASS_THROUGH) & _MASKS:
+        if _attention_roles(bw_graph, node.name, _PASS_THROUGH) & _MASKS:
             return None, ("an attention's mask or bias: attention exponentiates it (its error would grow "
                           "exponentially; masked positions hold -inf or the dtype's minimum)")
         head_wise = spec.head_wise and x.dim() == 4
@@ -495,7 +480,7 @@ class CompiledSaving:
             axes = tuple(sorted(perm.index(a) for a in axes))
         d = shape[-1]
         rotate = bool(spec.qk_rotation and isinstance(d, int) and 2 <= d <= 256 and d & (d - 1) == 0
-                      and bw_graph is not None and _attention_roles(bw_graph, node.name) & {"query", "key"})
+                      and _attention_roles(bw_graph, node.name) & {"query", "key"})
         layout = _Layout(_ints(shape), x.dtype, spec.bits, axes, spec.group_size, rows, spec.stochastic, perm,
                          rotate, _symbolic(shape))
         how = ("per head and channel" if head_wise else "per channel") if spec.group_size == 1 else (
@@ -510,6 +495,10 @@ class CompiledSaving:
         """What the graphs compiled so far keep, one entry per saved value
         (of each compiled code's newest compile)."""
         return list(self.decisions.values())
+
+
+def _batch_norm(kind: Optional[type]) -> bool:
+    return kind is not None and issubclass(kind, nn.modules.batchnorm._BatchNorm)
 
 
 def _compile_key(ctx) -> Tuple[Any, int]:
@@ -632,7 +621,7 @@ def _keep_probabilities(gm, joint_inputs):
     every random draw (:func:`_random`)."""
     from torch.utils.checkpoint import CheckpointPolicy
 
-    backward = {n for n in gm.graph.find_nodes(op="placeholder") if n.name.startswith("tangents")}
+    backward = {n for n in gm.graph.find_nodes(op="placeholder") if _tangent(n)}
     for node in gm.graph.nodes:  # (topological order: what depends on a tangent is backward)
         if node not in backward and any(a in backward for a in node.all_input_nodes):
             backward.add(node)
@@ -642,13 +631,18 @@ def _keep_probabilities(gm, joint_inputs):
     return gm
 
 
+def _tangent(node) -> bool:
+    """A joint or backward graph's input that receives an incoming gradient."""
+    return node.op == "placeholder" and node.name.startswith("tangents")
+
+
 def _random(node) -> bool:
     """A random draw (dropout's and drop-path's ``bernoulli``, ``rand``):
     with aggressive recomputation the partitioner would redraw it in
     backward, a different mask than the forward's (wrong gradients, measured
     on timm's Swin); it must be kept."""
     if node.target in _ATTENTION:  # random only with dropout; else its forward reruns in backward
-        p = _argument(node, "dropout_p", 0.0)
+        p = _arguments(node).get("dropout_p", 0.0)
         return not (isinstance(p, (int, float)) and p == 0)
     return torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
 
@@ -698,13 +692,13 @@ def _sink_expansions(graph: torch.fx.Graph) -> None:
     impure op (a write); the order of everything else, and the values, are
     unchanged. One pass over the graph."""
     inputs = graph.find_nodes(op="placeholder")
-    if not any(n.name.startswith("tangents") for n in inputs):
+    if not any(_tangent(n) for n in inputs):
         return  # a forward graph
-    kept = {n for n in inputs if not n.name.startswith("tangents")}
+    kept = {n for n in inputs if not _tangent(n)}
     movable = set()
     for n in graph.nodes:
-        if n.op == "call_function" and not n.is_impure() and all(a in kept or a in movable for a in n.all_input_nodes) \
-                and torch.Tag.nondeterministic_seeded not in getattr(n.target, "tags", ()):
+        if n.op == "call_function" and not n.is_impure() and not _random(n) \
+                and all(a in kept or a in movable for a in n.all_input_nodes):
             movable.add(n)
     emitted, new, pending = set(), [], []
 
