@@ -170,7 +170,7 @@ def quantized(x: Tensor, spec: QuantSpec, *, op: str, heads: bool = False, rows:
     # (Heads under 32 channels skip it: there a spike in one element spread
     # over the whole row costs more than outlier channels do; measured in
     # benchmarks/quant_study.py.)
-    if rotate is not None and spec.qk_rotation and x.dim() >= 2 and _MIN_SCALED_ROW <= x.shape[rotate] <= _MAX_ROTATED:
+    if rotate is not None and x.dim() >= 2 and _rotated(spec, x.shape[rotate]):
         xr = _rotate(x, rotate)
         inner = quantized(xr, spec, op=op, heads=heads, running=running)
         return Recipe(inner.tensors, functools.partial(_rebuild_rotated, layout=inner.rebuild.keywords["layout"],
@@ -185,6 +185,20 @@ def quantized(x: Tensor, spec: QuantSpec, *, op: str, heads: bool = False, rows:
         inner = quantized(x.movedim(1, -1), spec, op=op, running=running)
         return Recipe(inner.tensors, functools.partial(_rebuild_moved, inner=inner.rebuild), inner.outside,
                       inner.for_norms)
+    axes, group_size = _ranges(x, spec, heads)
+    mode = "row" if rows else _token_scale(spec, x.shape[-1])
+    tensors, layout = quant.compress(x, spec.bits, axes, group_size, spec.stochastic, running, spec.kernel,
+                                     rows=mode)
+    return Recipe(tensors, functools.partial(_rebuild_quantized, layout=layout))
+
+
+def _rotated(spec: QuantSpec, d: int) -> bool:
+    """Whether queries and keys with ``d`` channels per head are kept rotated."""
+    return bool(spec.qk_rotation) and _MIN_SCALED_ROW <= d <= _MAX_ROTATED
+
+
+def _ranges(x: Tensor, spec: QuantSpec, heads: bool) -> Tuple[Tuple[int, ...], Optional[int]]:
+    """The axes and group size of ``x``'s ranges (:func:`quantized`)."""
     axes, group_size = (-1,), spec.group_size
     if heads and spec.head_wise and x.dim() >= 3:
         # Ranges never shared across heads; within a head, group_size channels
@@ -196,15 +210,16 @@ def quantized(x: Tensor, spec: QuantSpec, *, op: str, heads: bool = False, rows:
         # per channel
         if 8 * groups <= x.numel() * spec.bits / 64:
             axes, group_size = (x.dim() - 3, x.dim() - 1), gs
-    # Norm inputs relative to each row's own centre and width; everything
-    # else, with token_scale, scaled per channel and then per row (a token
-    # far smaller or larger than the others keeps its precision).
+    return axes, group_size
+
+
+def _token_scale(spec: QuantSpec, row: int) -> Optional[str]:
+    # With token_scale, values are scaled per channel and then per row (a
+    # token far smaller or larger than the others keeps its precision); norm
+    # inputs are kept relative to each row's own centre and width instead.
     # (Rows of fewer than 32 values, one head of a tiny model, skip the
     # token scale: its 2 bytes per row would cost more than 6% there.)
-    mode = "row" if rows else ("scaled" if spec.token_scale and x.shape[-1] >= _MIN_SCALED_ROW else None)
-    tensors, layout = quant.compress(x, spec.bits, axes, group_size, spec.stochastic, running, spec.kernel,
-                                     rows=mode)
-    return Recipe(tensors, functools.partial(_rebuild_quantized, layout=layout))
+    return "scaled" if spec.token_scale and row >= _MIN_SCALED_ROW else None
 
 
 def _pick(tensors: Sequence[Tensor], *, inner, index: int) -> Tensor:
@@ -252,17 +267,13 @@ def quantized_qkv(q: Tensor, k: Tensor, v: Tensor, spec: QuantSpec, *,
             or (spec.keep_once and any(kept_of(t) is not None for t in (q, k, v)))):
         return None
     d = q.shape[-1]
-    # the axes quantized() gives each alone (head-wise: heads and channels),
-    # then the index along the stack
-    axes, group_size = (q.dim() - 1,), spec.group_size
-    if spec.head_wise:
-        gs = spec.group_size if spec.group_size is not None else max(1, d)
-        if 8 * q.shape[-3] * -(-d // gs) <= q.numel() * spec.bits / 64:
-            axes, group_size = (q.dim() - 3, q.dim() - 1), gs
+    # the ranges quantized() gives each alone (head-wise: heads and
+    # channels), then the index along the stack
+    axes, group_size = _ranges(q, spec, heads=True)
     if group_size is None:
         return None  # one range for each tensor: not one for all
-    axes = (0,) + tuple(a + 1 for a in axes)
-    rotate = spec.qk_rotation and _MIN_SCALED_ROW <= d <= _MAX_ROTATED
+    axes = (0,) + tuple(a % q.dim() + 1 for a in axes)
+    rotate = _rotated(spec, d)
     if rotate:
         both = torch.empty((2,) + tuple(q.shape), dtype=torch.float32, device=q.device)  # (2, ..., H, N, D)
         r = rotation(d, q.device)
@@ -276,7 +287,7 @@ def quantized_qkv(q: Tensor, k: Tensor, v: Tensor, spec: QuantSpec, *,
     seen = _seen_ops.get()
     if seen is not None:
         seen.add(op)
-    mode = "scaled" if spec.token_scale and d >= _MIN_SCALED_ROW else None
+    mode = _token_scale(spec, d)
     tensors, layout = quant.compress(stacked, spec.bits, axes, group_size, spec.stochastic, None, spec.kernel,
                                      rows=mode)
     if rotate:
