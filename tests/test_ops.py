@@ -480,3 +480,55 @@ def test_sdpa_keeps_q_k_v_by_fewer_quantizations(monkeypatch, layout, calls_expe
     assert calls == {"compress": calls_expected, "expand": calls_expected}, calls
     assert calls0 == {"compress": 3, "expand": 3}, calls0
     assert kept == kept0
+
+
+def _strided_heads(kind):
+    """Queries or keys as attention code gets them: views of one projection's
+    output (3 x 6 heads x 64 channels, 9 tokens, batch 2)."""
+    qkv = with_outliers(2, 9, 3 * 6 * 64, requires_grad=False)
+    heads = qkv.reshape(2, 9, 3, 6, 64)
+    if kind == "bhnd":  # permuted to (B, H, N, D), as timm and SDPA callers do
+        return heads.permute(2, 0, 3, 1, 4)[1]
+    if kind == "bnhd":  # (B, N, H, D), a slice not yet transposed
+        return heads[:, :, 1]
+    if kind == "keys-t":  # k^T for q @ k^T: (B, H, D, N)
+        return heads.permute(2, 0, 3, 1, 4)[1].transpose(-2, -1)
+    return heads.permute(2, 0, 3, 1, 4)[1].contiguous()
+
+
+@pytest.mark.parametrize("kind", ["bhnd", "bnhd", "keys-t", "contiguous"])
+def test_rotation_is_one_fp32_product_for_every_layout(kind):
+    """The q/k rotation gives ``x @ r`` in fp32 for strided views of a
+    projection's output, into ``out`` or not, with bf16 autocast on or off:
+    autocast would otherwise run it in bf16 (an error of 2^-9 of each value
+    before the 8-bit codes are even taken)."""
+    from torch_mesa.quant.reference import rotate_last
+
+    x = _strided_heads(kind)
+    r = _saved.rotation(x.shape[-1], x.device)  # (keys-t: 9 tokens, the QR rotation)
+    want = (x.double() @ r.double()).float()
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got = rotate_last(x, r)
+            into = rotate_last(x, r, out=torch.empty(x.shape))
+        for t in (got, into):
+            assert t.dtype == torch.float32 and t.shape == x.shape
+            torch.testing.assert_close(t, want, rtol=1e-5, atol=1e-5)  # fp32 sums of 64 products
+
+
+@pytest.mark.parametrize("kind,dim", [("bhnd", -1), ("contiguous", -1), ("keys-t", -2)])
+def test_kept_rotated_query_does_not_depend_on_autocast(kind, dim):
+    """A query or key kept rotated (hand-written attention's ``q @ k^T``)
+    has the same codes, and rebuilds to the same tensor, under bf16 autocast
+    as without: the rotation is fp32 either way."""
+    x = _strided_heads(kind)
+    spec = MesaConfig().resolve("attn")
+    kept = {}
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            recipe = _saved.quantized(x, spec, op="matmul", heads=True, rotate=dim)
+        kept[autocast] = (recipe.tensors, recipe.rebuild(recipe.tensors))
+    (t0, r0), (t1, r1) = kept[False], kept[True]
+    assert all(torch.equal(a, b) for a, b in zip(t0, t1))
+    assert torch.equal(r0, r1)
+    assert sqnr_db(x, r0) > 30  # a kept copy of x, 8 bits per head and channel

@@ -556,7 +556,7 @@ def _quantize(x: Tensor, layout: _Layout):
     if layout.perm is not None:
         x = x.permute(layout.perm)
     if layout.rotate:
-        x = x.float() @ _hadamard(x.shape[-1], x.device)
+        x = R.rotate_last(x, _hadamard(x.shape[-1], x.device))
     out = R.quantize_core(x, _seed_of(x) if layout.stochastic else None, None, None, None, bits=layout.bits,
                           axes=layout.axes, group_size=layout.group_size, rows=layout.rows, running=None)
     return tuple(out) + sizes
@@ -573,7 +573,7 @@ def _dequantize(packed, layout: _Layout) -> Tensor:
     out = R.dequantize_core(tuple(packed), shape=shape, dtype=torch.float32 if layout.rotate else layout.dtype,
                             bits=layout.bits, axes=layout.axes, group_size=layout.group_size, rows=layout.rows)
     if layout.rotate:
-        out = (out @ _hadamard(shape[-1], out.device).t()).to(layout.dtype)
+        out = R.rotate_last(out, _hadamard(shape[-1], out.device).t()).to(layout.dtype)
     if layout.perm is not None:
         inverse = [0] * len(layout.perm)
         for i, d in enumerate(layout.perm):

