@@ -10,9 +10,7 @@ For deciding where the compiled step's cost beyond the unconverted one goes, not
 """
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 
@@ -37,15 +35,7 @@ def run(amp: str, args) -> dict:
         torch.manual_seed(0)
         m = bench.build(spec, "baseline", "cpu")
         models[name] = torch.compile(m) if cfg is None else torch_mesa.compile(m, cfg)
-        for _ in range(2):  # warm-up; compiles
-            bench.train_step(models[name], spec, batch, "cpu", amp)
-    times = {name: [] for name in models}
-    for _ in range(args.repeats):
-        for name, m in models.items():
-            t = time.perf_counter()
-            bench.train_step(m, spec, batch, "cpu", amp)
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return bench.timed(models, spec, batch, "cpu", amp, args.repeats, None)
 
 
 def main(argv=None) -> int:

@@ -12,12 +12,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def convergence():
-    spec = importlib.util.spec_from_file_location("convergence", ROOT / "benchmarks" / "convergence.py")
+def _benchmark(name: str):
+    """The script benchmarks/NAME.py, imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def convergence():
+    return _benchmark("convergence")
 
 
 def test_runs_give_records_and_share_their_start(convergence):
@@ -62,3 +67,43 @@ def test_replace_section_keeps_the_rest_of_the_file(tmp_path):
     replace_section(doc, "u", "other", heading="U")  # missing markers: appended under a heading
     assert doc.read_text().endswith("tail\n\n## U\n\n<!-- u:start -->\nother\n<!-- u:end -->\n")
     assert doc.read_text().count("new table") == 1
+
+
+@pytest.fixture(scope="module")
+def step_profile():
+    return _benchmark("step_profile")
+
+
+def test_step_profile_sorts_a_converted_steps_operators(step_profile):
+    """The step profile's kinds, on the operators a real converted step runs
+    (a depth-1 ViT, eager, 8 bits): the attention forward is counted twice
+    (the forward and its rerun in backward), the backward once, torch-mesa's
+    autograd Functions as its Python, and the model's products as products;
+    unconverted, nothing lands in torch-mesa's kinds."""
+    import torch
+
+    from torch_mesa import compress_
+    from torch_mesa.tools.models import VisionTransformer
+
+    counts = {}
+    for converted in (False, True):
+        torch.manual_seed(0)
+        m = VisionTransformer(image_size=16, patch_size=4, in_chans=3, num_classes=4, dim=64, depth=1, heads=2)
+        if converted:
+            compress_(m)
+        x = torch.randn(2, 3, 16, 16)
+        m(x).sum().backward()  # (compiles the quantizer outside the profile)
+        with torch.profiler.profile() as prof:
+            m(x).sum().backward()
+        kinds = {}
+        for event in prof.key_averages():
+            kind = step_profile.kind_of(event.key)
+            assert kind in step_profile.KINDS
+            kinds[kind] = kinds.get(kind, 0) + event.count
+        counts[converted] = kinds
+    plain, mesa = counts[False], counts[True]
+    assert plain["attention forward"] == 1 and plain["attention backward"] == 1
+    assert mesa["attention forward"] == 2 and mesa["attention backward"] == 1
+    assert mesa["torch-mesa ops (Python)"] > 0 and "torch-mesa ops (Python)" not in plain
+    assert mesa["compiled-call overhead"] > 0 and plain["matrix products"] > 0
+    assert step_profile.kind_of("graph_3_cpp_fused_gelu_view_4") == "Inductor kernels"

@@ -185,18 +185,26 @@ def fidelity(spec, batch, device, configs) -> Dict[str, dict]:
 
 def step_times(spec, batch, device, amp, configs, repeats, progress=print) -> Dict[str, float]:
     models = {c: build(spec, c, device) for c in configs}
-    for c in configs:  # warm-up: compilation, allocator, caches
+    return timed(models, spec, batch, device, amp, repeats, progress)
+
+
+def timed(models: Dict[str, nn.Module], spec, batch, device, amp, repeats, progress=print) -> Dict[str, float]:
+    """Median step time (s) of each model: two warm-up steps each (compilation,
+    allocator, caches), then ``repeats`` rounds of one step of each in turn
+    (interleaved, so a change of load on a shared machine touches all alike)."""
+    for m in models.values():
         for _ in range(2):
-            train_step(models[c], spec, batch, device, amp)
-    times: Dict[str, List[float]] = {c: [] for c in configs}
+            train_step(m, spec, batch, device, amp)
+    times: Dict[str, List[float]] = {c: [] for c in models}
     for r in range(repeats):
-        for c in configs:
+        for c, m in models.items():
             _sync(device)
             t = time.perf_counter()
-            train_step(models[c], spec, batch, device, amp)
+            train_step(m, spec, batch, device, amp)
             _sync(device)
             times[c].append(time.perf_counter() - t)
-        progress(f"  timing: repeat {r + 1}/{repeats} done")
+        if progress is not None:
+            progress(f"  timing: repeat {r + 1}/{repeats} done")
     return {c: statistics.median(v) for c, v in times.items()}
 
 
