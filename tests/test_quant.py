@@ -205,6 +205,39 @@ def test_fused_equals_reference_rows_and_noncontiguous(dtype):
     assert torch.equal(ya, yb)
 
 
+@pytest.mark.parametrize("shape,transposed", [
+    ((4, 197, 1536), False),   # rows a multiple of the block (788 = 49 x 16 + 4: and a remainder)
+    ((3, 211, 768), False),    # a remainder of rows
+    ((130, 512), False),       # just wide and tall enough
+    ((3, 512, 211), True),     # a transposed view
+])
+@pytest.mark.parametrize("rows", [None, "row", "scaled"])
+def test_wide_fp32_channel_statistics_in_two_steps(shape, transposed, rows):
+    """Channel ranges of wide fp32 tensors on the CPU are reduced over blocks
+    of rows, then over the blocks: the same minima and maxima as one
+    reduction over every row (NaN and inf included), so the same codes,
+    in the reference and the fused path alike."""
+    x = with_outliers(*shape, requires_grad=False)
+    if transposed:
+        x = x.transpose(-2, -1)
+    x[(1,) * x.dim()] = float("nan")
+    x[(2,) * x.dim()] = float("inf")
+    assert ref._wide(x)
+    others = tuple(range(x.dim() - 1))
+    torch.testing.assert_close(ref.channel_absmax(x, (x.dim() - 1,)).reshape(-1),
+                               x.abs().amax(others).clamp(min=torch.finfo(torch.float32).tiny), rtol=0, atol=0,
+                               equal_nan=True)
+    lo, hi = ref.channel_minmax(x, (x.dim() - 1,), False)
+    torch.testing.assert_close(lo, x.amin(others), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(hi, x.amax(others), rtol=0, atol=0, equal_nan=True)
+    x = x.nan_to_num(posinf=30.0)
+    a, ya = _round_trip(x, 8, (x.dim() - 1,), 1, rows=rows)
+    b, yb = _round_trip(x, 8, (x.dim() - 1,), 1, rows=rows, impl=fused)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    assert torch.equal(ya, yb)
+
+
 # (each setting compiles its own functions: a few seconds each on 2 cores)
 @pytest.mark.parametrize("dtype,rows,axes,group_size", [
     (torch.float32, None, (2,), 1),
