@@ -54,6 +54,7 @@ for nearest rounding it is equal bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from typing import Callable, Optional, Tuple
@@ -392,10 +393,10 @@ def rotate_last(x: Tensor, r: Tensor, out: Optional[Tensor] = None) -> Tensor:
     if out is not None:
         torch.mm(rows, r, out=out.view(-1, d))  # (an out= product: autocast leaves it alone)
         return out
-    if torch.is_autocast_enabled(rows.device.type):
-        with torch.autocast(rows.device.type, enabled=False):
-            return (rows @ r).view(x.shape)
-    return (rows @ r).view(x.shape)
+    device = rows.device.type
+    off = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+    with off:
+        return (rows @ r).view(x.shape)
 
 
 def normalize_axes(axes, ndim: int) -> Tuple[int, ...]:
