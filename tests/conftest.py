@@ -59,6 +59,15 @@ def assert_grads_close(approx, exact, *, min_db=30.0, low_precision=None, what="
         assert got >= bar, f"{what} grad[{i}]: SQNR {got:.1f} dB < {bar:.1f} dB"
 
 
+def draws_in(fn) -> int:
+    """How many random draws (dropout's bernoulli) ``fn()`` makes, by the
+    profiler's operator counts (a dispatch mode would keep the compiled
+    quantizer's Dynamo path from running)."""
+    with torch.profiler.profile() as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if "bernoulli" in e.key or "dropout" in e.key)
+
+
 @pytest.fixture
 def reference_kernel(monkeypatch):
     """Run the eager reference quantizer (no compilation) in this test."""

@@ -7,6 +7,18 @@ rebuilt q, k, v (with the forward's random state when dropout is on, and its
 autocast state) and differentiates that: one extra attention forward, in
 exchange for keeping 3 values per token and channel at 8 bits or fewer.
 
+With dropout on the CPU, SDPA runs its math path, and drawing the dropout
+mask is most of the cost of an attention forward (a (64, 4, 17, 17) map:
+0.75 of 1.0 ms). Where the mask at 1 bit per score costs at most a quarter
+of the kept q, k and v (short sequences, as in ViTs), the forward runs that
+math path itself, which returns the map after dropout, keeps the mask (the
+map's nonzeros) and reruns with it in backward: no second draw. The output
+is checked against ``F.scaled_dot_product_attention`` once per kind of call
+(dtypes, autocast, mask kind, causal, GQA, rank); a kind that does not match
+bit for bit keeps the rerun with the replayed random state. A score that
+the softmax rounded to 0 counts as dropped, which changes nothing: its
+product with anything is 0 either way.
+
 The eager path (``softmax(q @ k^T * scale + mask) @ v``) keeps no map either:
 ``q @ k^T`` keeps q and k per head and lets its consumer rebuild the scores
 from them; scaling, adding a mask and casting pass that recipe on (see
@@ -24,9 +36,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import quant
 from ..config import QuantSpec
 from ..quant.running import RangeStates
-from .recipes import combined, derived, exact, keep, kept_of, quantized, quantized_qkv
+from .recipes import Recipe, combined, derived, exact, keep, kept_of, quantized, quantized_qkv
 from .replay import AutocastState, RngReplay, grad_by_recompute
 from .saving import OpFunction, as_spec, fresh, load, needs_saving, run_with_kept, save
 
@@ -257,12 +270,108 @@ def _sdpa(q, k, v, mask, *, kwargs):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
 
 
+_MATH = getattr(torch.ops.aten, "_scaled_dot_product_attention_math", None)
+_math_matches: dict = {}  # kind of call -> whether the math path gave F.sdpa's output bit for bit
+
+
+def _cpu_autocast_dtype() -> Optional[torch.dtype]:
+    try:
+        on = torch.is_autocast_enabled("cpu")
+        return torch.get_autocast_dtype("cpu") if on else None
+    except TypeError:  # (before PyTorch 2.4)
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+
+
+def _as_sdpa_casts(q, k, v, mask):
+    """The operands as ``F.scaled_dot_product_attention`` takes them on the
+    CPU: in autocast's dtype under autocast, a boolean mask made additive."""
+    amp = _cpu_autocast_dtype()
+    if amp is not None:
+        q, k, v = (t.to(amp) if t.is_floating_point() else t for t in (q, k, v))
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(amp)
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(mask.logical_not(), float("-inf"))
+    return q, k, v, mask
+
+
+def _sdpa_math(q, k, v, mask, *, kwargs):
+    """SDPA's math path as ``F.scaled_dot_product_attention`` runs it with
+    dropout on the CPU; returns the output and the map after dropout."""
+    q, k, v, mask = _as_sdpa_casts(q, k, v, mask)
+    extra = {"enable_gqa": True} if kwargs.get("enable_gqa") else {}
+    with torch.autocast("cpu", enabled=False):
+        return _MATH(q, k, v, mask, kwargs["dropout_p"], kwargs["is_causal"], None, scale=kwargs["scale"], **extra)
+
+
+def _rerun_with_mask(q, k, v, mask, *, kwargs, dropout_mask):
+    """The same attention with a given dropout mask (True: kept), for the
+    backward to differentiate: scores, softmax (0 for rows with every score
+    masked, as SDPA's), mask, product."""
+    q, k, v, mask = _as_sdpa_casts(q, k, v, mask)
+    with torch.autocast("cpu", enabled=False):
+        if kwargs.get("enable_gqa") and k.shape[-3] != q.shape[-3]:
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+        scale = kwargs["scale"] if kwargs["scale"] is not None else q.shape[-1] ** -0.5
+        scores = (q @ k.transpose(-2, -1)) * scale
+        if kwargs["is_causal"]:
+            causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+            scores = scores.masked_fill(causal.logical_not(), float("-inf"))
+        if mask is not None:
+            scores = scores + mask
+        none = (scores == float("-inf")).all(-1, keepdim=True)  # (no NaN from such rows, forward or backward)
+        attn = torch.softmax(scores.masked_fill(none, 0.0), -1).masked_fill(none, 0.0)
+        attn = attn.masked_fill(dropout_mask.logical_not(), 0.0) * (1.0 / (1.0 - kwargs["dropout_p"]))
+        return attn @ v
+
+
+def _unpack_scores_mask(tensors, *, shape) -> Tensor:
+    return quant.unpack_bits(tensors[0], shape)
+
+
+def _keeps_dropout_mask(q, k, v, kwargs) -> bool:
+    """Dropout on the CPU, with a mask of at most a quarter of the kept
+    q, k and v's bytes (8 bits each; the mask is 1 bit per score)."""
+    if _MATH is None or kwargs.get("dropout_p", 0.0) <= 0.0 or q.device.type != "cpu" or q.dim() < 3:
+        return False
+    nq, nk = q.shape[-2], k.shape[-2]
+    return nq * nk <= 2 * (nq * q.shape[-1] + nk * k.shape[-1] + nk * v.shape[-1])
+
+
+def _forward_keeping_dropout_mask(q, k, v, mask, kwargs):
+    """(output, kept mask as a Recipe) by the math path, or None where that
+    kind of call did not give ``F.scaled_dot_product_attention``'s output."""
+    kind = (q.dtype, k.dtype, v.dtype, None if mask is None else mask.dtype, _cpu_autocast_dtype(),
+            kwargs["is_causal"], bool(kwargs.get("enable_gqa")), q.dim(), k.shape[-3] != q.shape[-3])
+    matches = _math_matches.get(kind)
+    if matches is False:
+        return None
+    if matches is None:  # first call of this kind: both, from the same random state
+        state = torch.get_rng_state()
+        want = _sdpa(q, k, v, mask, kwargs=kwargs)
+        torch.set_rng_state(state)
+    out, scores = _sdpa_math(q, k, v, mask, kwargs=kwargs)
+    if matches is None:
+        _math_matches[kind] = matches = torch.equal(out, want)
+        if not matches:
+            return None
+    kept = Recipe((quant.pack_bits(scores != 0),), functools.partial(_unpack_scores_mask, shape=tuple(scores.shape)))
+    return out, kept
+
+
 class _SDPAFn(OpFunction):
     @staticmethod
     def forward(ctx, q, k, v, mask, spec: QuantSpec, states, kwargs):
         rng = RngReplay(q.device) if kwargs.get("dropout_p", 0.0) > 0.0 else None
         fn = functools.partial(_sdpa, kwargs=kwargs)
-        out = fn(q, k, v, mask)
+        with_mask = _forward_keeping_dropout_mask(q, k, v, mask, kwargs) if _keeps_dropout_mask(q, k, v, kwargs) \
+            else None
+        if with_mask is not None:
+            out, kept_drop = with_mask
+            rng = None
+        else:
+            out, kept_drop = fn(q, k, v, mask), None
         kept_qkv = quantized_qkv(q, k, v, spec, op="attention") or (
             keep(q, spec, op="attention", heads=True, running=_running(states, spec, "q"), rotate=-1),
             keep(k, spec, op="attention", heads=True, running=_running(states, spec, "k"), rotate=-1),
@@ -273,15 +382,19 @@ class _SDPAFn(OpFunction):
             # a mask built from smaller tensors (a bias plus a broadcast shift
             # mask, as in Swin) is kept as those, exactly
             (kept_of(mask) if spec.keep_once else None) or exact(mask),
+            kept_drop,
         )
         ctx.fn, ctx.rng, ctx.autocast = fn, rng, AutocastState(q.device.type)
         return fresh(out, q, k, v, mask)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, mask = load(ctx)
+        q, k, v, mask, dropout_mask = load(ctx)
         needs = list(ctx.needs_input_grad[:4])
-        if ctx.rng is not None:
+        if dropout_mask is not None:
+            fn = functools.partial(_rerun_with_mask, kwargs=ctx.fn.keywords["kwargs"], dropout_mask=dropout_mask)
+            grads = grad_by_recompute(fn, [q, k, v, mask], needs, grad_out, ctx.autocast)
+        elif ctx.rng is not None:
             with ctx.rng:
                 grads = grad_by_recompute(ctx.fn, [q, k, v, mask], needs, grad_out, ctx.autocast)
         else:
