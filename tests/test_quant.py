@@ -358,6 +358,56 @@ def test_more_than_2_to_the_31_elements():
     assert torch.equal(y[tail], (saved[0].view(x.shape)[tail].float() * scale + lo).to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, None), (torch.bfloat16, "scaled")])
+def test_each_input_layout_runs_the_graph_compiled_for_it(dtype, rows):
+    """The first layouts of a setting run graphs compiled for exactly that
+    layout, with no guard: a view of the same shape with other strides, or
+    at an unaligned offset, must get its own graph or one that reads it
+    right, and further shapes go through Dynamo. Every result equals the
+    eager reference bit for bit, keep and expand alike."""
+    setting = dict(bits=8, axes=(2,), group_size=1, rows=rows, running=None)
+
+    def keep(x):
+        return ref.quantize_core(x, None, None, None, None, **setting)
+
+    def expand(shape, *saved):
+        return ref.dequantize_core(saved, shape=shape, dtype=dtype, bits=8, axes=(2,), group_size=1, rows=rows)
+
+    k, e = fused._Compiled(keep, f"test_keep_{rows}"), fused._Compiled(expand, f"test_expand_{rows}")
+    base = with_outliers(5, 33, 65, dtype=dtype, requires_grad=False)
+    buffer = torch.empty(base.numel() + 3, dtype=dtype)
+    unaligned = buffer[3:].view(base.shape).copy_(base.flip(0))  # same layout as base, 6 or 12 bytes off
+    inputs = [
+        base,                                                                   # direct
+        with_outliers(5, 65, 33, dtype=dtype, requires_grad=False).transpose(1, 2),  # same shape, other strides
+        unaligned,                                                              # base's layout and graph
+        with_outliers(3, 40, 65, dtype=dtype, requires_grad=False),            # more shapes: Dynamo
+        with_outliers(7, 9, 65, dtype=dtype, requires_grad=False),
+    ]
+    for x in inputs:
+        want, got = keep(x), k(x)
+        assert len(want) == len(got)
+        for u, v in zip(want, got):
+            assert torch.equal(u, v)
+        assert torch.equal(expand(tuple(x.shape), *want), e(tuple(x.shape), *got))
+    assert len(k.direct) == len(e.direct) == fused._DIRECT_LAYOUTS == 2
+    assert k.dynamic and k.impl is not None
+
+
+def test_a_graph_compiled_for_one_tensor_passed_twice_never_serves_two():
+    """A running estimate's first step passes one zero tensor as both its
+    low end and its span; the graph compiled then reads one input for both.
+    The same layout with two different tensors (every later step), or with
+    the tensor in other positions, must get graphs of their own."""
+    def fn(a, b, c):
+        return a * 2 + b - c
+
+    compiled = fused._Compiled(fn, "test_passed_twice")
+    z, u, v = torch.zeros(6), torch.randn(6), torch.randn(6)
+    for args in [(z, z, u), (u, v, z), (u, v, v), (v, u, v), (u, u, u)]:
+        assert torch.equal(compiled(*args), fn(*args))
+
+
 def test_compile_failure_falls_back_to_the_reference_with_one_warning(monkeypatch):
     import warnings
 
