@@ -107,3 +107,43 @@ def test_step_profile_sorts_a_converted_steps_operators(step_profile):
     assert mesa["torch-mesa ops (Python)"] > 0 and "torch-mesa ops (Python)" not in plain
     assert mesa["compiled-call overhead"] > 0 and plain["matrix products"] > 0
     assert step_profile.kind_of("graph_3_cpp_fused_gelu_view_4") == "Inductor kernels"
+
+
+def test_demo_ablation_switches_off_what_it_names():
+    """benchmarks/compile.py --demo-ablation times the demo model with each
+    cut of its overhead switched off; each switch must switch off that cut
+    and nothing stays switched after it: quantizer calls go through Dynamo
+    (no graph compiled for a direct call), and attention dropout draws its
+    mask again in backward."""
+    import torch
+
+    from torch_mesa import ops
+    from torch_mesa.quant import fused
+    from torch_mesa.quant import reference as ref
+
+    ablations = _benchmark("compile")._ablations()
+    assert len(ablations) == 2
+    dynamo, redraw = ablations.values()
+
+    def keep(x):
+        return ref.quantize_core(x, None, None, None, None, bits=8, axes=(1,), group_size=1, rows=None,
+                                 running=None)
+
+    compiled = fused._Compiled(keep, "test_ablation")
+    x = torch.randn(9, 40)
+    with dynamo():
+        compiled(x)
+    assert compiled.direct == {} and compiled.impl is not None
+    compiled(x)
+    assert len(compiled.direct) == 1
+
+    def draws_in_backward():
+        from conftest import draws_in
+
+        q, k, v = (torch.randn(2, 2, 9, 16, requires_grad=True) for _ in range(3))
+        out = ops.scaled_dot_product_attention(q, k, v, dropout_p=0.2)
+        return draws_in(lambda: out.sum().backward())
+
+    with redraw():
+        assert draws_in_backward() > 0
+    assert draws_in_backward() == 0
