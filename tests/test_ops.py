@@ -201,6 +201,8 @@ def _dropout_case(variant):
         kw = {"attn_mask": mask}
     if variant == "-inf float mask":
         kw = {"attn_mask": torch.zeros(2, 1, 33, 33).masked_fill(torch.rand(2, 1, 33, 33) > 0.7, float("-inf"))}
+    if variant == "float mask that needs its gradient":
+        kw = {"attn_mask": torch.randn(1, 3, 33, 33, requires_grad=True)}
     if variant == "causal, scaled":
         kw = {"is_causal": True, "scale": 0.3}
     if variant == "no heads (3-D)":
@@ -210,8 +212,8 @@ def _dropout_case(variant):
     return q, k, v, kw
 
 
-_DROPOUT_VARIANTS = ["plain", "gqa", "bool mask, a row fully masked", "-inf float mask", "causal, scaled",
-                     "no heads (3-D)", "long sequence"]
+_DROPOUT_VARIANTS = ["plain", "gqa", "bool mask, a row fully masked", "-inf float mask",
+                     "float mask that needs its gradient", "causal, scaled", "no heads (3-D)", "long sequence"]
 
 
 def _dropout_grads(fn, inputs, g, p, kw, amp=False):

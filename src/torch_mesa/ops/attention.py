@@ -12,7 +12,8 @@ mask is most of the cost of an attention forward (a (64, 4, 17, 17) map:
 0.75 of 1.0 ms). Where the mask at 1 bit per score costs at most a quarter
 of the kept q, k and v (short sequences, as in ViTs), the forward runs that
 math path itself, which returns the map after dropout, keeps the mask (the
-map's nonzeros) and reruns with it in backward: no second draw. The output
+map's nonzeros), and the backward computes the gradients with it: no second
+draw, and no output product (:func:`_grads_with_mask`). The output
 is checked against ``F.scaled_dot_product_attention`` once per kind of call
 (dtypes, autocast, mask kind, causal, GQA, rank); a kind that does not match
 bit for bit keeps the rerun with the replayed random state. A score that
@@ -304,10 +305,51 @@ def _sdpa_math(q, k, v, mask, *, kwargs):
         return _MATH(q, k, v, mask, kwargs["dropout_p"], kwargs["is_causal"], None, scale=kwargs["scale"], **extra)
 
 
+def _grads_with_mask(q, k, v, mask, grad_out, needs, *, kwargs, dropout_mask):
+    """Gradients of the attention that ran with ``dropout_mask`` (True:
+    kept) for q, k and v, written out: scores, softmax (0 for rows with every
+    score masked, as SDPA's), then the backward's four products. The output
+    product ``attn @ v`` is never formed (only its gradients are needed),
+    and no autograd graph is built: on small heads on the CPU each batched
+    product is a loop over (batch, head) matrices, the largest cost here."""
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    q, k, v, mask = _as_sdpa_casts(q, k, v, mask)
+    g = grad_out.to(q.dtype)
+    groups = q.shape[-3] // k.shape[-3] if kwargs.get("enable_gqa") and q.dim() >= 4 else 1
+    if groups > 1:
+        k, v = (t.repeat_interleave(groups, dim=-3) for t in (k, v))
+    scale = kwargs["scale"] if kwargs["scale"] is not None else q.shape[-1] ** -0.5
+    with torch.autocast("cpu", enabled=False):
+        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
+        masked = kwargs["is_causal"] or mask is not None
+        if kwargs["is_causal"]:
+            causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+            scores.masked_fill_(causal.logical_not(), float("-inf"))
+        if mask is not None:
+            scores.add_(mask)
+        if masked:
+            none = (scores == float("-inf")).all(-1, keepdim=True)
+            scores.masked_fill_(none, 0.0)
+        attn = torch.softmax(scores, -1)
+        del scores
+        if masked:
+            attn.masked_fill_(none, 0.0)
+        keep = dropout_mask.to(attn.dtype).mul_(1.0 / (1.0 - kwargs["dropout_p"]))
+        grad_v = torch.matmul((attn * keep).transpose(-2, -1), g) if needs[2] else None
+        grad_scores = None
+        if needs[0] or needs[1]:
+            grad_attn = torch.matmul(g, v.transpose(-2, -1)).mul_(keep)
+            grad_scores = torch.ops.aten._softmax_backward_data(grad_attn, attn, -1, attn.dtype).mul_(scale)
+        grad_q = torch.matmul(grad_scores, k) if needs[0] else None
+        grad_k = torch.matmul(grad_scores.transpose(-2, -1), q) if needs[1] else None
+    if groups > 1:
+        grad_k, grad_v = (None if t is None else t.unflatten(-3, (-1, groups)).sum(-3) for t in (grad_k, grad_v))
+    return [None if t is None else t.to(dt) for t, dt in zip((grad_q, grad_k, grad_v), dtypes)]
+
+
 def _rerun_with_mask(q, k, v, mask, *, kwargs, dropout_mask):
-    """The same attention with a given dropout mask (True: kept), for the
-    backward to differentiate: scores, softmax (0 for rows with every score
-    masked, as SDPA's), mask, product."""
+    """The same attention as a differentiable function, with a given dropout
+    mask (True: kept): for a mask that needs its own gradient."""
     q, k, v, mask = _as_sdpa_casts(q, k, v, mask)
     with torch.autocast("cpu", enabled=False):
         if kwargs.get("enable_gqa") and k.shape[-3] != q.shape[-3]:
@@ -391,7 +433,11 @@ class _SDPAFn(OpFunction):
     def backward(ctx, grad_out):
         q, k, v, mask, dropout_mask = load(ctx)
         needs = list(ctx.needs_input_grad[:4])
-        if dropout_mask is not None:
+        if dropout_mask is not None and not needs[3]:
+            with ctx.autocast():
+                grads = _grads_with_mask(q, k, v, mask, grad_out, needs, kwargs=ctx.fn.keywords["kwargs"],
+                                         dropout_mask=dropout_mask) + [None]
+        elif dropout_mask is not None:
             fn = functools.partial(_rerun_with_mask, kwargs=ctx.fn.keywords["kwargs"], dropout_mask=dropout_mask)
             grads = grad_by_recompute(fn, [q, k, v, mask], needs, grad_out, ctx.autocast)
         elif ctx.rng is not None:
