@@ -394,6 +394,47 @@ def test_each_input_layout_runs_the_graph_compiled_for_it(dtype, rows):
     assert k.dynamic and k.impl is not None
 
 
+@pytest.mark.parametrize("kind", ["mask", "4 bits", "2 bits, stochastic", "8 bits, stochastic, scaled"])
+def test_every_kind_of_setting_compiles_directly(kind):
+    """Every setting's first layouts run graphs compiled for them, without
+    Dynamo: the keep and the expansion of 1-bit masks, of 4 and 2 bits and of
+    stochastic rounding too. Those make tensors inside (the shifts that
+    unpack codes, the counter that seeds the noise); traced outside the fake
+    mode, such a tensor came out real and the direct compile failed, so they
+    went through Dynamo on every call. The results equal the reference bit
+    for bit."""
+    fused._quantize.cache_clear()
+    fused._dequantize.cache_clear()
+    fused._pack_bits.cache_clear()
+    fused._unpack_bits.cache_clear()
+    x = with_outliers(4, 17, 64, requires_grad=False)
+    if kind == "mask":
+        mask = x > 0.3
+        packed = fused.pack_bits(mask)
+        assert torch.equal(packed, ref.pack_bits(mask))
+        assert torch.equal(fused.unpack_bits(packed, mask.shape), mask)
+        made = [fused._pack_bits(3, True), fused._unpack_bits(3, True)]
+    else:
+        bits = 8 if "8" in kind else int(kind[0])
+        stochastic = "stochastic" in kind
+        rows = "scaled" if "scaled" in kind else None
+        seed = ref.next_seed(x.device) if stochastic else None
+        settings = dict(bits=bits, axes=(2,), group_size=1, rows=rows, running=None)
+        a = ref.quantize_core(x, seed, None, None, None, **settings)
+        b = fused._quantize_core(x, seed, None, None, None, **settings)
+        for u, v in zip(a, b):
+            assert torch.equal(u, v)
+        assert torch.equal(ref.dequantize(a, x.shape, x.dtype, bits, (2,), 1, rows=rows),
+                           fused.dequantize(b, x.shape, x.dtype, bits, (2,), 1, rows=rows))
+        made = [fused._quantize.cache_info().currsize, fused._dequantize.cache_info().currsize]
+        assert made == [1, 1]
+        made = [fused._quantize(torch.float32, 3, bits, (2,), 1, rows, None, stochastic, True),
+                fused._dequantize(3, torch.float32, bits, (2,), 1, rows, True)]
+    for compiled in made:
+        assert compiled.direct, f"{compiled.tag}: no graph compiled directly"
+        assert compiled.impl is None, f"{compiled.tag}: went through Dynamo"
+
+
 def test_a_graph_compiled_for_one_tensor_passed_twice_never_serves_two():
     """A running estimate's first step passes one zero tensor as both its
     low end and its span; the graph compiled then reads one input for both.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import types
 import warnings
@@ -32,6 +33,8 @@ from typing import Callable, Optional
 import torch
 
 from . import reference as ref
+
+_log = logging.getLogger(__name__)
 
 _broken: Optional[str] = None  # why compilation was given up, if it was
 
@@ -100,7 +103,7 @@ class _Compiled:
         # are bypassed and every process would compile from scratch.
         mode = FakeTensorMode(shape_env=ShapeEnv())
         fakes = [mode.from_tensor(args[i], static_shapes=True) for i in where]
-        with torch.no_grad():
+        with torch.no_grad(), mode:  # (in the mode: tensors made inside, aranges, are fake too)
             graph = make_fx(flat, tracing_mode="real")(*fakes)
         compiled = inductor.compile(graph, fakes, options=_SERIAL if self.serial else None)
         spec = tree[0]
@@ -117,7 +120,9 @@ class _Compiled:
             if call is None and len(self.direct) < _DIRECT_LAYOUTS:
                 try:
                     call = self.direct[key] = self._compile_direct(args)
-                except Exception:  # (compiler errors come in many types) Dynamo from now on
+                except Exception as err:  # (compiler errors come in many types) Dynamo from now on
+                    _log.info("torch-mesa: %s is compiled through Dynamo (the direct compile failed: %s: %s)",
+                              self.tag, type(err).__name__, (str(err).splitlines() or [""])[0])
                     self.direct = None
             if call is not None:
                 return call(args)
