@@ -38,6 +38,35 @@ def test_nearest_error_at_most_half_a_step(bits, axes, group_size):
     assert (y >= lo_c - 1e-6).all() and (y <= hi_c * (1 + 1e-6) + 1e-6).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,shape", [(None, (4, 50, 96)), ("row", (4, 50, 96)), ("scaled", (4, 50, 96)),
+                                        ("scaled", (2, 3, 40, 64))])
+def test_codes_are_nearest_to_the_exact_quotient(dtype, rows, shape):
+    """The quantizer multiplies by reciprocals of its per-channel, per-row and
+    per-group divisors instead of dividing by them: each code is still the
+    nearest to the value computed in fp64 with true divisions (from the same
+    kept statistics), up to the fp32 roundings of that arithmetic, for each
+    row mode, on outlier-heavy data (zeros and spikes included)."""
+    x = with_outliers(*shape, dtype=dtype, requires_grad=False)
+    x[0, 0] = 0.0
+    axes = (1, 3) if len(shape) == 4 else (len(shape) - 1,)
+    saved = ref.quantize(x, 8, axes, 1, False, rows=rows)
+    codes = ref.unpack(saved[0], 8, x.numel()).reshape(shape).double()
+    lo_c = ref.to_channels(saved[1], shape, axes, 1).double()
+    scale_c = ref.to_channels(saved[2], shape, axes, 1).double()
+    v = x.double()
+    if rows == "row":
+        v = (v - saved[3].double()) / saved[4].double()
+    elif rows == "scaled":
+        v = v / saved[4].double() / saved[3].double()
+    q = ((v - lo_c) / scale_c).clamp(0, 255)
+    assert (codes - q).abs().max() <= 0.5 + 1e-3
+    # elsewhere than near a tie, the same code as rounding the exact quotient
+    # (bf16 values lie on a coarse grid, so exact ties are not rare there)
+    clear = ((q - q.floor()) - 0.5).abs() > 1e-3
+    assert torch.equal(codes[clear], q.round()[clear])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits,min_db", [(8, 38.0), (4, 14.0), (2, 1.5)])
 def test_sqnr_and_memory_per_bits(dtype, bits, min_db):
@@ -205,18 +234,21 @@ def test_fused_equals_reference_rows_and_noncontiguous(dtype):
     assert torch.equal(ya, yb)
 
 
-@pytest.mark.parametrize("shape,transposed,rows", [
-    ((16, 197, 1536), False, "scaled"),  # ViT-S's MLP activation: 3152 rows, 197 blocks of 16
-    ((3, 211, 768), False, None),        # 633 rows: a remainder of 9
-    ((130, 512), False, "row"),          # just wide and tall enough
-    ((3, 512, 211), True, "scaled"),     # a transposed view
+@pytest.mark.parametrize("shape,transposed,rows,dtype", [
+    ((16, 197, 1536), False, "scaled", torch.float32),  # ViT-S's MLP activation: 3152 rows, 197 blocks of 16
+    ((3, 211, 768), False, None, torch.float32),        # 633 rows: a remainder of 9
+    ((130, 512), False, "row", torch.float32),          # just wide and tall enough
+    ((3, 512, 211), True, "scaled", torch.float32),     # a transposed view
+    ((16, 197, 1536), False, "scaled", torch.bfloat16),  # the same under bf16 autocast
+    ((3, 211, 768), False, "row", torch.bfloat16),
+    ((3, 512, 211), True, None, torch.float16),
 ])
-def test_wide_fp32_channel_statistics_in_two_steps(shape, transposed, rows):
-    """Channel ranges of wide fp32 tensors on the CPU are reduced over blocks
-    of rows, then over the blocks: the same minima and maxima as one
-    reduction over every row (NaN and inf included), so the same codes,
-    in the reference and the fused path alike."""
-    x = with_outliers(*shape, requires_grad=False)
+def test_wide_channel_statistics_in_two_steps(shape, transposed, rows, dtype):
+    """Channel ranges of wide fp32, bf16 and fp16 tensors on the CPU are
+    reduced over blocks of rows, then over the blocks: the same minima and
+    maxima as one reduction over every row (NaN and inf included), so the
+    same codes, in the reference and the fused path alike."""
+    x = with_outliers(*shape, requires_grad=False).to(dtype)
     if transposed:
         x = x.transpose(-2, -1)
     x[(1,) * x.dim()] = float("nan")
@@ -224,11 +256,11 @@ def test_wide_fp32_channel_statistics_in_two_steps(shape, transposed, rows):
     assert ref._wide(x)
     others = tuple(range(x.dim() - 1))
     torch.testing.assert_close(ref.channel_absmax(x, (x.dim() - 1,)).reshape(-1),
-                               x.abs().amax(others).clamp(min=torch.finfo(torch.float32).tiny), rtol=0, atol=0,
-                               equal_nan=True)
+                               x.float().abs().amax(others).clamp(min=torch.finfo(torch.float32).tiny), rtol=0,
+                               atol=0, equal_nan=True)
     lo, hi = ref.channel_minmax(x, (x.dim() - 1,), False)
-    torch.testing.assert_close(lo, x.amin(others), rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(hi, x.amax(others), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(lo, x.float().amin(others), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(hi, x.float().amax(others), rtol=0, atol=0, equal_nan=True)
     x = x.nan_to_num(posinf=30.0)
     a, ya = _round_trip(x, 8, (x.dim() - 1,), 1, rows=rows)
     b, yb = _round_trip(x, 8, (x.dim() - 1,), 1, rows=rows, impl=fused)
