@@ -15,6 +15,11 @@ and cold (after a 512x512 product, as a step calls them between its large kernel
 graph run directly (the default) and through Dynamo, side by side.
 
     python benchmarks/quant_speed.py --calls
+
+``--rotation``: a bf16 query's q/k rotation in fp32 (the library's) against a bf16 product,
+fidelity and time.
+
+    python benchmarks/quant_speed.py --rotation
 """
 
 import argparse
@@ -98,15 +103,53 @@ def calls(repeats: int) -> None:
         _fresh_compiled(default)
 
 
+def rotation_in_bf16(repeats: int) -> None:
+    """A bf16 query kept rotated (8 bits, per head and channel, token scale) with the rotation
+    in fp32, as the library does, against a bf16 product (which a CPU with bf16 matrix units
+    runs several times faster, at the cost of two bf16 roundings): the kept query's SQNR on
+    outlier-heavy data, and the time of the forward rotation. For deciding, not a setting."""
+    import math
+
+    from torch_mesa.ops.recipes import rotation
+    from torch_mesa.quant import reference as ref
+
+    h = rotation(64, "cpu")
+    print("| seed | SQNR, fp32 rotation (dB) | SQNR, bf16 rotation (dB) |")
+    print("|---|---:|---:|")
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        q = torch.randn(16, 6, 197, 64, generator=g)
+        q[..., torch.randperm(64, generator=g)[:2]] *= 10.0  # outlier channels
+        q = q.bfloat16()
+        cells = []
+        for dtype in (torch.float32, torch.bfloat16):
+            r = h.to(dtype)
+            rotated = (q.to(dtype).reshape(-1, 64) @ r).reshape(q.shape)
+            saved = ref.quantize(rotated, 8, (1, 3), 1, False, rows="scaled")
+            y = ref.dequantize(saved, q.shape, torch.float32, 8, (1, 3), 1, rows="scaled")
+            back = (y.to(dtype).reshape(-1, 64) @ r.t()).to(torch.bfloat16).float().reshape(q.shape)
+            noise = (back - q.float()).double().pow(2).sum().item()
+            cells.append(10 * math.log10(q.double().pow(2).sum().item() / noise))
+        print(f"| {seed} | {cells[0]:.2f} | {cells[1]:.2f} |", flush=True)
+    hb = h.bfloat16()
+    fp32 = _median_ms(lambda: q.float().reshape(-1, 64) @ h, repeats)
+    bf16 = _median_ms(lambda: q.reshape(-1, 64) @ hb, repeats)
+    print(f"\nrotation of one (16, 6, 197, 64) query: fp32 (copy and product) {fp32:.2f} ms, bf16 product {bf16:.2f} ms")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--calls", action="store_true", help="the cost of a call on small tensors (see above)")
+    p.add_argument("--rotation", action="store_true", help="the q/k rotation in fp32 against bf16 (see above)")
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     torch.manual_seed(0)
     if args.calls:
         calls(max(args.repeats, 200))
+        return 0
+    if args.rotation:
+        rotation_in_bf16(args.repeats)
         return 0
     print("| tensor | dtype | rows | copy (ms) | keep (ms) | expand (ms) |")
     print("|---|---|---|---:|---:|---:|")
