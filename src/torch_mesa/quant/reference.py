@@ -41,7 +41,9 @@ large norm) keeps its precision:
   per row) and ``chan`` (fp32 per channel).
 
 Every statistic is a min or max, which any reduction order computes exactly:
-the fused path matches the reference bit for bit.
+the fused path matches the reference bit for bit. Every division written
+above is computed as a multiplication by the divisor's reciprocal (one per
+channel, row or group; :func:`_inverse`), in both paths alike.
 
 Values outside the range (possible with running estimates) saturate at the
 nearest end; they never wrap around. A group whose range is not finite gets
