@@ -108,7 +108,7 @@ def rotation_in_bf16(repeats: int) -> None:
     in fp32, as the library does, against a bf16 product (which a CPU with bf16 matrix units
     runs several times faster, at the cost of two bf16 roundings): the kept query's SQNR on
     outlier-heavy data, and the time of the forward rotation. For deciding, not a setting."""
-    import math
+    from quant_study import sqnr  # (benchmarks/, the script's own folder)
 
     from torch_mesa.ops.recipes import rotation
     from torch_mesa.quant import reference as ref
@@ -127,9 +127,8 @@ def rotation_in_bf16(repeats: int) -> None:
             rotated = (q.to(dtype).reshape(-1, 64) @ r).reshape(q.shape)
             saved = ref.quantize(rotated, 8, (1, 3), 1, False, rows="scaled")
             y = ref.dequantize(saved, q.shape, torch.float32, 8, (1, 3), 1, rows="scaled")
-            back = (y.to(dtype).reshape(-1, 64) @ r.t()).to(torch.bfloat16).float().reshape(q.shape)
-            noise = (back - q.float()).double().pow(2).sum().item()
-            cells.append(10 * math.log10(q.double().pow(2).sum().item() / noise))
+            back = (y.to(dtype).reshape(-1, 64) @ r.t()).to(torch.bfloat16).reshape(q.shape)
+            cells.append(sqnr(back, q))
         print(f"| {seed} | {cells[0]:.2f} | {cells[1]:.2f} |", flush=True)
     hb = h.bfloat16()
     fp32 = _median_ms(lambda: q.float().reshape(-1, 64) @ h, repeats)

@@ -121,8 +121,8 @@ class _Compiled:
                 try:
                     call = self.direct[key] = self._compile_direct(args)
                 except Exception as err:  # (compiler errors come in many types) Dynamo from now on
-                    _log.info("torch-mesa: %s is compiled through Dynamo (the direct compile failed: %s: %s)",
-                              self.tag, type(err).__name__, (str(err).splitlines() or [""])[0])
+                    _log.info("torch-mesa: %s is compiled through Dynamo (the direct compile failed: %s)",
+                              self.tag, _summary(err))
                     self.direct = None
             if call is not None:
                 return call(args)
@@ -138,6 +138,11 @@ class _Compiled:
             self.dynamic = True
             self.impl = self._make(True)
             return self.impl(*args)
+
+
+def _summary(err: Exception) -> str:
+    """A compiler error in one line: its type and the first line of its message."""
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
 
 
 def _layout(arg, before) -> tuple:
@@ -258,7 +263,7 @@ def _run(compiled: Callable, eager: Callable, *args):
             out = eager(*args)
             _failed.add(compiled)
             if _broken is None:
-                _broken = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+                _broken = _summary(err)
                 warnings.warn(
                     "torch-mesa: compiling the fused quantizer failed; using the slower eager "
                     f"reference where it failed. Cause: {_broken}",
