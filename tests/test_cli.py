@@ -116,9 +116,15 @@ def test_bench_tiny_writes_csv_and_docs(tmp_path, capsys):
     assert rows[0]["torch"] == torch.__version__ and rows[0]["commit"]
     metrics = json.loads(rows[-1]["metrics"])
     assert metrics["blocks"] > 0 and metrics["peak"] > metrics["rise"] > 0 and metrics["worst_cos"] > 0.999
-    # running again replaces the section instead of appending a second one
-    run(argv, capsys)
-    assert md.read_text().count("bench:vit:tiny|cpu|none|b2:start") == 1
+    # running again (one configuration, no peak: the section's key is the
+    # model, device, autocast and batch) replaces the section instead of
+    # appending a second one
+    again = argv[:argv.index("--configs")] + ["--configs", "baseline", "--skip-peak", "--csv", str(csv_path),
+                                              "--docs", str(md)]
+    assert run(again, capsys)[0] == 0
+    text = md.read_text()
+    assert text.count("bench:vit:tiny|cpu|none|b2:start") == 1
+    assert "| baseline |" in text and "| mesa8 |" not in text
 
 
 def test_bench_compiled_rows(tmp_path, capsys):

@@ -533,8 +533,9 @@ def _mvitv2_cfg():
     return MultiScaleVitCfg(depths=(1, 1), embed_dim=32, num_heads=1)
 
 
-def _timm_model(case):
+def _timm_model(case, **overrides):
     name, kwargs, size, *batch = TIMM[case]
+    kwargs = {**kwargs, **overrides}
     torch.manual_seed(0)
     if callable(name):
         model = name()
