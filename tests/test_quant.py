@@ -506,3 +506,34 @@ def test_compile_failure_falls_back_to_the_reference_with_one_warning(monkeypatc
 
     with pytest.raises(ValueError, match="bad input"):
         fused._run(bad_input, bad_input, x)
+
+
+@pytest.mark.parametrize("rows,group_size,running", [(None, 1, None), ("row", 1, None), ("scaled", 1, None),
+                                                     ("scaled", 8, "update"), (None, None, None)])
+def test_each_divisor_is_computed_once_with_rounded_widths_kept(rows, group_size, running):
+    """The compiled quantizer computes each divisor's reciprocal once, into a
+    buffer (``fused._realize_divisors``), instead of once per element in
+    every pass; and it does so only together with Inductor's option that
+    keeps casts to a narrower dtype (the token scale's bf16 widths: the codes
+    must use the rounded width the expansion uses; with the cast elided they
+    did not, and the bit-for-bit tests above fail). Every reciprocal the
+    quantizer takes is of a per-channel, per-row or per-group value: a
+    buffer of at most an eighth of the tensor, never of the tensor itself."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    options = fused._options(False)
+    if not options or "post_grad_custom_post_pass" not in options:
+        pytest.skip("this PyTorch takes no custom Inductor pass")
+    assert options["emulate_precision_casts"] is True
+    assert fused._options(True)["emulate_precision_casts"] is True
+    x = with_outliers(8, 50, 96, dtype=torch.bfloat16, requires_grad=False)
+    state = (torch.zeros(96 // (group_size or 96)), torch.zeros(96 // (group_size or 96)),
+             torch.tensor(0.9)) if running else (None, None, None)
+    graph = make_fx(lambda t, *s: ref.quantize_core(t, None, *s, bits=8, axes=(2,), group_size=group_size,
+                                                    rows=rows, running=running))(x, *state).graph
+    recips = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.reciprocal.default]
+    assert recips, "the keep divides nothing: the pass has nothing to do"
+    for n in recips:
+        assert 8 * n.meta["val"].numel() <= x.numel(), n.meta["val"].shape
+    fused._realize_divisors(graph)
+    assert all(n.meta.get("inductor_realize_to_strides") for n in recips)

@@ -78,7 +78,7 @@ class _Compiled:
         name = f"{fn.__name__}_{self.tag}" + ("_serial" if self.serial else "") + ("_dynamic" if dynamic else "")
         code = fn.__code__.replace(co_name=name)
         own = types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-        return torch.compile(own, fullgraph=True, dynamic=dynamic, options=_SERIAL if self.serial else None)
+        return torch.compile(own, fullgraph=True, dynamic=dynamic, options=_options(self.serial))
 
     def _compile_direct(self, args):
         import torch._inductor as inductor
@@ -105,7 +105,7 @@ class _Compiled:
         fakes = [mode.from_tensor(args[i], static_shapes=True) for i in where]
         with torch.no_grad(), mode:  # (in the mode: tensors made inside, aranges, are fake too)
             graph = make_fx(flat, tracing_mode="real")(*fakes)
-        compiled = inductor.compile(graph, fakes, options=_SERIAL if self.serial else None)
+        compiled = inductor.compile(graph, fakes, options=_options(self.serial))
         spec = tree[0]
 
         def call(args):
@@ -176,7 +176,56 @@ def _compile(fn: Callable, tag: str, serial: bool = False) -> Callable:
 # against 48 ms on two, measured side by side under load). ATen runs its
 # one-pass ops in one thread below 32768 elements per thread.
 _SERIAL_NUMEL = 1 << 19
-_SERIAL = {"cpp.threads": 1}
+
+
+def _realize_divisors(graph) -> None:
+    """Inductor pass over the quantizer's graph: every reciprocal (of a
+    channel's, row's or group's divisor; the quantizer takes no other) is
+    computed once into a buffer of its own. Left to itself, Inductor inlines
+    such a small pointwise result into each loop that reads it, so every
+    element paid a vector division again, once for each divisor, in each of
+    the passes over the tensor: the division :func:`.reference._inverse`
+    exists to avoid. The token-scaled keep of ViT-S's bf16 MLP activation
+    took about a quarter less time (``benchmarks/quant_speed.py``; the
+    figures are in docs/benchmarks.md)."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.reciprocal.default:
+            node.meta["inductor_realize_to_strides"] = True
+
+
+@functools.lru_cache(maxsize=None)
+def _options(serial: bool) -> Optional[dict]:
+    """Inductor's options for the quantizer's graphs (None: the defaults).
+
+    * ``emulate_precision_casts``: a cast to a narrower dtype and back is
+      kept, never elided when the two ends fuse into one loop. The token
+      scale's row widths are rounded to bf16 on purpose (the codes and the
+      expansion must use the same value); with the cast elided, the codes
+      were computed from the unrounded width whenever the width and its
+      reciprocal landed in one loop, which the pass below makes happen.
+    * the pass :func:`_realize_divisors`, where this PyTorch can take a
+      custom pass (one with a ``uuid``, so Inductor's cache keys on it).
+    * ``cpp.threads`` = 1 for small tensors (``serial``, see :func:`_serial`).
+    """
+    from torch._inductor import config
+
+    options: dict = {"cpp.threads": 1} if serial else {}
+    if hasattr(config, "emulate_precision_casts"):
+        options["emulate_precision_casts"] = True
+        try:
+            from torch._inductor.custom_graph_pass import CustomGraphPass
+        except ImportError:  # (older PyTorch: no custom pass, the divisions stay inlined)
+            CustomGraphPass = None
+        if CustomGraphPass is not None and hasattr(config, "post_grad_custom_post_pass"):
+            class _Pass(CustomGraphPass):
+                def __call__(self, graph):
+                    _realize_divisors(graph)
+
+                def uuid(self):
+                    return "torch-mesa: reciprocals realized, 1"
+
+            options["post_grad_custom_post_pass"] = _Pass()
+    return options or None
 
 
 def _serial(numel: int, device: torch.device) -> bool:
