@@ -728,11 +728,15 @@ def test_values_the_backward_amplifies_stay_exact(kind, monkeypatch):
     assert sum(e.kept == "8 bits" for e in plan) >= 2, table  # the rest is still quantized
 
 
-def test_compile_passes_mode_and_options_to_inductor(monkeypatch):
+@pytest.mark.parametrize("blocks", [False, True])
+def test_compile_passes_mode_and_options_to_inductor(blocks, monkeypatch):
     """``torch.compile`` hands ``mode``/``options`` to a backend given as a
-    function: they reach Inductor as its settings, and a post-grad pass of
-    the caller's own runs after the expansions are moved."""
+    function: they reach Inductor as its settings, compiled whole or by
+    block (by block, the backend once refused them with a TypeError), and a
+    post-grad pass of the caller's own runs after the expansions are moved."""
     from torch._dynamo.backends.debugging import aot_eager_decomp_partition
+
+    from torch_mesa.tools.models import VisionTransformer
 
     seen = []
 
@@ -742,13 +746,20 @@ def test_compile_passes_mode_and_options_to_inductor(monkeypatch):
 
     monkeypatch.setattr(compiled, "_compile_fx", record)
     torch.manual_seed(0)
-    x = torch.randn(64, 32)
+    if blocks:
+        model, x = VisionTransformer(image_size=8, patch_size=4, dim=32, depth=2, heads=2, num_classes=3), \
+            torch.randn(4, 3, 8, 8)
+    else:
+        model, x = _Gated("gate"), torch.randn(64, 32)
     for kwargs in ({"mode": "max-autotune-no-cudagraphs"}, {"options": {"epilogue_fusion": False}}):
         torch._dynamo.reset()
-        torch_mesa.compile(_Gated("gate"), **kwargs)(x).backward()
+        seen.append("next")
+        run = torch_mesa.compile(copy.deepcopy(model), blocks=blocks, **kwargs)
+        run(x).sum().backward()
+    first, second = seen[1:seen.index("next", 1)], seen[seen.index("next", 1) + 1:]
     mode = torch._inductor.list_mode_options("max-autotune-no-cudagraphs")
-    assert len(seen) == 2 and mode and all(seen[0][k] == v for k, v in mode.items()), seen
-    assert seen[1] == {"epilogue_fusion": False}, seen
+    assert first and mode and all(o[k] == v for o in first for k, v in mode.items()), seen
+    assert second and all(o == {"epilogue_fusion": False} for o in second), seen
     calls = []
     chained = compiled._SinkExpansions(lambda graph: calls.append(graph))
     g = torch.fx.Graph()

@@ -757,8 +757,10 @@ class _SinkExpansions(_pass_class()):
         return f"{_FORMAT}|sink-expansions-2|{then}"
 
 
-def _inductor_recomputing_blocks(gm, example_inputs):
-    return _inductor_recomputing(gm, example_inputs, inputs_too=True)
+def _inductor_recomputing_blocks(gm, example_inputs, **kwargs):
+    """:func:`_inductor_recomputing` for one block (its inputs kept too),
+    with ``torch.compile``'s ``mode``/``options`` as they come."""
+    return _inductor_recomputing(gm, example_inputs, inputs_too=True, **kwargs)
 
 
 def _enter(saving: CompiledSaving):
