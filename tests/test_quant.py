@@ -516,7 +516,8 @@ def test_each_divisor_is_computed_once_with_rounded_widths_kept(rows, group_size
     every pass; and it does so only together with Inductor's option that
     keeps casts to a narrower dtype (the token scale's bf16 widths: the codes
     must use the rounded width the expansion uses; with the cast elided they
-    did not, and the bit-for-bit tests above fail). Every reciprocal the
+    did not, and the bit-for-bit tests above failed, before the widths were
+    rounded on their bits). Every reciprocal the
     quantizer takes is of a per-channel, per-row or per-group value: a
     buffer of at most an eighth of the tensor, never of the tensor itself."""
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -537,3 +538,23 @@ def test_each_divisor_is_computed_once_with_rounded_widths_kept(rows, group_size
         assert 8 * n.meta["val"].numel() <= x.numel(), n.meta["val"].shape
     fused._realize_divisors(graph)
     assert all(n.meta.get("inductor_realize_to_strides") for n in recips)
+
+
+@pytest.mark.parametrize("kind", ["every exponent", "ties", "edges"])
+def test_row_widths_round_on_their_bits_as_a_bf16_cast_does(kind):
+    """The token scale's widths are rounded to bf16 by integer arithmetic
+    (a compiler may elide a pair of casts, never that): the same values as
+    ``.to(torch.bfloat16).float()``, ties to even, up to overflow to inf,
+    NaN kept NaN."""
+    g = torch.Generator().manual_seed(0)
+    if kind == "every exponent":  # random normal fp32 bit patterns, all exponents
+        t = torch.randint(0x00800000, 0x7F800000, (1_000_000,), generator=g, dtype=torch.int32).view(torch.float32)
+    elif kind == "ties":  # exactly halfway between two bf16 values, even and odd below
+        t = ((torch.randint(0x0080, 0x7F7F, (100_000,), generator=g, dtype=torch.int32) << 16) | 0x8000)
+        t = t.view(torch.float32)
+    else:
+        t = torch.tensor([1.0, 0.99999994, torch.finfo(torch.float32).tiny, 3.3895314e38,
+                          torch.finfo(torch.float32).max, float("inf"), float("nan")])
+    got, want = ref._bf16_exact(t), t.to(torch.bfloat16).float()
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~got.isnan()], want[~want.isnan()])

@@ -200,9 +200,12 @@ def _options(serial: bool) -> Optional[dict]:
     * ``emulate_precision_casts``: a cast to a narrower dtype and back is
       kept, never elided when the two ends fuse into one loop. The token
       scale's row widths are rounded to bf16 on purpose (the codes and the
-      expansion must use the same value); with the cast elided, the codes
-      were computed from the unrounded width whenever the width and its
-      reciprocal landed in one loop, which the pass below makes happen.
+      expansion must use the same value); the pass below puts a width and
+      its reciprocal in one loop, where Inductor elided that rounding and
+      the codes no longer matched the expansion. The widths are now rounded
+      on their bits (:func:`.reference._bf16_exact`), which no compiler
+      elides, in these graphs and in ``torch_mesa.compile``'s; the option
+      stays as a second guard, for these graphs only.
     * the pass :func:`_realize_divisors`, where this PyTorch can take a
       custom pass (one with a ``uuid``, so Inductor's cache keys on it).
     * ``cpp.threads`` = 1 for small tensors (``serial``, see :func:`_serial`).

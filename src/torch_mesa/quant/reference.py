@@ -188,14 +188,27 @@ def _inverse(t: Tensor) -> Tensor:
     return 1.0 / t.float()
 
 
+def _bf16_exact(t: Tensor) -> Tensor:
+    """fp32 ``t`` (normal or larger, or NaN) rounded to the nearest bfloat16
+    value, ties to even, and still fp32: ``t.to(torch.bfloat16).float()``
+    computed on the bits. A compiler may elide a cast to a narrower dtype
+    and back where both ends fuse into one loop (Inductor does unless told
+    to emulate them); integer arithmetic it cannot elide."""
+    bits = t.view(torch.int32)
+    rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) & -65536).view(torch.float32)
+    return torch.where(torch.isnan(t), t, rounded)
+
+
 def scaled_row_stats(x: Tensor, chan: Tensor) -> Tensor:
     """Each row's largest magnitude after dividing by ``chan``, ``(..., 1)``,
     in bfloat16: it lies in (0, 1] (up to one rounding of the reciprocal),
     and 2 bytes per row keep the cost small for narrow rows (one head of one
     token); the rounded value is what both quantizing and expanding use, so
-    its rounding costs no accuracy."""
+    its rounding costs no accuracy. (Rounded on the bits, so that compiled
+    code which fuses the width into the codes' loop uses the rounded value
+    too: :func:`_bf16_exact`.)"""
     t = torch.clamp((x.float() * _inverse(chan)).abs().amax(-1, keepdim=True), min=_TINY)
-    return t.to(torch.bfloat16)
+    return _bf16_exact(t).to(torch.bfloat16)
 
 
 def _as_float(x: Tensor, centre: Optional[Tensor], width: Optional[Tensor],
