@@ -728,6 +728,48 @@ def test_values_the_backward_amplifies_stay_exact(kind, monkeypatch):
     assert sum(e.kept == "8 bits" for e in plan) >= 2, table  # the rest is still quantized
 
 
+@pytest.mark.parametrize("dtype,dynamic", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_the_inlined_quantizers_divisors_are_computed_once(dtype, dynamic):
+    """In ``torch_mesa.compile``'s graphs the quantizer's reciprocals (per
+    channel, per row) are computed once into buffers, as in the eager
+    path's (``fused._realize_divisors``); a model's own elementwise
+    reciprocal, in the same graph, is left to Inductor (sizes compared by
+    their values in the example inputs where they are symbolic). Seen by a
+    post-grad pass of the caller's own, which runs after torch-mesa's; the
+    forward is the plain model's and the gradients within the bar."""
+    marks = []
+
+    def inspect(graph):
+        for n in graph.nodes:
+            if n.op == "call_function" and n.target is torch.ops.aten.reciprocal.default:
+                marks.append((n.meta["val"].numel(), bool(n.meta.get("inductor_realize_to_strides"))))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(32, 128), torch.nn.Linear(128, 32)
+
+        def forward(self, x):  # (a reciprocal of the input: the kept hidden is not a function of it)
+            return self.fc2(F.gelu(self.fc1(x * torch.reciprocal(x * x + 1))))
+
+    torch.manual_seed(0)
+    model = Net().to(dtype)
+    x = with_outliers(4, 24, 32, dtype=dtype, requires_grad=False)
+    run = torch_mesa.compile(copy.deepcopy(model), options={"post_grad_custom_post_pass": inspect},
+                             **({"dynamic": True} if dynamic else {}))
+    out = run(x)
+    out.float().square().mean().backward()
+    ref_out = model(x)
+    ref_out.float().square().mean().backward()
+    assert any(m for _, m in marks), marks  # the quantizer's divisors
+    assert all(8 * n <= 4 * 24 * 128 for n, m in marks if m), marks  # (at most an eighth of the hidden)
+    assert any(n == x.numel() and not m for n, m in marks), marks  # the model's own reciprocal
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=tol * ref_out.abs().max().item())
+    for (name, p), q in zip(model.named_parameters(), run.parameters()):
+        assert cosine(q.grad, p.grad) >= 0.999, name
+
+
 @pytest.mark.parametrize("blocks", [False, True])
 def test_compile_passes_mode_and_options_to_inductor(blocks, monkeypatch):
     """``torch.compile`` hands ``mode``/``options`` to a backend given as a

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from .config import MesaConfig, QuantSpec
+from .quant import fused
 from .quant import reference as R
 from .units import format_bytes
 
@@ -741,7 +742,9 @@ def _pass_class():
 
 
 class _SinkExpansions(_pass_class()):
-    """:func:`_sink_expansions` as Inductor's post-grad pass, then ``then``
+    """:func:`_sink_expansions` as Inductor's post-grad pass, with the
+    quantizer's divisors computed once (``fused._realize_divisors``, small
+    reciprocals only: the model's own ops share the graph), then ``then``
     (a caller's own pass); the uuid keys the compile caches."""
 
     def __init__(self, then=None) -> None:
@@ -749,12 +752,13 @@ class _SinkExpansions(_pass_class()):
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         _sink_expansions(graph)
+        fused._realize_divisors(graph, small_only=True)
         if self.then is not None:
             self.then(graph)
 
     def uuid(self):
         then = None if self.then is None else (self.then.uuid() if hasattr(self.then, "uuid") else repr(self.then))
-        return f"{_FORMAT}|sink-expansions-2|{then}"
+        return f"{_FORMAT}|sink-expansions-3|{then}"
 
 
 def _inductor_recomputing_blocks(gm, example_inputs, **kwargs):

@@ -178,7 +178,7 @@ def _compile(fn: Callable, tag: str, serial: bool = False) -> Callable:
 _SERIAL_NUMEL = 1 << 19
 
 
-def _realize_divisors(graph) -> None:
+def _realize_divisors(graph, small_only: bool = False) -> None:
     """Inductor pass over the quantizer's graph: every reciprocal (of a
     channel's, row's or group's divisor; the quantizer takes no other) is
     computed once into a buffer of its own. Left to itself, Inductor inlines
@@ -187,10 +187,36 @@ def _realize_divisors(graph) -> None:
     the passes over the tensor: the division :func:`.reference._inverse`
     exists to avoid. The token-scaled keep of ViT-S's bf16 MLP activation
     took about a quarter less time (``benchmarks/quant_speed.py``; the
-    figures are in docs/benchmarks.md)."""
+    figures are in docs/benchmarks.md).
+
+    ``small_only``: for graphs that hold a model's own ops too
+    (``torch_mesa.compile``'s, where the quantizer is inlined): only
+    reciprocals of at most an eighth of the graph's largest tensor, so that
+    a model's own elementwise reciprocal is left to Inductor."""
+    def numel(node):
+        val = node.meta.get("val")
+        return _size_hint(val.numel()) if isinstance(val, torch.Tensor) else 0
+
+    largest = max((numel(n) for n in graph.nodes), default=0) if small_only else 0
     for node in graph.nodes:
         if node.op == "call_function" and node.target is torch.ops.aten.reciprocal.default:
+            if small_only and not 0 < 8 * numel(node) <= largest:
+                continue
             node.meta["inductor_realize_to_strides"] = True
+
+
+def _size_hint(n) -> int:
+    """An int, or a symbolic size's value in the example inputs (0 where
+    this PyTorch cannot say: then nothing counts as small)."""
+    if isinstance(n, int):
+        return n
+    from torch.fx.experimental import symbolic_shapes
+
+    hint = getattr(symbolic_shapes, "optimization_hint", None) or getattr(symbolic_shapes, "hint_int", None)
+    try:
+        return int(hint(n, fallback=0)) if hint is not None else 0
+    except Exception:  # (a size with no hint)
+        return 0
 
 
 @functools.lru_cache(maxsize=None)
