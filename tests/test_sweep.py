@@ -535,7 +535,8 @@ def _mvitv2_cfg():
 
 def _timm_model(case, **overrides):
     name, kwargs, size, *batch = TIMM[case]
-    kwargs = {**kwargs, **overrides}
+    if overrides:
+        kwargs = {**kwargs, **overrides}
     torch.manual_seed(0)
     if callable(name):
         model = name()
