@@ -733,32 +733,23 @@ def _sink_expansions(graph: torch.fx.Graph) -> None:
                 before.append(n)
 
 
-def _pass_class():
-    try:
-        from torch._inductor.custom_graph_pass import CustomGraphPass
-    except ImportError:  # (older PyTorch: the pass is not used)
-        return object
-    return CustomGraphPass
-
-
-class _SinkExpansions(_pass_class()):
+class _SinkExpansions(fused._pass_class()):
     """:func:`_sink_expansions` as Inductor's post-grad pass, with the
-    quantizer's divisors computed once (``fused._realize_divisors``, small
-    reciprocals only: the model's own ops share the graph), then ``then``
-    (a caller's own pass); the uuid keys the compile caches."""
+    quantizer's divisors computed once (``fused._realize_divisors``), then
+    ``then`` (a caller's own pass); the uuid keys the compile caches."""
 
     def __init__(self, then=None) -> None:
         self.then = then
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         _sink_expansions(graph)
-        fused._realize_divisors(graph, small_only=True)
+        fused._realize_divisors(graph)
         if self.then is not None:
             self.then(graph)
 
     def uuid(self):
         then = None if self.then is None else (self.then.uuid() if hasattr(self.then, "uuid") else repr(self.then))
-        return f"{_FORMAT}|sink-expansions-3|{then}"
+        return f"{_FORMAT}|sink-expansions-4|{then}"
 
 
 def _inductor_recomputing_blocks(gm, example_inputs, **kwargs):

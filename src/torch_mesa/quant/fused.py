@@ -178,30 +178,27 @@ def _compile(fn: Callable, tag: str, serial: bool = False) -> Callable:
 _SERIAL_NUMEL = 1 << 19
 
 
-def _realize_divisors(graph, small_only: bool = False) -> None:
-    """Inductor pass over the quantizer's graph: every reciprocal (of a
-    channel's, row's or group's divisor; the quantizer takes no other) is
-    computed once into a buffer of its own. Left to itself, Inductor inlines
-    such a small pointwise result into each loop that reads it, so every
-    element paid a vector division again, once for each divisor, in each of
-    the passes over the tensor: the division :func:`.reference._inverse`
-    exists to avoid. The token-scaled keep of ViT-S's bf16 MLP activation
-    took about a quarter less time (``benchmarks/quant_speed.py``; the
-    figures are in docs/benchmarks.md).
-
-    ``small_only``: for graphs that hold a model's own ops too
-    (``torch_mesa.compile``'s, where the quantizer is inlined): only
-    reciprocals of at most an eighth of the graph's largest tensor, so that
-    a model's own elementwise reciprocal is left to Inductor."""
+def _realize_divisors(graph) -> None:
+    """Inductor pass: every reciprocal of at most an eighth of the graph's
+    largest tensor (a channel's, row's or group's divisor) is computed once
+    into a buffer of its own. Left to itself, Inductor inlines such a small
+    pointwise result into each loop that reads it, so every element paid a
+    vector division again, once for each divisor, in each of the passes over
+    the tensor: the division :func:`.reference._inverse` exists to avoid.
+    The token-scaled keep of ViT-S's bf16 MLP activation took about a
+    quarter less time (``benchmarks/quant_speed.py``; figures in
+    docs/benchmarks.md). The size bound leaves a model's own elementwise
+    reciprocal to Inductor where the quantizer is inlined into a model's
+    graphs (``torch_mesa.compile``); the quantizer's own reciprocals are all
+    within it (tested)."""
     def numel(node):
         val = node.meta.get("val")
         return _size_hint(val.numel()) if isinstance(val, torch.Tensor) else 0
 
-    largest = max((numel(n) for n in graph.nodes), default=0) if small_only else 0
+    largest = max((numel(n) for n in graph.nodes), default=0)
     for node in graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.aten.reciprocal.default:
-            if small_only and not 0 < 8 * numel(node) <= largest:
-                continue
+        if node.op == "call_function" and node.target is torch.ops.aten.reciprocal.default \
+                and 0 < 8 * numel(node) <= largest:
             node.meta["inductor_realize_to_strides"] = True
 
 
@@ -219,41 +216,41 @@ def _size_hint(n) -> int:
         return 0
 
 
+def _pass_class():
+    """Inductor's base class for a custom pass (whose ``uuid`` its caches key
+    on), or ``object`` where this PyTorch has none (then no pass is used)."""
+    try:
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+    except ImportError:
+        return object
+    return CustomGraphPass
+
+
+class _RealizeDivisors(_pass_class()):
+    """:func:`_realize_divisors` as Inductor's post-grad pass."""
+
+    def __call__(self, graph) -> None:
+        _realize_divisors(graph)
+
+    def uuid(self):
+        return "torch-mesa: reciprocals realized, 2"
+
+
 @functools.lru_cache(maxsize=None)
 def _options(serial: bool) -> Optional[dict]:
-    """Inductor's options for the quantizer's graphs (None: the defaults).
-
-    * ``emulate_precision_casts``: a cast to a narrower dtype and back is
-      kept, never elided when the two ends fuse into one loop. The token
-      scale's row widths are rounded to bf16 on purpose (the codes and the
-      expansion must use the same value); the pass below puts a width and
-      its reciprocal in one loop, where Inductor elided that rounding and
-      the codes no longer matched the expansion. The widths are now rounded
-      on their bits (:func:`.reference._bf16_exact`), which no compiler
-      elides, in these graphs and in ``torch_mesa.compile``'s; the option
-      stays as a second guard, for these graphs only.
-    * the pass :func:`_realize_divisors`, where this PyTorch can take a
-      custom pass (one with a ``uuid``, so Inductor's cache keys on it).
-    * ``cpp.threads`` = 1 for small tensors (``serial``, see :func:`_serial`).
-    """
+    """Inductor's options for the quantizer's graphs (None: the defaults):
+    the pass :func:`_realize_divisors`, where this PyTorch takes custom
+    passes; ``emulate_precision_casts`` (no cast to a narrower dtype and back
+    elided: a second guard for the token scale's bf16 widths, which
+    :func:`.reference._bf16_exact` rounds on their bits); ``cpp.threads`` = 1
+    for small tensors (``serial``, see :func:`_serial`)."""
     from torch._inductor import config
 
     options: dict = {"cpp.threads": 1} if serial else {}
     if hasattr(config, "emulate_precision_casts"):
         options["emulate_precision_casts"] = True
-        try:
-            from torch._inductor.custom_graph_pass import CustomGraphPass
-        except ImportError:  # (older PyTorch: no custom pass, the divisions stay inlined)
-            CustomGraphPass = None
-        if CustomGraphPass is not None and hasattr(config, "post_grad_custom_post_pass"):
-            class _Pass(CustomGraphPass):
-                def __call__(self, graph):
-                    _realize_divisors(graph)
-
-                def uuid(self):
-                    return "torch-mesa: reciprocals realized, 1"
-
-            options["post_grad_custom_post_pass"] = _Pass()
+    if _RealizeDivisors.__bases__ != (object,) and hasattr(config, "post_grad_custom_post_pass"):
+        options["post_grad_custom_post_pass"] = _RealizeDivisors()
     return options or None
 
 
