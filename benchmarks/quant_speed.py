@@ -20,6 +20,14 @@ graph run directly (the default) and through Dynamo, side by side.
 fidelity and time.
 
     python benchmarks/quant_speed.py --rotation
+
+``--masks``: applying a kept 1-bit mask (a dropout's gradient, a ReLU's): ATen's
+``native_dropout_backward`` with the boolean mask, against ``quant.times_mask`` (the mask's
+bytes read as uint8), and converting a mask to a float tensor from bool and from uint8; on the
+demo model's shapes and a ViT-S block's, fp32 and bf16; each row checks the two give the same
+bits.
+
+    python benchmarks/quant_speed.py --masks
 """
 
 import argparse
@@ -136,11 +144,43 @@ def rotation_in_bf16(repeats: int) -> None:
     print(f"\nrotation of one (16, 6, 197, 64) query: fp32 (copy and product) {fp32:.2f} ms, bf16 product {bf16:.2f} ms")
 
 
+MASK_SHAPES = {
+    "demo MLP hidden (64, 17, 256)": (64, 17, 256),
+    "demo attention map (64, 4, 17, 17)": (64, 4, 17, 17),
+    "ViT-S MLP hidden (16, 197, 1536)": (16, 197, 1536),
+}
+
+
+def masks(repeats: int) -> None:
+    """A dropout mask applied as ATen's dropout backward applies it (boolean mask) and as the
+    library does (``quant.times_mask``), and a mask converted to a float tensor from its
+    boolean and from its uint8 view (the attention's dropout noise); median microseconds."""
+    print("| tensor | dtype | `native_dropout_backward` (us) | `times_mask` (us) | ratio | "
+          "bool to float (us) | uint8 to float (us) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name, shape in MASK_SHAPES.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(shape).to(dtype)
+            mask = torch.rand(shape) > 0.1
+            s = 1.0 / 0.9
+            want = torch.ops.aten.native_dropout_backward(x, mask, s)
+            if not torch.equal(quant.times_mask(x, mask, s), want):
+                raise AssertionError(f"times_mask differs from native_dropout_backward: {name}, {dtype}")
+            nothing = lambda: None  # noqa: E731
+            aten = _median_us(lambda: torch.ops.aten.native_dropout_backward(x, mask, s), nothing, repeats)
+            ours = _median_us(lambda: quant.times_mask(x, mask, s), nothing, repeats)
+            from_bool = _median_us(lambda: mask.to(dtype), nothing, repeats)
+            from_bytes = _median_us(lambda: mask.view(torch.uint8).to(dtype), nothing, repeats)
+            print(f"| {name} | {str(dtype).replace('torch.', '')} | {aten:.0f} | {ours:.0f} | "
+                  f"{aten / ours:.2f}x | {from_bool:.0f} | {from_bytes:.0f} |", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--calls", action="store_true", help="the cost of a call on small tensors (see above)")
     p.add_argument("--rotation", action="store_true", help="the q/k rotation in fp32 against bf16 (see above)")
+    p.add_argument("--masks", action="store_true", help="applying a kept 1-bit mask (see above)")
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     torch.manual_seed(0)
@@ -149,6 +189,9 @@ def main(argv=None) -> int:
         return 0
     if args.rotation:
         rotation_in_bf16(args.repeats)
+        return 0
+    if args.masks:
+        masks(max(args.repeats, 200))
         return 0
     print("| tensor | dtype | rows | copy (ms) | keep (ms) | expand (ms) |")
     print("|---|---|---|---:|---:|---:|")

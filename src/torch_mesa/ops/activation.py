@@ -10,8 +10,10 @@ Gated products (SwiGLU ``silu(gate) * up``, GeGLU ``gelu(gate) * up``) keep
 Dropout keeps no byte mask: the mask is kept as 1 bit per element (``keep``
 codes packed 8 per byte), and when its input is itself rebuildable (dropout
 after GELU or softmax) its output is rebuildable too, so the next Linear keeps
-nothing new. Forward calls ``torch.native_dropout``, which draws the same mask
-as ``F.dropout`` from the same generator state on CPU and CUDA.
+nothing new. Forward computes what ``F.dropout`` computes on that device,
+from the same draw of the generator (:func:`_dropout_with_mask`), and
+backward multiplies by the same factor (:func:`dropout_scale`): on the CPU,
+``1 / (1 - p)`` rounded to the tensor's dtype.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def _save_mask(ctx, mask: Tensor) -> None:
 def _masked_grad(ctx, grad_out: Tensor) -> Tensor:
     no_double_backward()
     (packed,) = ctx.saved_tensors
-    return grad_out * quant.unpack_bits(packed, ctx.shape)
+    return quant.times_mask(grad_out, quant.unpack_bits(packed, ctx.shape))
 
 
 class _ReluFn(OpFunction):
@@ -180,7 +182,7 @@ class _PiecewiseFn(OpFunction):
         masks = [quant.unpack_bits(p, ctx.shape) for p in loaded[:ctx.n_masks]]
         kind = ctx.kind
         if kind == "relu6":
-            g = grad_out * masks[0]
+            g = quant.times_mask(grad_out, masks[0])
         elif kind == "hardsigmoid":
             g = torch.where(masks[0], grad_out * (1.0 / 6.0), torch.zeros_like(grad_out))
         elif kind == "leaky_relu":
@@ -369,18 +371,49 @@ def _unpack_mask(tensors, *, shape) -> Tensor:
 
 
 def _apply_mask(x: Tensor, mask: Tensor, *, scale: float) -> Tensor:
-    return torch.ops.aten.native_dropout_backward(x, mask, scale)
+    return quant.times_mask(x, mask, scale)
+
+
+@functools.lru_cache(maxsize=None)
+def dropout_scale(p: float, dtype: torch.dtype, device_type: str) -> float:
+    """The factor a kept element is multiplied by, forward and backward, as
+    the unconverted model's ``F.dropout`` computes it. On the CPU it runs
+    ``input * noise`` with ``noise = bernoulli(1 - p).div_(1 - p)`` in the
+    input's dtype: the factor is ``1 / (1 - p)`` rounded to that dtype.
+    ``torch.native_dropout_backward`` does not round it: through it a bf16
+    gradient differed from the unconverted one in about a quarter of its
+    elements, by one unit in the last place, and an fp32 one for most ``p``
+    (0.021, not 0.1). Elsewhere (CUDA) ``F.dropout``'s fused kernel scales
+    by ``1 / (1 - p)`` in fp32, forward and backward."""
+    if device_type == "cpu":
+        return torch.ones((), dtype=dtype).div_(1.0 - p).item()
+    return 1.0 / (1.0 - p)
+
+
+def _dropout_with_mask(x: Tensor, p: float):
+    """``F.dropout(x, p)`` and its mask (True: kept), from the same draw of
+    the generator as ``F.dropout``'s. On the CPU by ``F.dropout``'s own steps
+    (``torch.native_dropout`` there scales by ``1 / (1 - p)`` in double
+    precision, ``F.dropout`` by that factor rounded to the dtype: for most
+    ``p`` the fp32 outputs differ in the last bit); elsewhere
+    ``torch.native_dropout``, which ``F.dropout`` calls there."""
+    if x.device.type == "cpu":
+        # (a boolean tensor draws as F.dropout's float noise does, as
+        # torch.native_dropout draws its mask)
+        mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
+        return quant.times_mask(x, mask, dropout_scale(p, x.dtype, "cpu")), mask
+    return torch.native_dropout(x, p, True)
 
 
 class _DropoutFn(OpFunction):
     @staticmethod
     def forward(ctx, x, p: float, spec: QuantSpec):
-        out, mask = torch.native_dropout(x, p, True)
+        out, mask = _dropout_with_mask(x, p)
         # the mask, 1 bit per element, as a recipe: the consumer that
         # rebuilds the output (the Linear after an activation and dropout)
         # unpacks it, and this op's backward, which runs next, reuses it
         kept_mask = Recipe((quant.pack_bits(mask),), functools.partial(_unpack_mask, shape=tuple(x.shape)))
-        scale = 1.0 / (1.0 - p)
+        scale = dropout_scale(p, x.dtype, x.device.type)
         ctx.scale = scale
         save(ctx, kept_mask)
         kept = kept_of(x) if spec.keep_once else None

@@ -41,6 +41,7 @@ from .. import quant
 from ..config import QuantSpec
 from ..quant.running import RangeStates
 from .recipes import Recipe, combined, derived, exact, keep, kept_of, quantized, quantized_qkv
+from .activation import dropout_scale
 from .replay import AutocastState, RngReplay, grad_by_recompute
 from .saving import OpFunction, as_spec, fresh, load, needs_saving, run_with_kept, save
 
@@ -334,7 +335,9 @@ def _grads_with_mask(q, k, v, mask, grad_out, needs, *, kwargs, dropout_mask):
         del scores
         if masked:
             attn.masked_fill_(none, 0.0)
-        keep = dropout_mask.to(attn.dtype).mul_(1.0 / (1.0 - kwargs["dropout_p"]))
+        # the math path's dropout noise (its factor rounded as it rounds it),
+        # from the mask's bytes: a boolean tensor converts several times slower
+        keep = dropout_mask.view(torch.uint8).to(attn.dtype).mul_(dropout_scale(kwargs["dropout_p"], attn.dtype, "cpu"))
         grad_v = torch.matmul((attn * keep).transpose(-2, -1), g) if needs[2] else None
         grad_scores = None
         if needs[0] or needs[1]:
@@ -364,7 +367,7 @@ def _rerun_with_mask(q, k, v, mask, *, kwargs, dropout_mask):
             scores = scores + mask
         none = (scores == float("-inf")).all(-1, keepdim=True)  # (no NaN from such rows, forward or backward)
         attn = torch.softmax(scores.masked_fill(none, 0.0), -1).masked_fill(none, 0.0)
-        attn = attn.masked_fill(dropout_mask.logical_not(), 0.0) * (1.0 / (1.0 - kwargs["dropout_p"]))
+        attn = attn.masked_fill(dropout_mask.logical_not(), 0.0) * dropout_scale(kwargs["dropout_p"], attn.dtype, "cpu")
         return attn @ v
 
 

@@ -23,8 +23,8 @@ from .running import RangeStates, RunningRange
 
 Tensor = torch.Tensor
 
-__all__ = ["Layout", "RangeStates", "RunningRange", "compress", "expand", "pack_bits", "unpack_bits", "reference",
-           "fused"]
+__all__ = ["Layout", "RangeStates", "RunningRange", "compress", "expand", "pack_bits", "times_mask", "unpack_bits",
+           "reference", "fused"]
 
 
 @dataclass(frozen=True)
@@ -121,3 +121,15 @@ def unpack_bits(packed: Tensor, shape) -> Tensor:
     if math.prod(shape) == 0:
         return torch.zeros(tuple(shape), dtype=torch.bool, device=packed.device)
     return _impl(_kernel("auto")).unpack_bits(packed, shape)
+
+
+def times_mask(x: Tensor, mask: Tensor, scale: Optional[float] = None) -> Tensor:
+    """``x * mask``, then ``* scale`` if given, for a boolean ``mask`` of
+    ``x``'s shape: the arithmetic of ATen's ``native_dropout_backward(x,
+    mask, scale)`` (a kept element is ``x * scale`` rounded once to ``x``'s
+    dtype, a dropped one a zero signed as ``x``). The mask's bytes are read
+    as 0/1 integers: ATen multiplies a float tensor by a boolean one in a
+    mixed-dtype loop 2-3x slower than by a uint8 one (fp32 and bf16 on x86;
+    ``benchmarks/quant_speed.py --masks``)."""
+    out = torch.mul(x, mask.view(torch.uint8) if mask.dtype == torch.bool else mask)
+    return out if scale is None else out.mul_(scale)
