@@ -144,6 +144,47 @@ def test_piecewise_activations(name):
         assert figures[8][1] > figures[4][1] > figures[2][1] > -10
 
 
+MASKED = {
+    "relu": (lambda x, **kw: ops.relu(x, **kw), F.relu),
+    "relu6": (ops.relu6, F.relu6),
+    "hardsigmoid": (ops.hardsigmoid, F.hardsigmoid),
+    "leaky_relu 0.2": (lambda x, **kw: ops.leaky_relu(x, 0.2, **kw), lambda x: F.leaky_relu(x, 0.2)),
+    "leaky_relu 0.01": (lambda x, **kw: ops.leaky_relu(x, 0.01, **kw), lambda x: F.leaky_relu(x, 0.01)),
+    "clamp -1.3, 2.1": (lambda x, **kw: ops.clamp(x, -1.3, 2.1, **kw), lambda x: torch.clamp(x, -1.3, 2.1)),
+    "clamp -1, 2": (lambda x, **kw: ops.clamp(x, -1, 2, **kw), lambda x: torch.clamp(x, -1, 2)),
+    "clamp min 0": (lambda x, **kw: ops.clamp(x, min=0.0, **kw), lambda x: torch.clamp(x, min=0.0)),
+    "clamp max 0.7": (lambda x, **kw: ops.clamp(x, max=0.7, **kw), lambda x: torch.clamp(x, max=0.7)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", list(MASKED))
+def test_masked_activations_are_exact_in_every_dtype(name, dtype):
+    """The ops whose backward needs only a mask of where each piece applies
+    give PyTorch's forward and gradient bit for bit, in each dtype, on
+    outlier-heavy values with elements exactly on every kink and bound (and
+    on each bound as it rounds in the dtype, and next to it). A clamp's
+    gradient is 0 on a bound, and a leaky ReLU's negative slope multiplies
+    each gradient in fp32 before one rounding: both differed in bf16 and
+    fp16, and the clamp on exact bounds in fp32 too."""
+    op, ref_fn = MASKED[name]
+    x = with_outliers(6, 8, 96, seed=7, requires_grad=False) * 3
+    kinks = torch.tensor([-3.0, 0.0, -0.0, 3.0, 6.0, -1.0, 2.0, 0.7, -1.3, 2.1])
+    rounded = kinks.to(dtype).float()
+    near = torch.cat([torch.nextafter(rounded.to(dtype), torch.tensor(-10.0, dtype=dtype)).float(),
+                      torch.nextafter(rounded.to(dtype), torch.tensor(10.0, dtype=dtype)).float()])
+    edges = torch.cat([kinks, rounded, near])
+    x.view(-1)[: edges.numel()] = edges
+    x = x.to(dtype).requires_grad_()
+    g = with_outliers(6, 8, 96, dtype=dtype, seed=8, requires_grad=False)
+    out = op(x, config=MesaConfig(bits=8))
+    ref = ref_fn(x)
+    assert torch.equal(out, ref)
+    (got,) = torch.autograd.grad(out, x, g)
+    (want,) = torch.autograd.grad(ref, x, g)
+    assert torch.equal(got, want), (got != want).sum()
+
+
 @pytest.mark.parametrize("name", list(PIECEWISE))
 def test_piecewise_modules_convert(name):
     _, _, act = PIECEWISE[name]

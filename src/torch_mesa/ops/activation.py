@@ -186,7 +186,9 @@ class _PiecewiseFn(OpFunction):
         elif kind == "hardsigmoid":
             g = torch.where(masks[0], grad_out * (1.0 / 6.0), torch.zeros_like(grad_out))
         elif kind == "leaky_relu":
-            g = grad_out * torch.where(masks[0], 1.0, ctx.slope).to(grad_out.dtype)
+            # (the slope times each gradient rounded once, as PyTorch's
+            # leaky_relu_backward computes it, not the slope rounded first)
+            g = torch.where(masks[0], grad_out, grad_out * ctx.slope)
         else:
             x = loaded[-1]
             mid = masks[0] & ~masks[1]
@@ -291,11 +293,14 @@ class _ClampFn(OpFunction):
     @staticmethod
     def forward(ctx, x, lo, hi, spec: QuantSpec):
         out = torch.clamp(x, lo, hi)
+        # where PyTorch's gradient of clamp passes: strictly inside the
+        # bounds (an element equal to a bound gets 0), each compared in x's
+        # dtype, as the bound rounds there
         inside = torch.ones_like(x, dtype=torch.bool)
         if lo is not None:
-            inside &= x >= lo
+            inside &= x > lo
         if hi is not None:
-            inside &= x <= hi
+            inside &= x < hi
         _save_mask(ctx, inside)
         kept = kept_of(x) if spec.keep_once else None
         if kept is not None:
