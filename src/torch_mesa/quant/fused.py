@@ -105,7 +105,8 @@ class _Compiled:
         fakes = [mode.from_tensor(args[i], static_shapes=True) for i in where]
         with torch.no_grad(), mode:  # (in the mode: tensors made inside, aranges, are fake too)
             graph = make_fx(flat, tracing_mode="real")(*fakes)
-        compiled = inductor.compile(graph, fakes, options=_options(self.serial))
+        with _quiet_codegen():
+            compiled = inductor.compile(graph, fakes, options=_options(self.serial))
         spec = tree[0]
 
         def call(args):
@@ -131,13 +132,27 @@ class _Compiled:
         if self.impl is None:
             self.impl = self._make(True if self.dynamic else None)
         try:
-            return self.impl(*args)
+            with _quiet_codegen():
+                return self.impl(*args)
         except Exception as err:  # Dynamo's limit error has moved between modules
             if self.dynamic or "limit" not in f"{type(err).__name__} {err}".lower():
                 raise
             self.dynamic = True
             self.impl = self._make(True)
             return self.impl(*args)
+
+
+@contextlib.contextmanager
+def _quiet_codegen():
+    """Inductor's C++ code generator warns of every loop that reads fp16 and
+    bf16 together ("bf16 and fp16 are mixed in the scheduler node"): an fp16
+    tensor kept with the token scale, whose row widths are bf16, makes one
+    per graph. The keep is tested bit for bit against the eager reference in
+    fp16 too, so a user training in fp16 is not shown it; any other warning
+    passes, and the filter holds only while the quantizer compiles."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed", category=UserWarning)
+        yield
 
 
 def _summary(err: Exception) -> str:
