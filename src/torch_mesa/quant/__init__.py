@@ -23,7 +23,7 @@ from .running import RangeStates, RunningRange
 
 Tensor = torch.Tensor
 
-__all__ = ["Layout", "RangeStates", "RunningRange", "compress", "expand", "pack_bits", "times_mask", "unpack_bits",
+__all__ = ["Layout", "RangeStates", "RunningRange", "compress", "expand", "pack_bits", "apply_bits", "unpack_bits",
            "reference", "fused"]
 
 
@@ -123,13 +123,17 @@ def unpack_bits(packed: Tensor, shape) -> Tensor:
     return _impl(_kernel("auto")).unpack_bits(packed, shape)
 
 
-def times_mask(x: Tensor, mask: Tensor, scale: Optional[float] = None) -> Tensor:
-    """``x * mask``, then ``* scale`` if given, for a boolean ``mask`` of
-    ``x``'s shape: the arithmetic of ATen's ``native_dropout_backward(x,
-    mask, scale)`` (a kept element is ``x * scale`` rounded once to ``x``'s
-    dtype, a dropped one a zero signed as ``x``). The mask's bytes are read
-    as 0/1 integers: ATen multiplies a float tensor by a boolean one in a
-    mixed-dtype loop 2-3x slower than by a uint8 one (fp32 and bf16 on x86;
-    ``benchmarks/quant_speed.py --masks``)."""
-    out = torch.mul(x, mask.view(torch.uint8) if mask.dtype == torch.bool else mask)
-    return out if scale is None else out.mul_(scale)
+def apply_bits(x: Tensor, packed: Tensor, scale: float = 1.0) -> Tensor:
+    """``x * mask * scale`` for the mask of ``x``'s shape that :func:`pack_bits`
+    kept, read from its bits in one pass (a dropout's output and gradient, a
+    ReLU's gradient), with the arithmetic of ATen's
+    ``native_dropout_backward(x, mask, scale)``: a kept element is ``x *
+    scale`` rounded once to ``x``'s dtype, a dropped one a zero signed as
+    ``x`` (NaN where ``x`` is infinite or NaN). Never a boolean tensor: ATen
+    multiplies a float tensor by a boolean one, or converts one, in a
+    mixed-dtype loop that casts it to a new tensor first, and in a training
+    step each new tensor of this size costs more than the arithmetic
+    (``benchmarks/quant_speed.py --masks``)."""
+    if x.numel() == 0:
+        return x * scale
+    return _impl(_kernel("auto")).apply_bits(x, packed, scale)

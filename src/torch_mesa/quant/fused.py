@@ -406,6 +406,20 @@ def _unpack_bits(ndim: int, serial: bool = False) -> Callable:
     return _compile(unpack_bits, f"bits_{ndim}d", serial)
 
 
+@functools.lru_cache(maxsize=None)
+def _apply_bits(ndim: int, scale: float, serial: bool = False) -> Callable:
+    def apply_bits(x, packed):  # (the scale a constant of the graph, as in ATen's loop)
+        return ref.apply_bits(x, packed, scale)
+
+    return _compile(apply_bits, f"bits_{ndim}d_times_{scale!r}", serial)
+
+
+def apply_bits(x, packed, scale):
+    """:func:`.reference.apply_bits`, compiled: one pass over ``x`` and the bits."""
+    return _run(_apply_bits(x.dim(), float(scale), _serial(x.numel(), x.device)),
+                lambda t, p: ref.apply_bits(t, p, scale), x, packed)
+
+
 def pack_bits(mask):
     """:func:`.reference.pack_bits`, compiled."""
     return _run(_pack_bits(mask.dim(), _serial(mask.numel(), mask.device)), ref.pack_bits, mask)

@@ -326,6 +326,28 @@ def unpack_bits(packed: Tensor, shape: Tuple[int, ...]) -> Tensor:
     return unpack(packed, 1, math.prod(shape)).reshape(shape).bool()
 
 
+def apply_bits(x: Tensor, packed: Tensor, scale: float) -> Tensor:
+    """``x * mask * scale`` for the mask of ``x``'s shape that :func:`pack_bits`
+    kept, as ATen's ``native_dropout_backward`` computes it: ``x * mask`` is
+    exact, then one rounding of its product with the scale (computed here in
+    fp32, or fp64 for fp64, and rounded once to ``x``'s dtype: no
+    intermediate in a low-precision dtype, whose casts a compiler emulating
+    them would keep scalar)."""
+    n = x.numel()
+    if n % 8 == 0:
+        # as (bytes, 8), each byte's eight bits along the inner dimension:
+        # compiled code then loads the bytes and x contiguously and
+        # vectorises the loop (over the flat order, one byte for every eight
+        # elements, Inductor's CPU loop stayed scalar, 3-8x slower)
+        shifts = torch.arange(0, 8, 1, device=packed.device, dtype=torch.int32)
+        bits = (packed[: n // 8].to(torch.int32).unsqueeze(1) >> shifts) & 1
+        rows = x.reshape(-1, 8)
+    else:
+        bits, rows = unpack(packed, 1, n).reshape(x.shape), x
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (rows.to(wide) * bits.to(wide) * scale).to(x.dtype).reshape(x.shape)
+
+
 _M32 = 0xFFFFFFFF
 
 
