@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import quant
 from ..ops.loss import linear_cross_entropy
 from ..routing.scope import inside_converted_model
 
@@ -299,6 +300,14 @@ class CausalLMForward:
         i = self._labels_at
         return args[i] if 0 <= i < len(args) else None
 
+    def _without_data(self, args, kwargs) -> bool:
+        """Fake or meta tensors (a ``FakeTensorMode``, a model on the meta
+        device): the fused call's first check compares logits, which they
+        cannot; the model's own head and loss run for such a call."""
+        head = getattr(self.module, self.rule.head)
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        return quant.without_data(head.weight, *tensors)
+
     # This frame runs as Python under torch.compile (it keeps Python state
     # per call); the model's own forward it calls is compiled.
     @functools.partial(torch._dynamo.disable, recursive=False)
@@ -307,7 +316,7 @@ class CausalLMForward:
         original = type(m).forward.__get__(m)
         if (self.disabled is not None or not torch.is_grad_enabled()
                 or not inside_converted_model() or m.__dict__.get("_loss_function") is None
-                or self._labels(original, args, kwargs) is None):
+                or self._labels(original, args, kwargs) is None or self._without_data(args, kwargs)):
             return original(*args, **kwargs)
         rng = _rng_state() if not self.checked else None
         call = _Call(m, getattr(m, self.rule.head))

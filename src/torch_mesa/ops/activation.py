@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .. import quant
 from ..config import QuantSpec
@@ -387,7 +388,8 @@ def dropout_scale(p: float, dtype: torch.dtype, device_type: str) -> float:
     (0.021, not 0.1). Elsewhere (CUDA) ``F.dropout``'s fused kernel scales
     by ``1 / (1 - p)`` in fp32, forward and backward."""
     if device_type == "cpu":
-        return torch.ones((), dtype=dtype).div_(1.0 - p).item()
+        with _disable_current_modes():  # (a real number even under a FakeTensorMode)
+            return torch.ones((), dtype=dtype).div_(1.0 - p).item()
     return 1.0 / (1.0 - p)
 
 

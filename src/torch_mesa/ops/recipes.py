@@ -233,6 +233,8 @@ def _stacked_view(ts: Sequence[Tensor]) -> Optional[Tensor]:
     it and share no element (q, k and v unbound from one projection's
     output); else None."""
     first = ts[0]
+    if quant.without_data(first):
+        return None  # (no storage to compare: a fake or meta tensor)
     step = ts[1].storage_offset() - first.storage_offset()
     storage = first.untyped_storage().data_ptr()
     for i, t in enumerate(ts):

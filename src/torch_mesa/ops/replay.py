@@ -38,7 +38,10 @@ class AutocastState:
                 on = True
             if not on:
                 return contextlib.nullcontext()  # (off already: entering autocast costs ~10 us of Python)
-            return torch.autocast(self.device_type, enabled=False)
+            try:
+                return torch.autocast(self.device_type, enabled=False)
+            except (RuntimeError, TypeError):  # (no autocast for it at all, e.g. "meta": nothing to turn off)
+                return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=True)
 
 

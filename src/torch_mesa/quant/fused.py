@@ -333,11 +333,21 @@ def _no_function_modes():
             torch._C._push_on_torch_function_stack(mode)
 
 
+def _without_data(a) -> bool:
+    """A tensor with no data a compiled kernel could read: a fake tensor (a
+    ``FakeTensorMode``, tracing), a meta tensor, or another subclass that
+    holds its data elsewhere. Inductor's kernels read raw pointers: given a
+    fake tensor, the process crashed (segmentation fault)."""
+    return isinstance(a, torch.Tensor) and (a.device.type == "meta" or type(a) not in (torch.Tensor, torch.nn.Parameter))
+
+
 def _run(compiled: Callable, eager: Callable, *args):
     global _broken
     # (detached: whether an input requires grad changes nothing here, and
     # Dynamo would compile a variant for each)
     args = tuple(a.detach() if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args)
+    if any(_without_data(a) for a in args):
+        return eager(*args)  # (the reference's ops, which any mode or subclass handles)
     if compiled not in _failed:
         try:
             if not torch._C._len_torch_function_stack():  # (the usual case: ops step out of the routing mode)
