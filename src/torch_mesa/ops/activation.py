@@ -11,7 +11,7 @@ Dropout keeps no byte mask: the mask is kept as 1 bit per element (``keep``
 codes packed 8 per byte), and when its input is itself rebuildable (dropout
 after GELU or softmax) its output is rebuildable too, so the next Linear keeps
 nothing new. Forward computes what ``F.dropout`` computes on that device,
-from the same draw of the generator (:func:`_dropout_with_mask`), and
+from the same draw of the generator (:func:`_dropout_packed`), and
 backward multiplies by the same factor (:func:`dropout_scale`): on the CPU,
 ``1 / (1 - p)`` rounded to the tensor's dtype.
 """

@@ -338,7 +338,9 @@ def _without_data(a) -> bool:
     ``FakeTensorMode``, tracing), a meta tensor, or another subclass that
     holds its data elsewhere. Inductor's kernels read raw pointers: given a
     fake tensor, the process crashed (segmentation fault)."""
-    return isinstance(a, torch.Tensor) and (a.device.type == "meta" or type(a) not in (torch.Tensor, torch.nn.Parameter))
+    if not isinstance(a, torch.Tensor):
+        return False
+    return a.device.type == "meta" or type(a) not in (torch.Tensor, torch.nn.Parameter)
 
 
 def _run(compiled: Callable, eager: Callable, *args):
