@@ -393,19 +393,20 @@ def dropout_scale(p: float, dtype: torch.dtype, device_type: str) -> float:
     return 1.0 / (1.0 - p)
 
 
-def _dropout_packed(x: Tensor, p: float):
+def _dropout_packed(x: Tensor, p: float, scale: float):
     """``F.dropout(x, p)`` and its mask (True: kept) packed 1 bit per
     element, from the same draw of the generator as ``F.dropout``'s. On the
     CPU by ``F.dropout``'s arithmetic (``torch.native_dropout`` there scales
     by ``1 / (1 - p)`` in double precision, ``F.dropout`` by that factor
     rounded to the dtype: for most ``p`` the fp32 outputs differ in the last
-    bit), the output made from the packed bits in one pass; elsewhere
-    ``torch.native_dropout``, which ``F.dropout`` calls there."""
+    bit), the output made from the packed bits in one pass, times ``scale``
+    (:func:`dropout_scale`); elsewhere ``torch.native_dropout``, which
+    ``F.dropout`` calls there."""
     if x.device.type == "cpu":
         # (a boolean tensor draws as F.dropout's float noise does, as
         # torch.native_dropout draws its mask)
         packed = quant.pack_bits(torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p))
-        return _apply_mask(x, packed, scale=dropout_scale(p, x.dtype, "cpu")), packed
+        return _apply_mask(x, packed, scale=scale), packed
     out, mask = torch.native_dropout(x, p, True)
     return out, quant.pack_bits(mask)
 
@@ -413,12 +414,12 @@ def _dropout_packed(x: Tensor, p: float):
 class _DropoutFn(OpFunction):
     @staticmethod
     def forward(ctx, x, p: float, spec: QuantSpec):
-        out, packed = _dropout_packed(x, p)
+        scale = dropout_scale(p, x.dtype, x.device.type)
+        out, packed = _dropout_packed(x, p, scale)
         # the mask, 1 bit per element, applied from its bits (never unpacked
         # to a tensor of its own) by the consumer that rebuilds the output
         # (the Linear after an activation and dropout) and by this backward
         kept_mask = exact(packed)
-        scale = dropout_scale(p, x.dtype, x.device.type)
         ctx.scale = scale
         save(ctx, kept_mask)
         kept = kept_of(x) if spec.keep_once else None

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from .. import quant
 from ..config import QuantSpec
 from ..quant.running import RangeStates
-from .recipes import Recipe, combined, derived, exact, keep, kept_of, quantized, quantized_qkv
+from .recipes import combined, derived, exact, keep, kept_of, quantized, quantized_qkv
 from .activation import dropout_scale
 from .replay import AutocastState, RngReplay, grad_by_recompute
 from .saving import OpFunction, as_spec, fresh, load, needs_saving, run_with_kept, save
@@ -307,8 +307,8 @@ def _sdpa_math(q, k, v, mask, *, kwargs):
 
 
 def _grads_with_mask(q, k, v, mask, grad_out, needs, *, kwargs, dropout_mask):
-    """Gradients of the attention that ran with ``dropout_mask`` (True:
-    kept) for q, k and v, written out: scores, softmax (0 for rows with every
+    """Gradients of the attention that ran with ``dropout_mask`` (packed
+    by ``quant.pack_bits``, a set bit: kept) for q, k and v, written out: scores, softmax (0 for rows with every
     score masked, as SDPA's), then the backward's four products. The output
     product ``attn @ v`` is never formed (only its gradients are needed),
     and no autograd graph is built: on small heads on the CPU each batched
@@ -336,12 +336,12 @@ def _grads_with_mask(q, k, v, mask, grad_out, needs, *, kwargs, dropout_mask):
         if masked:
             attn.masked_fill_(none, 0.0)
         # the math path's dropout noise (its factor rounded as it rounds it),
-        # from the mask's bytes: a boolean tensor converts several times slower
-        keep = dropout_mask.view(torch.uint8).to(attn.dtype).mul_(dropout_scale(kwargs["dropout_p"], attn.dtype, "cpu"))
-        grad_v = torch.matmul((attn * keep).transpose(-2, -1), g) if needs[2] else None
+        # applied from the packed mask's bits
+        noise = dropout_scale(kwargs["dropout_p"], attn.dtype, "cpu")
+        grad_v = torch.matmul(quant.apply_bits(attn, dropout_mask, noise).transpose(-2, -1), g) if needs[2] else None
         grad_scores = None
         if needs[0] or needs[1]:
-            grad_attn = torch.matmul(g, v.transpose(-2, -1)).mul_(keep)
+            grad_attn = quant.apply_bits(torch.matmul(g, v.transpose(-2, -1)), dropout_mask, noise)
             grad_scores = torch.ops.aten._softmax_backward_data(grad_attn, attn, -1, attn.dtype).mul_(scale)
         grad_q = torch.matmul(grad_scores, k) if needs[0] else None
         grad_k = torch.matmul(grad_scores.transpose(-2, -1), q) if needs[1] else None
@@ -352,7 +352,7 @@ def _grads_with_mask(q, k, v, mask, grad_out, needs, *, kwargs, dropout_mask):
 
 def _rerun_with_mask(q, k, v, mask, *, kwargs, dropout_mask):
     """The same attention as a differentiable function, with a given dropout
-    mask (True: kept): for a mask that needs its own gradient."""
+    mask (packed, a set bit: kept): for a mask that needs its own gradient."""
     q, k, v, mask = _as_sdpa_casts(q, k, v, mask)
     with torch.autocast("cpu", enabled=False):
         if kwargs.get("enable_gqa") and k.shape[-3] != q.shape[-3]:
@@ -367,12 +367,9 @@ def _rerun_with_mask(q, k, v, mask, *, kwargs, dropout_mask):
             scores = scores + mask
         none = (scores == float("-inf")).all(-1, keepdim=True)  # (no NaN from such rows, forward or backward)
         attn = torch.softmax(scores.masked_fill(none, 0.0), -1).masked_fill(none, 0.0)
-        attn = attn.masked_fill(dropout_mask.logical_not(), 0.0) * dropout_scale(kwargs["dropout_p"], attn.dtype, "cpu")
+        dropped = quant.unpack_bits(dropout_mask, attn.shape).logical_not()
+        attn = attn.masked_fill(dropped, 0.0) * dropout_scale(kwargs["dropout_p"], attn.dtype, "cpu")
         return attn @ v
-
-
-def _unpack_scores_mask(tensors, *, shape) -> Tensor:
-    return quant.unpack_bits(tensors[0], shape)
 
 
 def _keeps_dropout_mask(q, k, v, kwargs) -> bool:
@@ -403,7 +400,7 @@ def _forward_keeping_dropout_mask(q, k, v, mask, kwargs):
         _math_matches[kind] = matches = torch.equal(out, want)
         if not matches:
             return None
-    kept = Recipe((quant.pack_bits(scores != 0),), functools.partial(_unpack_scores_mask, shape=tuple(scores.shape)))
+    kept = exact(quant.pack_bits(scores != 0))  # (applied from its bits: quant.apply_bits)
     return out, kept
 
 

@@ -139,9 +139,4 @@ def apply_bits(x: Tensor, packed: Tensor, scale: float = 1.0) -> Tensor:
     return _impl(_kernel("auto")).apply_bits(x, packed, scale)
 
 
-def without_data(*tensors) -> bool:
-    """Whether any of ``tensors`` has no data to read (fake tensors under a
-    ``FakeTensorMode``, meta tensors, subclasses that hold their data
-    elsewhere): compiled kernels and data-dependent checks must not run on
-    them (:func:`.fused._without_data`)."""
-    return any(fused._without_data(t) for t in tensors)
+without_data = fused.without_data  # (fake, meta: no compiled kernel, no data-dependent check)

@@ -333,14 +333,14 @@ def _no_function_modes():
             torch._C._push_on_torch_function_stack(mode)
 
 
-def _without_data(a) -> bool:
-    """A tensor with no data a compiled kernel could read: a fake tensor (a
-    ``FakeTensorMode``, tracing), a meta tensor, or another subclass that
-    holds its data elsewhere. Inductor's kernels read raw pointers: given a
-    fake tensor, the process crashed (segmentation fault)."""
-    if not isinstance(a, torch.Tensor):
-        return False
-    return a.device.type == "meta" or type(a) not in (torch.Tensor, torch.nn.Parameter)
+def without_data(*args) -> bool:
+    """Whether any tensor among ``args`` has no data a compiled kernel or a
+    data-dependent check could read: a fake tensor (a ``FakeTensorMode``,
+    tracing), a meta tensor, or another subclass that holds its data
+    elsewhere. Inductor's kernels read raw pointers: given a fake tensor,
+    the process crashed (segmentation fault)."""
+    plain = (torch.Tensor, torch.nn.Parameter)
+    return any(isinstance(a, torch.Tensor) and (a.device.type == "meta" or type(a) not in plain) for a in args)
 
 
 def _run(compiled: Callable, eager: Callable, *args):
@@ -348,7 +348,7 @@ def _run(compiled: Callable, eager: Callable, *args):
     # (detached: whether an input requires grad changes nothing here, and
     # Dynamo would compile a variant for each)
     args = tuple(a.detach() if isinstance(a, torch.Tensor) and a.requires_grad else a for a in args)
-    if any(_without_data(a) for a in args):
+    if without_data(*args):
         return eager(*args)  # (the reference's ops, which any mode or subclass handles)
     if compiled not in _failed:
         try:
