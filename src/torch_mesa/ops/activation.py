@@ -99,8 +99,8 @@ def silu(x: Tensor, *, config=None, states: Optional[RangeStates] = None) -> Ten
 
 
 def _save_mask(ctx, mask: Tensor) -> None:
-    """Keep where the gradient passes, 1 bit per element (exact)."""
-    ctx.shape = tuple(mask.shape)
+    """Keep where the gradient passes, 1 bit per element (exact); applied to
+    the gradient, of the mask's shape, from its bits."""
     ctx.save_for_backward(quant.pack_bits(mask))
 
 
