@@ -361,3 +361,112 @@ def test_a_layer_shared_with_an_unconverted_model_runs_exactly_there():
     report = compress_(b)
     assert "another model" in report.plan["0"] and "another model" in report.plan["2"]
     assert measure(b, x).total_bytes < 0.5 * measure(b_plain, x).total_bytes
+
+
+# ------------------------------------------------- modules with inplace=True
+def _inplace_modules():
+    """Every converted torch.nn module that takes ``inplace``, built with it on."""
+    import inspect
+
+    from torch_mesa.nn.modules import CONVERTIBLE
+
+    found = {}
+    for cls in CONVERTIBLE:
+        if "inplace" in inspect.signature(cls.__init__).parameters:
+            found[cls.__name__] = (lambda c=cls: c(0.2, inplace=True)) if cls is nn.Dropout \
+                else (lambda c=cls: c(inplace=True))
+    return found
+
+
+_INPLACE = _inplace_modules()
+
+
+class _ReadsItsInputAgain(nn.Module):
+    """``y = act(h)`` with an in-place ``act``, then code that reads ``h``
+    again (a residual of the pre-activation): it must see ``h`` overwritten,
+    as with PyTorch's own module. ``shape``: ``h`` is a view of a larger
+    tensor (a slice), or the activation feeds a Linear directly."""
+
+    def __init__(self, act, pattern):
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.pattern = nn.Linear(24, 48), act, nn.Linear(48, 24), pattern
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.pattern == "slice":
+            y = self.act(h[..., :32])
+            h = torch.cat([h[..., :32] * 2 - y, h[..., 32:]], -1)
+        elif self.pattern == "reads input":
+            y = self.act(h)
+            h = h + 2 * y
+        else:  # "consumer": the overwritten tensor goes straight to a Linear
+            h = self.act(h)
+        return self.fc2(h)
+
+
+def test_inplace_modules_are_found():
+    # (the test below must cover every such module; these two once ignored the flag)
+    assert {"SiLU", "Dropout", "ReLU"} <= set(_INPLACE)
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16 autocast"])
+@pytest.mark.parametrize("pattern", ["reads input", "slice", "consumer"])
+@pytest.mark.parametrize("name", sorted(_INPLACE))
+def test_inplace_modules_overwrite_their_input_as_pytorch_does(name, pattern, amp):
+    """A converted module with ``inplace=True`` overwrites its input like
+    PyTorch's own: the same forward bit for bit (SiLU and Dropout once
+    returned a new tensor and left the input as it was, so code that read
+    the input again computed something else), and the unconverted model's
+    gradients, with training and without autograd."""
+    from conftest import with_outliers
+
+    torch.manual_seed(3)
+    ref = _ReadsItsInputAgain(_INPLACE[name](), pattern)
+    conv = copy.deepcopy(ref)
+    compress_(conv)
+    x = with_outliers(4, 13, 24, seed=5, requires_grad=False) * 3
+    outs, grads = [], []
+    for m in (ref, conv):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(11)  # (Dropout: the same mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = m(xi)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.dtype)
+        grads.append(torch.autograd.grad(out, [xi, *m.parameters()], g))
+        outs.append(out)
+        with torch.no_grad():
+            torch.manual_seed(11)
+            outs.append(m(x.clone()))
+    assert torch.equal(outs[0], outs[2]), f"{name}: the forward differs from the unconverted module's"
+    assert torch.equal(outs[1], outs[3]), f"{name}: the forward without autograd differs"
+    assert_grads_close(grads[1], grads[0], min_db=30.0, what=f"{name}, {pattern}")
+
+
+@pytest.mark.parametrize("name", sorted(_INPLACE))
+def test_inplace_module_on_a_leaf_is_refused_as_pytorch_refuses_it(name):
+    leaf = torch.randn(4, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        _INPLACE[name]()(leaf)
+    seq = nn.Sequential(_INPLACE[name]())
+    compress_(seq)
+    assert type(seq[0]).__module__.startswith("torch_mesa")
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        seq(leaf)
+
+
+@pytest.mark.parametrize("name", sorted(_INPLACE))
+def test_inplace_module_keeps_what_the_same_module_keeps_without_it(name):
+    """Overwriting the input passes the output's rebuild on to it: the Linear
+    that consumes the overwritten tensor keeps nothing of its own, so
+    ``inplace=True`` costs no bytes (the lesser bug would have been a second
+    copy of the activation)."""
+    def kept(inplace):
+        torch.manual_seed(3)
+        act = _INPLACE[name]()
+        act.inplace = inplace
+        m = _ReadsItsInputAgain(act, "consumer")
+        compress_(m)
+        x = torch.randn(4, 13, 24, requires_grad=True)
+        return measure(m, x).total_bytes
+
+    assert kept(True) == kept(False)

@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import ops
 from ..config import MesaConfig
+from ..ops.recipes import overwrite
 from ..routing.scope import inside_converted_model
 
 Tensor = torch.Tensor
@@ -83,9 +84,9 @@ class MesaGELU(MesaModule, nn.GELU):
 class MesaSiLU(MesaModule, nn.SiLU):
     def forward(self, input: Tensor) -> Tensor:
         out = ops.silu(input, config=self._spec, states=self.mesa_states)
-        if self.inplace and not torch.is_grad_enabled():
-            return input.copy_(out)
-        return out
+        # inplace=True: the input is overwritten, as PyTorch's module does
+        # (code after it may read the input and must see the output)
+        return overwrite(input, out) if self.inplace else out
 
 
 class MesaReLU(MesaModule, nn.ReLU):
@@ -104,7 +105,8 @@ class MesaDropout(MesaModule, nn.Dropout):
     def forward(self, input: Tensor) -> Tensor:
         if self.inplace and not torch.is_grad_enabled():
             return F.dropout(input, self.p, self.training, inplace=True)
-        return ops.dropout(input, self.p, self.training, config=self._spec)
+        out = ops.dropout(input, self.p, self.training, config=self._spec)
+        return overwrite(input, out) if self.inplace and out is not input else out
 
 
 class _MesaConvNd(MesaModule):
@@ -164,24 +166,22 @@ class MesaBatchNorm3d(_MesaBatchNorm, nn.BatchNorm3d):
 
 class _MesaPiecewise(MesaModule):
     _op = None
-    _torch = None  # the torch.nn class
 
     def forward(self, input: Tensor) -> Tensor:
-        if getattr(self, "inplace", False):  # it overwrites its input: PyTorch's own, exact
-            return type(self)._torch.forward(self, input)
-        return type(self)._op(input, config=self._spec, states=self.mesa_states)
+        out = type(self)._op(input, config=self._spec, states=self.mesa_states)
+        return overwrite(input, out) if getattr(self, "inplace", False) else out
 
 
 class MesaReLU6(_MesaPiecewise, nn.ReLU6):
-    _op, _torch = staticmethod(ops.relu6), nn.ReLU6
+    _op = staticmethod(ops.relu6)
 
 
 class MesaHardswish(_MesaPiecewise, nn.Hardswish):
-    _op, _torch = staticmethod(ops.hardswish), nn.Hardswish
+    _op = staticmethod(ops.hardswish)
 
 
 class MesaHardsigmoid(_MesaPiecewise, nn.Hardsigmoid):
-    _op, _torch = staticmethod(ops.hardsigmoid), nn.Hardsigmoid
+    _op = staticmethod(ops.hardsigmoid)
 
 
 class MesaMaxPool2d(MesaModule, nn.MaxPool2d):
@@ -194,9 +194,8 @@ class MesaMaxPool2d(MesaModule, nn.MaxPool2d):
 
 class MesaLeakyReLU(MesaModule, nn.LeakyReLU):
     def forward(self, input: Tensor) -> Tensor:
-        if self.inplace:
-            return F.leaky_relu(input, self.negative_slope, inplace=True)
-        return ops.leaky_relu(input, self.negative_slope, config=self._spec, states=self.mesa_states)
+        out = ops.leaky_relu(input, self.negative_slope, config=self._spec, states=self.mesa_states)
+        return overwrite(input, out) if self.inplace else out
 
 
 CONVERTIBLE: Dict[Type[nn.Module], Type[nn.Module]] = {

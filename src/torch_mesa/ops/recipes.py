@@ -376,6 +376,22 @@ def mark_kept(out: Tensor, recipe: Recipe) -> Tensor:
     return out
 
 
+def overwrite(x: Tensor, out: Tensor) -> Tensor:
+    """``x`` overwritten with ``out`` (an op's output computed from ``x``),
+    as a module with ``inplace=True`` overwrites its input, with or without
+    autograd: the caller may read ``x`` again and must see the new values
+    (code like ``y = act(h); h + y`` reads both). Autograd records the copy,
+    so gradients reach the op and, through it, the old ``x``; a leaf that
+    requires grad is refused as PyTorch refuses it. The rebuild recipe of
+    ``out`` moves to ``x`` (with ``x``'s new version), so a consumer of ``x``
+    keeps nothing of its own, as it would of ``out``."""
+    x.copy_(out)
+    recipe = kept_of(out)
+    if recipe is not None:
+        mark_kept(x, recipe)
+    return x
+
+
 def _then(tensors, *, inner, n_inner, step, autocast):
     x = rebuilt(inner, tensors[:n_inner])
     with autocast():
