@@ -419,17 +419,41 @@ def _unpack_bits(ndim: int, serial: bool = False) -> Callable:
 
 
 @functools.lru_cache(maxsize=None)
-def _apply_bits(ndim: int, scale: float, serial: bool = False) -> Callable:
-    def apply_bits(x, packed):  # (the scale a constant of the graph, as in ATen's loop)
+def _apply_bits(ndim: int, serial: bool = False) -> Callable:
+    def apply_bits(x, packed, scale):
         return ref.apply_bits(x, packed, scale)
 
-    return _compile(apply_bits, f"bits_{ndim}d_times_{scale!r}", serial)
+    return _compile(apply_bits, f"bits_{ndim}d_scaled", serial)
+
+
+_scales: dict = {}
+
+
+def _scale_tensor(scale: float, x) -> torch.Tensor:
+    """``scale`` as a 0-dim tensor of the dtype :func:`.reference.apply_bits`
+    computes in, on ``x``'s device: an input of the compiled graph, not a
+    constant of it. As a constant, every dropout probability compiled a graph
+    of its own (about 1.4 s each on a 2-core CPU): a schedule that changes
+    ``p`` every step would have compiled every step. The product is the same
+    either way (a Python float is rounded to that dtype too)."""
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    key = (scale, wide, x.device)
+    t = _scales.get(key)
+    if t is None:
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():  # (a real tensor even when first made under a FakeTensorMode)
+            t = torch.tensor(scale, dtype=wide, device=x.device)
+        if len(_scales) < 256:  # (bounded: a schedule of probabilities makes new ones without end)
+            _scales[key] = t
+    return t
 
 
 def apply_bits(x, packed, scale):
     """:func:`.reference.apply_bits`, compiled: one pass over ``x`` and the bits."""
-    return _run(_apply_bits(x.dim(), float(scale), _serial(x.numel(), x.device)),
-                lambda t, p: ref.apply_bits(t, p, scale), x, packed)
+    scale = float(scale)
+    return _run(_apply_bits(x.dim(), _serial(x.numel(), x.device)),
+                lambda t, p, _: ref.apply_bits(t, p, scale), x, packed, _scale_tensor(scale, x))
 
 
 def pack_bits(mask):
