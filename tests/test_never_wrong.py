@@ -454,12 +454,13 @@ def test_inplace_module_on_a_leaf_is_refused_as_pytorch_refuses_it(name):
         seq(leaf)
 
 
-@pytest.mark.parametrize("name", sorted(_INPLACE))
+@pytest.mark.parametrize("name", ["Dropout", "ReLU", "SiLU"])
 def test_inplace_module_keeps_what_the_same_module_keeps_without_it(name):
     """Overwriting the input passes the output's rebuild on to it: the Linear
     that consumes the overwritten tensor keeps nothing of its own, so
     ``inplace=True`` costs no bytes (the lesser bug would have been a second
-    copy of the activation)."""
+    copy of the activation). (The piecewise ones, ReLU6, Hardswish,
+    Hardsigmoid and LeakyReLU, run PyTorch's own op in place: exact.)"""
     def kept(inplace):
         torch.manual_seed(3)
         act = _INPLACE[name]()
