@@ -210,8 +210,15 @@ def compress_(
             hooked[module] = name
             calls = "routes no call (exact by policy)" if spec is None else f"routes its calls ({spec.bits} bits)"
             report.plan[name] = tag + calls
-            if not list(module.children()) and _worth_listing(module):
-                base = next((b for b in CONVERTIBLE if isinstance(module, b)), None)
+            base = next((b for b in CONVERTIBLE if isinstance(module, b)), None)
+            if base is not None and kind.forward is base.forward and spec is not None \
+                    and not isinstance(module, nn.modules.batchnorm._BatchNorm):
+                # Not left exact: the base class's forward makes one call
+                # (F.linear), which is routed. (MultiheadAttention's out_proj,
+                # such a subclass, is never called at all: the attention
+                # uses its weight in a routed F.linear.)
+                report.plan[name] = tag + f"not converted as a layer (a subclass of nn.{base.__name__}); " + calls
+            elif not list(module.children()) and _worth_listing(module):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     reason = "batch norms convert with MesaConfig(batch_norm=True) only (see its docstring)"
                 elif base is not None:

@@ -12,6 +12,7 @@ it. :func:`handlers` is the table the scope dispatches on.
 from __future__ import annotations
 
 import functools
+import types
 from typing import Any, Callable, Dict
 
 import torch
@@ -302,6 +303,32 @@ def _mul(spec, states, args, kwargs):
         # the product of two activations (a gated MLP's act(gate) * up)
         return ops.mul(a, b, config=spec, states=states)
     return passthrough.scaled(args)
+
+
+@functools.lru_cache(maxsize=None)
+def composite_body(func: Callable):
+    """PyTorch's own Python implementation of a composite functional
+    (``F.multi_head_attention_forward``), callable with the routing mode on:
+    the same code object, whose opening ``has_torch_function`` check (which
+    would hand the whole call to the mode again, or run it with the mode off)
+    answers no. The functional calls inside it (``F.linear``,
+    ``F.scaled_dot_product_attention``, ``torch.bmm``, ``F.softmax``,
+    ``F.dropout``) then reach the mode and are routed like any other, so the
+    model computes exactly what PyTorch's function computes. None where this
+    PyTorch's function is not plain Python with that check (then the call
+    runs as PyTorch runs it)."""
+    code = getattr(func, "__code__", None)
+    if code is None or "has_torch_function" not in code.co_names or func.__closure__:
+        return None
+    namespace = dict(func.__globals__)
+    namespace["has_torch_function"] = lambda *_: False
+    body = types.FunctionType(code, namespace, func.__name__, func.__defaults__)
+    body.__kwdefaults__ = func.__kwdefaults__
+    return body
+
+
+# Composite functionals whose inner calls are routed (see composite_body).
+COMPOSITES = (F.multi_head_attention_forward,)
 
 
 def handlers() -> Dict[Callable, Callable]:

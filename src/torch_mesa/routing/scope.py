@@ -12,9 +12,11 @@ those calls (:mod:`.calls`) to the ops in :mod:`torch_mesa.ops`, with the
 policy (bits, or exact) of the innermost running module.
 
 Only calls made *directly* in a module's ``forward`` (or helpers it calls) are
-routed: calls inside a converted layer, inside PyTorch's own composite
-functions (``F.multi_head_attention_forward``), or under ``no_grad`` run as
-PyTorch runs them. Running range estimates of routed calls are kept per
+routed: calls inside a converted layer or under ``no_grad`` run as PyTorch
+runs them. PyTorch's composite ``F.multi_head_attention_forward`` (what
+``nn.MultiheadAttention``, ``nn.Transformer*`` layers and torchvision's ViT
+call) runs its own Python code with the mode on, so the calls inside it are
+routed too (:func:`.calls.composite_body`). Running range estimates of routed calls are kept per
 (module, call index) on the scope; a module that makes its calls in a
 different order from step to step should use dynamic ranges.
 """
@@ -84,7 +86,17 @@ class _Mode(RoutingMode):
             out = self._route(handler, func, args, kwargs)
             if out is not _NOT_ROUTED:
                 return out
+        elif func in calls.COMPOSITES and torch.is_grad_enabled() and self._routes():
+            body = calls.composite_body(func)
+            if body is not None:
+                with self:  # (back on the stack: the calls inside are routed)
+                    return body(*args, **kwargs)
         return func(*args, **kwargs)
+
+    def _routes(self) -> bool:
+        """Whether calls made now would be routed (a module with a spec runs)."""
+        stack = self.scope.stack
+        return bool(stack) and self.scope.spec_for(stack[-1].name) is not None
 
     # Under torch.compile, Dynamo traces the lines above and stops at this
     # call (one graph break per routed call, as at a converted layer): the
