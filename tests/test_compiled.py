@@ -825,3 +825,54 @@ def test_expansions_never_move_past_a_write():
     compiled._sink_expansions(g)
     gm.recompile()
     torch.testing.assert_close(gm(*[a.clone() for a in args]), expected, rtol=0, atol=0)
+
+
+class _ReluMLP(torch.nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.fc1, self.fc2 = torch.nn.Linear(32, 128), torch.nn.Linear(128, 32)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.kind == "relu":
+            h = torch.relu(h)
+        elif self.kind == "leaky":
+            h = F.leaky_relu(h, 0.01)
+        elif self.kind == "relu, scaled after":
+            h = F.relu(h) * 1.5
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16 autocast"])
+@pytest.mark.parametrize("kind", ["relu", "leaky", "relu, scaled after", "encoder layer"])
+def test_values_compared_with_zero_keep_their_sign(kind, amp, monkeypatch):
+    """A value whose backward tests it against 0 (ReLU's gradient, on the
+    saved pre-activation the ReLU is recomputed from) keeps where it is
+    positive in 1 bit beside its 8-bit codes: a small positive value that
+    rounded to 0 had dropped its element's whole gradient, and a ReLU MLP's
+    fc1 gradient fell to a cosine of 0.9958 (the eager conversion, which
+    keeps ReLU's mask exactly: 0.99998). Now within the same bar as the
+    eager path's, on outlier-heavy inputs, in fp32 and under bf16 autocast."""
+    from torch._dynamo.backends.debugging import aot_eager_decomp_partition
+
+    monkeypatch.setattr(compiled, "_compile_fx", aot_eager_decomp_partition)
+    torch.manual_seed(0)
+    model = torch.nn.TransformerEncoderLayer(32, 4, 128, dropout=0.0, batch_first=True) \
+        if kind == "encoder layer" else _ReluMLP(kind)
+    x = with_outliers(8, 24, 32, seed=1, requires_grad=False)
+    g = torch.randn(8, 24, 32, generator=torch.Generator().manual_seed(2))
+
+    def loss(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = m(x)
+        return (out.float() * g).sum(), out.float().reshape(-1)
+
+    run = torch_mesa.compile(copy.deepcopy(model))
+    if amp:  # (bf16 products: the bar is what bf16 itself leaves of the exact gradients)
+        _compare(model, run, loss, bar=0.999)
+    else:
+        _compare(model, run, loss, bar=0.9999)
+    plan = compiled.saving_of(run).plan()
+    signed = [e for e in plan if "where positive" in e.reason]
+    assert signed and all(e.kept == "8 bits" for e in signed), torch_mesa.plan(run)
