@@ -34,6 +34,8 @@ MODELS = {
     "deit_base": ("timm:deit_base_patch16_224", 64, {}, "blocks."),
     "swin_tiny": ("timm:swin_tiny_patch4_window7_224", 64, {}, "layers."),
     "gpt2": ("hf:gpt2", 2, {}, "transformer.h."),
+    # nn.MultiheadAttention's functional forward inside (its calls routed since commit dfcbe9e)
+    "tv_vit_b16": ("torchvision.models:vit_b_16", 64, {}, "encoder.layers."),
     # Llama-style at a published small Llama's shape (SmolLM-135M: 30 layers,
     # width 576, 9 heads, 3 KV heads, SwiGLU 1536, RMSNorm, rotary); the class
     # default is 7B, beyond this machine's 24 GiB.
