@@ -841,19 +841,32 @@ class _ReluMLP(torch.nn.Module):
             h = F.leaky_relu(h, 0.01)
         elif self.kind == "relu, scaled after":
             h = F.relu(h) * 1.5
+        elif self.kind == "scaled, then relu":
+            h = F.relu(h * 3.0)
+        elif self.kind == "clamp":
+            h = h.clamp(0.0, 1.0)
+        elif self.kind == "relu6":
+            h = F.relu6(h * 3.0)
+        elif self.kind == "hardtanh":
+            h = F.hardtanh(h)
         return self.fc2(h)
 
 
+_SIGN_KINDS = ["relu", "leaky", "relu, scaled after", "scaled, then relu", "encoder layer"]
+
+
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16 autocast"])
-@pytest.mark.parametrize("kind", ["relu", "leaky", "relu, scaled after", "encoder layer"])
-def test_values_compared_with_zero_keep_their_sign(kind, amp, monkeypatch):
+@pytest.mark.parametrize("kind", _SIGN_KINDS + ["clamp", "relu6", "hardtanh"])
+def test_values_compared_with_a_threshold_keep_their_branch(kind, amp, monkeypatch):
     """A value whose backward tests it against 0 (ReLU's gradient, on the
     saved pre-activation the ReLU is recomputed from) keeps where it is
     positive in 1 bit beside its 8-bit codes: a small positive value that
     rounded to 0 had dropped its element's whole gradient, and a ReLU MLP's
     fc1 gradient fell to a cosine of 0.9958 (the eager conversion, which
-    keeps ReLU's mask exactly: 0.99998). Now within the same bar as the
-    eager path's, on outlier-heavy inputs, in fp32 and under bf16 autocast."""
+    keeps ReLU's mask exactly: 0.99998). One compared with another threshold
+    (a clamp's bounds, ReLU6's 6, hardtanh's -1 and 1) is kept exact, with
+    the reason: ``clamp(0, 1)`` had given 0.974. Within the eager path's bar
+    on outlier-heavy inputs, in fp32 and under bf16 autocast."""
     from torch._dynamo.backends.debugging import aot_eager_decomp_partition
 
     monkeypatch.setattr(compiled, "_compile_fx", aot_eager_decomp_partition)
@@ -874,5 +887,9 @@ def test_values_compared_with_zero_keep_their_sign(kind, amp, monkeypatch):
     else:
         _compare(model, run, loss, bar=0.9999)
     plan = compiled.saving_of(run).plan()
-    signed = [e for e in plan if "where positive" in e.reason]
-    assert signed and all(e.kept == "8 bits" for e in signed), torch_mesa.plan(run)
+    if kind in _SIGN_KINDS:
+        signed = [e for e in plan if "where positive" in e.reason]
+        assert signed and all(e.kept == "8 bits" for e in signed), torch_mesa.plan(run)
+    else:
+        compared = [e for e in plan if "compares it with a threshold" in e.reason]
+        assert compared and all(e.kept == "exact" for e in compared), torch_mesa.plan(run)

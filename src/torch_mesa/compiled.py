@@ -24,9 +24,10 @@ was computed in; ``None`` keeps it exact) and ``batch_norm``. A saved tensor
 that cannot be shown to be safe to quantize is kept exact, and the plan
 (:func:`plan`) says why: integer tensors, fp64, per-row statistics and other
 small tensors, the auxiliary outputs of multi-output ops (an attention's
-log-sum-exp, a norm's statistics). Boolean masks are kept in 1 bit, and a
-value its backward compares with 0 (ReLU's) keeps where it is positive in
-1 bit beside its codes.
+log-sum-exp, a norm's statistics), values the backward compares with a
+threshold other than 0 (a clamp's bounds). Boolean masks are kept in 1 bit,
+and a value its backward compares with 0 (ReLU's) keeps where it is
+positive in 1 bit beside its codes.
 
 What differs from the eager path (:func:`compress_`): ranges are dynamic
 (``range_estimate="running"`` needs state carried between steps and is
@@ -93,7 +94,7 @@ class _Layout:
     # tensor of the value's shape, which carries its sizes into the backward.
     symbolic: bool = False
     # Also kept: where the value is positive, 1 bit per element (its backward
-    # compares it with 0: a ReLU's output; see _compared_with_zero).
+    # compares it with 0: a ReLU's input or output; see _comparisons).
     positive: bool = False
 
 
@@ -235,33 +236,74 @@ def _amplified(bw_graph, name: str) -> Optional[str]:
     return None
 
 
-# Backward ops that use a value only through ``value > 0`` (or ``<= 0``):
-# ReLU's gradient, ``threshold_backward(grad, out, 0)``; leaky ReLU's.
-_SIGN_TESTS = set(_optional_ops("aten.threshold_backward.default", "aten.leaky_relu_backward.default",
-                                "aten.gt.Scalar", "aten.le.Scalar"))
-
-
+# Backward ops that compare a value with a threshold: ReLU's, leaky ReLU's,
+# hardtanh's and the like, and the comparisons of decomposed clamps and kinks.
+_COMPARISONS = set(_optional_ops(
+    "aten.threshold_backward.default", "aten.leaky_relu_backward.default", "aten.hardtanh_backward.default",
+    "aten.hardswish_backward.default", "aten.hardsigmoid_backward.default",
+    "aten.gt.Scalar", "aten.ge.Scalar", "aten.lt.Scalar", "aten.le.Scalar", "aten.eq.Scalar", "aten.ne.Scalar",
+    "aten.gt.Tensor", "aten.ge.Tensor", "aten.lt.Tensor", "aten.le.Tensor", "aten.eq.Tensor", "aten.ne.Tensor"))
 # Ops whose result is positive exactly where their input is.
 _SIGN_KEEPING = _LAYOUT | {_aten.relu.default, _aten._to_copy.default, torch.ops.prims.convert_element_type.default}
 
 
-def _compared_with_zero(bw_graph, name: str) -> bool:
-    """Whether the backward graph tests the saved value ``name`` (or a view
-    of it) against 0. Quantized, a small positive value can round to 0 (the
-    zero point is exact): ReLU's gradient then drops that element's whole
-    gradient, not a small part of it. A ReLU MLP compiled with the value
-    kept at 8 bits alone reached a weight-gradient cosine of 0.9958, against
-    0.99998 for the eager conversion, which keeps ReLU's mask exactly. (The
-    partitioner usually saves the ReLU's input and recomputes the ReLU in
-    backward: followed through layout ops, dtype conversions and ``relu``,
-    whose results are positive exactly where their inputs are.)"""
-    for n, u in _uses(bw_graph, name, lambda u, _: u.target in _SIGN_KEEPING):
-        if u.target in _SIGN_TESTS and len(u.args) > 1:
-            tested, threshold = (u.args[1], u.args[2] if len(u.args) > 2 else None) \
-                if u.target.__name__.startswith(("threshold_backward", "leaky_relu_backward")) else (u.args[0], u.args[1])
-            if tested is n and (threshold is None or threshold == 0 or u.target.__name__.startswith("leaky")):
-                return True
+def _keeps_sign(u, derived) -> bool:
+    """``u`` is positive exactly where its input from ``derived`` is: a
+    layout change, a dtype conversion, ``relu``, or a product with (or a
+    quotient by) a positive number."""
+    if u.target in _SIGN_KEEPING:
+        return True
+    if u.target in (_aten.mul.Tensor, _aten.div.Tensor) and len(u.args) == 2:
+        other = u.args[1] if u.args[0] in derived else (u.args[0] if u.target is _aten.mul.Tensor else None)
+        return isinstance(other, (int, float)) and other > 0
     return False
+
+
+def _sign_test(n, u) -> bool:
+    """Whether ``u`` tests ``n`` against 0 as ``n > 0`` (or its negation)."""
+    name = getattr(u.target, "__name__", "")
+    if name.startswith("threshold_backward"):
+        return len(u.args) > 2 and u.args[1] is n and u.args[2] == 0
+    if name.startswith("leaky_relu_backward"):
+        return len(u.args) > 1 and u.args[1] is n
+    if name in ("gt.Scalar", "le.Scalar"):
+        return u.args[0] is n and u.args[1] == 0
+    return False
+
+
+def _of_itself(u, derived) -> bool:
+    """A function of one value alone: layout changes, dtype conversions,
+    and pointwise ops whose other operands are numbers (``x * 3``,
+    ``x.clamp(0, 1)``). A path through other tensors (a batch norm's
+    statistics, a bias) is not followed: see :func:`_comparisons`."""
+    return u.target in _SIGN_KEEPING or (
+        torch.Tag.pointwise in getattr(u.target, "tags", ()) and len(u.all_input_nodes) == 1)
+
+
+def _comparisons(bw_graph, name: str) -> Optional[str]:
+    """How the backward graph compares the saved value ``name`` (through
+    pointwise recomputation) with a threshold: None (it does not), "sign"
+    (only as ``> 0``, through ops that keep the sign: ReLU's gradient) or
+    "threshold" (any other threshold or path: a clamp's bounds, ReLU6's 6,
+    hardtanh's -1 and 1, ReLU after a bias).
+
+    Quantized, a value near a threshold can land on its other side, and the
+    gradient there jumps by the derivative's step (the whole gradient, for
+    ReLU at 0): ``x.clamp(0, 1)`` between two Linears gave fc1 a gradient
+    cosine of 0.974 kept at 8 bits, a ReLU MLP 0.9958 (the eager conversion,
+    which keeps such masks exactly: 0.99997). A sign test is kept exact by 1
+    more bit per element (``_Layout.positive``; the zero point makes 0
+    exact); any other comparison keeps the value exact. Only comparisons of
+    a function of the value alone are found (:func:`_of_itself`): a ReLU
+    after a batch norm compares the convolution's output with a threshold
+    per channel computed from statistics, and such values stay quantized
+    (every CNN's convolution outputs would otherwise be kept exact); a
+    known limit."""
+    signs = {u for n, u in _uses(bw_graph, name, _keeps_sign) if _sign_test(n, u)}
+    compared = {u for _, u in _uses(bw_graph, name, _of_itself) if u.target in _COMPARISONS}
+    if not compared:
+        return None
+    return "sign" if compared <= signs else "threshold"
 
 
 def _pointwise(u, derived) -> bool:
@@ -517,7 +559,11 @@ class CompiledSaving:
         d = shape[-1]
         rotate = bool(spec.qk_rotation and isinstance(d, int) and 2 <= d <= 256 and d & (d - 1) == 0
                       and _attention_roles(bw_graph, node.name) & {"query", "key"})
-        positive = _compared_with_zero(bw_graph, node.name)
+        compared = _comparisons(bw_graph, node.name)
+        if compared == "threshold":
+            return None, ("backward compares it with a threshold (a clamp's bounds, a piecewise activation's kink): "
+                          "an error near it flips the branch")
+        positive = compared == "sign"
         layout = _Layout(_ints(shape), x.dtype, spec.bits, axes, spec.group_size, rows, spec.stochastic, perm,
                          rotate, _symbolic(shape), positive)
         how = ("per head and channel" if head_wise else "per channel") if spec.group_size == 1 else (
