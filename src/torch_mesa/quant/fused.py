@@ -419,11 +419,14 @@ def _unpack_bits(ndim: int, serial: bool = False) -> Callable:
 
 
 @functools.lru_cache(maxsize=None)
-def _apply_bits(ndim: int, serial: bool = False) -> Callable:
+def _apply_bits(ndim: int, dtype: torch.dtype, serial: bool = False) -> Callable:
+    # (one setting per dtype, as the quantizer's: every dropout probability
+    # and every layer's mask of a dtype share it, and a setting that serves
+    # too many layouts ends in Dynamo's recompile limit)
     def apply_bits(x, packed, scale):
         return ref.apply_bits(x, packed, scale)
 
-    return _compile(apply_bits, f"bits_{ndim}d_scaled", serial)
+    return _compile(apply_bits, f"bits_{ndim}d_{_dtype_name(dtype)}_scaled", serial)
 
 
 _scales: dict = {}
@@ -452,7 +455,7 @@ def _scale_tensor(scale: float, x) -> torch.Tensor:
 def apply_bits(x, packed, scale):
     """:func:`.reference.apply_bits`, compiled: one pass over ``x`` and the bits."""
     scale = float(scale)
-    return _run(_apply_bits(x.dim(), _serial(x.numel(), x.device)),
+    return _run(_apply_bits(x.dim(), x.dtype, _serial(x.numel(), x.device)),
                 lambda t, p, _: ref.apply_bits(t, p, scale), x, packed, _scale_tensor(scale, x))
 
 
