@@ -635,18 +635,19 @@ def _memory_order(x: Tensor) -> Optional[Tuple[int, ...]]:
 
 
 def _quantize(x: Tensor, layout: _Layout):
-    sizes = (x.new_empty((*x.shape, 0)),) if layout.symbolic else ()
+    # kept after the codes: where the value is positive, then its sizes
+    tail = (x.new_empty((*x.shape, 0)),) if layout.symbolic else ()
     if layout.bits == 1:
-        return (R.pack_bits(x),) + sizes
+        return (R.pack_bits(x),) + tail
     if layout.positive:
-        sizes = (R.pack_bits(x > 0),) + sizes
+        tail = (R.pack_bits(x > 0),) + tail
     if layout.perm is not None:
         x = x.permute(layout.perm)
     if layout.rotate:
         x = R.rotate_last(x, _hadamard(x.shape[-1], x.device))
     out = R.quantize_core(x, _seed_of(x) if layout.stochastic else None, None, None, None, bits=layout.bits,
                           axes=layout.axes, group_size=layout.group_size, rows=layout.rows, running=None)
-    return tuple(out) + sizes
+    return tuple(out) + tail
 
 
 def _dequantize(packed, layout: _Layout) -> Tensor:

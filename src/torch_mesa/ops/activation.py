@@ -372,10 +372,6 @@ def gated(
 
 
 # ------------------------------------------------------------------ dropout
-def _apply_mask(x: Tensor, packed: Tensor, *, scale: float) -> Tensor:
-    return quant.apply_bits(x, packed, scale)
-
-
 @functools.lru_cache(maxsize=None)
 def dropout_scale(p: float, dtype: torch.dtype, device_type: str) -> float:
     """The factor a kept element is multiplied by, forward and backward, as
@@ -406,7 +402,7 @@ def _dropout_packed(x: Tensor, p: float, scale: float):
         # (a boolean tensor draws as F.dropout's float noise does, as
         # torch.native_dropout draws its mask)
         packed = quant.pack_bits(torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p))
-        return _apply_mask(x, packed, scale=scale), packed
+        return quant.apply_bits(x, packed, scale), packed
     out, mask = torch.native_dropout(x, p, True)
     return out, quant.pack_bits(mask)
 
@@ -424,13 +420,13 @@ class _DropoutFn(OpFunction):
         save(ctx, kept_mask)
         kept = kept_of(x) if spec.keep_once else None
         if kept is not None:
-            ctx.mesa_out = combined(kept, kept_mask, functools.partial(_apply_mask, scale=scale))
+            ctx.mesa_out = combined(kept, kept_mask, functools.partial(quant.apply_bits, scale=scale))
         return fresh(out, x)
 
     @staticmethod
     def backward(ctx, grad_out):
         (packed,) = load(ctx)
-        return _apply_mask(grad_out, packed, scale=ctx.scale), None, None
+        return quant.apply_bits(grad_out, packed, ctx.scale), None, None
 
 
 def dropout(x: Tensor, p: float = 0.5, training: bool = True, *, config=None) -> Tensor:

@@ -31,6 +31,7 @@ import warnings
 from typing import Callable, Optional
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from . import reference as ref
 
@@ -439,12 +440,10 @@ def _scale_tensor(scale: float, x) -> torch.Tensor:
     of its own (about 1.4 s each on a 2-core CPU): a schedule that changes
     ``p`` every step would have compiled every step. The product is the same
     either way (a Python float is rounded to that dtype too)."""
-    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    wide = ref.product_dtype(x.dtype)
     key = (scale, wide, x.device)
     t = _scales.get(key)
     if t is None:
-        from torch.utils._python_dispatch import _disable_current_modes
-
         with _disable_current_modes():  # (a real tensor even when first made under a FakeTensorMode)
             t = torch.tensor(scale, dtype=wide, device=x.device)
         if len(_scales) < 256:  # (bounded: a schedule of probabilities makes new ones without end)

@@ -329,6 +329,11 @@ def unpack_bits(packed: Tensor, shape: Tuple[int, ...]) -> Tensor:
     return unpack(packed, 1, math.prod(shape)).reshape(shape).bool()
 
 
+def product_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype :func:`apply_bits` computes in: fp64 for fp64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def apply_bits(x: Tensor, packed: Tensor, scale: float) -> Tensor:
     """``x * mask * scale`` for the mask of ``x``'s shape that :func:`pack_bits`
     kept, as ATen's ``native_dropout_backward`` computes it: ``x * mask`` is
@@ -346,7 +351,7 @@ def apply_bits(x: Tensor, packed: Tensor, scale: float) -> Tensor:
         bits, rows = _lanes(packed[: n // 8], 1, torch.int32), x.reshape(-1, 8)
     else:
         bits, rows = unpack(packed, 1, n).reshape(x.shape), x
-    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    wide = product_dtype(x.dtype)
     return (rows.to(wide) * bits.to(wide) * scale).to(x.dtype).reshape(x.shape)
 
 

@@ -95,8 +95,14 @@ class _Mode(RoutingMode):
 
     def _routes(self) -> bool:
         """Whether calls made now would be routed (a module with a spec runs)."""
+        return self._innermost()[1] is not None
+
+    def _innermost(self):
+        """The innermost running module's frame and its spec (None, None: none runs)."""
         stack = self.scope.stack
-        return bool(stack) and self.scope.spec_for(stack[-1].name) is not None
+        if not stack:
+            return None, None
+        return stack[-1], self.scope.spec_for(stack[-1].name)
 
     # Under torch.compile, Dynamo traces the lines above and stops at this
     # call (one graph break per routed call, as at a converted layer): the
@@ -106,11 +112,7 @@ class _Mode(RoutingMode):
     @torch._dynamo.disable
     def _route(self, handler, func, args, kwargs):
         scope = self.scope
-        stack = scope.stack
-        if not stack:
-            return _NOT_ROUTED
-        frame = stack[-1]
-        spec = scope.spec_for(frame.name)
+        frame, spec = self._innermost()
         if spec is None:
             return _NOT_ROUTED
         slot = frame.calls
