@@ -442,6 +442,17 @@ def test_inplace_modules_overwrite_their_input_as_pytorch_does(name, pattern, am
     assert_grads_close(grads[1], grads[0], min_db=30.0, what=f"{name}, {pattern}")
 
 
+def test_inplace_modules_that_run_exactly_say_so():
+    """The in-place modules that run PyTorch's own op are listed as left
+    exact, with the reason; the ones compressed in place are converted."""
+    seq = nn.Sequential(*[_INPLACE[name]() for name in sorted(_INPLACE)])
+    report = compress_(seq)
+    exact = {kind for _, kind, reason in report.skipped if reason.startswith("inplace=True")}
+    converted = {kind for _, kind, _ in report.converted}
+    assert exact == {"Hardsigmoid", "Hardswish", "LeakyReLU", "ReLU6"}, report
+    assert converted == {"Dropout", "ReLU", "SiLU"}, report
+
+
 @pytest.mark.parametrize("name", sorted(_INPLACE))
 def test_inplace_module_on_a_leaf_is_refused_as_pytorch_refuses_it(name):
     leaf = torch.randn(4, 8, requires_grad=True)

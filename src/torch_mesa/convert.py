@@ -241,6 +241,11 @@ def compress_(
             module.__class__ = target
             module.mesa_spec = spec
             module.mesa_states = RangeStates()
+            if getattr(target, "exact_in_place", False) and getattr(module, "inplace", False):
+                reason = "inplace=True: PyTorch's own op, in place (docs/design.md, \"What an op keeps: recipes\")"
+                report.plan[name] = tag + f"exact ({reason})"
+                report.skipped.append((name, kind.__name__, reason))
+                continue
         else:
             integrations.install(module, family[0], spec)
         report.converted.append((name, kind.__name__, spec.bits))

@@ -167,13 +167,14 @@ class MesaBatchNorm3d(_MesaBatchNorm, nn.BatchNorm3d):
 class _MesaPiecewise(MesaModule):
     _op = None
     _torch = None  # the torch.nn class
+    exact_in_place = True  # (the conversion report lists such a module as left exact)
 
     def forward(self, input: Tensor) -> Tensor:
         # inplace=True: PyTorch's own, exact. (Compressing these in place as
         # SiLU is works, but MobileNetV3, whose activations timm builds in
         # place, then missed the 0.999 gradient-cosine bar of the sweep on
         # its squeeze-excite biases: 0.998, as it does built without
-        # inplace; docs/design.md, "Routing".)
+        # inplace; docs/design.md, "What an op keeps: recipes".)
         if getattr(self, "inplace", False):
             return type(self)._torch.forward(self, input)
         return type(self)._op(input, config=self._spec, states=self.mesa_states)
@@ -200,6 +201,7 @@ class MesaMaxPool2d(MesaModule, nn.MaxPool2d):
 
 
 class MesaLeakyReLU(MesaModule, nn.LeakyReLU):
+    exact_in_place = True
     def forward(self, input: Tensor) -> Tensor:
         if self.inplace:  # (exact, as the piecewise ones above)
             return F.leaky_relu(input, self.negative_slope, inplace=True)
