@@ -381,6 +381,47 @@ def test_apply_bits_is_dropout_backward_bit_for_bit(dtype, layout):
 
 
 
+def _variants(compiled) -> int:
+    """How many graphs Dynamo has compiled for a setting's function (0 where
+    every call so far ran a graph compiled directly)."""
+    if compiled.impl is None:
+        return 0
+    code = compiled.impl._torchdynamo_orig_callable.__code__
+    return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code))
+
+
+@pytest.mark.parametrize("memory", ["contiguous", "channels last"])
+def test_masks_of_a_cnns_feature_maps_share_their_compiled_code(memory):
+    """A CNN keeps a ReLU's (or a dropout's) mask for each of its feature
+    maps, one shape per stage and width, and all of them share one setting of
+    the compiled mask functions. Compiled for the 4-d shapes, the reshapes
+    to and from eight-element rows made Dynamo guard on how the sizes
+    divide: RexNet's masks used up the setting's recompile limit (8) in one
+    step and the rest ran the eager reference, with Dynamo's warning. Twenty
+    feature maps here, in both memory formats, as a CNN's backward passes its
+    gradients: bit for bit the reference, at most three Dynamo graphs."""
+    for f in (fused._pack_bits, fused._unpack_bits, fused._apply_bits):
+        f.cache_clear()
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2, c, s, s) for c, s in [(16, 32), (27, 16), (38, 16), (50, 8), (61, 8), (72, 4), (84, 4),
+                                        (95, 2), (106, 2), (117, 2), (128, 2), (140, 3), (151, 1), (162, 1),
+                                        (174, 5), (185, 7), (16, 31), (3, 9), (1280, 1), (7, 7)]]
+    for shape in shapes:
+        x = with_outliers(*shape, seed=len(shape) + shape[1], requires_grad=False)
+        if memory == "channels last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        mask = torch.rand(shape, generator=g) > 0.5
+        packed = fused.pack_bits(mask)
+        assert torch.equal(packed, ref.pack_bits(mask)), shape
+        assert torch.equal(fused.unpack_bits(packed, shape), mask), shape
+        _same_bits(fused.apply_bits(x, packed, 2.0), torch.ops.aten.native_dropout_backward(x, mask, 2.0))
+    settings = {"pack": fused._pack_bits(4, True), "unpack": fused._unpack_bits(4, True),
+                "apply": fused._apply_bits(4, torch.float32, True)}
+    graphs = {name: _variants(c) for name, c in settings.items()}
+    assert all(n <= 3 for n in graphs.values()), f"Dynamo graphs per setting: {graphs}"
+    assert not any(c in fused._failed for c in settings.values())
+
+
 def test_a_new_dropout_probability_compiles_nothing(monkeypatch):
     """The dropout factor is an input of the compiled mask application, not
     a constant of it: a schedule that changes ``p`` every step (annealed or

@@ -411,10 +411,10 @@ def _pack_bits(ndim: int, serial: bool = False) -> Callable:
 
 @functools.lru_cache(maxsize=None)
 def _unpack_bits(ndim: int, serial: bool = False) -> Callable:
-    def unpack_bits(shape, packed):
+    def unpack_bits(n, packed):
         # (as uint8: Inductor's CPU stores of bool are about 4x slower; the
         # 0/1 bytes are reinterpreted as bool outside)
-        return ref.unpack(packed, 1, math.prod(shape)).reshape(shape)
+        return ref.unpack(packed, 1, n)
 
     return _compile(unpack_bits, f"bits_{ndim}d", serial)
 
@@ -451,20 +451,38 @@ def _scale_tensor(scale: float, x) -> torch.Tensor:
     return t
 
 
+# A mask's bits follow its tensor's elements in row-major order, so the
+# compiled mask functions take the tensor as one flat dimension and the
+# caller's view gives the result its shape back. Compiled for the shape
+# itself, the reshapes to and from eight-element rows made Dynamo guard on
+# how the sizes divide: a CNN's masks, one shape per feature map, used up
+# the recompile limit (8) of the one setting they share, and the rest ran
+# the eager reference. (The settings are still one per rank, so that each
+# rank's first layouts are compiled directly: see _Compiled.)
+
+
+def _flat(x):
+    """``x`` as one dimension: a view where ``x`` is contiguous, else the
+    copy the reference's reshape makes too; detached, so that no view base of
+    ``x``'s shape goes with it (Dynamo guards on a view's base as well)."""
+    return x.reshape(-1).detach()
+
+
 def apply_bits(x, packed, scale):
     """:func:`.reference.apply_bits`, compiled: one pass over ``x`` and the bits."""
     scale = float(scale)
-    return _run(_apply_bits(x.dim(), x.dtype, _serial(x.numel(), x.device)),
-                lambda t, p, _: ref.apply_bits(t, p, scale), x, packed, _scale_tensor(scale, x))
+    out = _run(_apply_bits(x.dim(), x.dtype, _serial(x.numel(), x.device)),
+               lambda t, p, _: ref.apply_bits(t, p, scale), _flat(x), packed, _scale_tensor(scale, x))
+    return out.view(x.shape)
 
 
 def pack_bits(mask):
     """:func:`.reference.pack_bits`, compiled."""
-    return _run(_pack_bits(mask.dim(), _serial(mask.numel(), mask.device)), ref.pack_bits, mask)
+    return _run(_pack_bits(mask.dim(), _serial(mask.numel(), mask.device)), ref.pack_bits, _flat(mask))
 
 
 def unpack_bits(packed, shape):
     """:func:`.reference.unpack_bits`, compiled."""
-    shape = tuple(shape)
-    codes = _run(_unpack_bits(len(shape), _serial(math.prod(shape), packed.device)), lambda sh, p: ref.unpack(p, 1, math.prod(sh)).reshape(sh), shape, packed)
-    return codes.view(torch.bool)
+    n = math.prod(shape)
+    codes = _run(_unpack_bits(len(shape), _serial(n, packed.device)), lambda k, p: ref.unpack(p, 1, k), n, packed)
+    return codes.view(torch.bool).view(tuple(shape))
