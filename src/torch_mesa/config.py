@@ -168,7 +168,9 @@ class MesaConfig:
             undoes its scale (ReLU, a depthwise convolution, another batch
             norm: MobileNetV3, EfficientFormerV2, LeViT) has a weight
             gradient that is almost 0, and the rebuilt input's error
-            dominates it (cosine 0.09 on MobileNetV3 at initialisation);
+            dominates it (cosine 0.09 on MobileNetV3 at initialisation;
+            that gradient exists only through the batch norms' eps, and
+            ``verify`` reports such parameters apart, "~0 (eps)");
             elsewhere (ResNets) gradients stay within cosine 0.9999. Turn it
             on for CNNs where ``verify`` says so: it is most of their bytes.
         fused_loss: Hugging Face causal LMs of the families in

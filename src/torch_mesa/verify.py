@@ -9,7 +9,11 @@ state, and reports:
   SQNR (dB); a gradient that is mathematically zero (an attention key bias,
   which softmax ignores), or four orders of magnitude below the model's
   median gradient, is recognised as such, and then the converted one must
-  differ from it by less than a thousandth of the median;
+  differ from it by less than a thousandth of the median; a gradient that
+  exists only through a normalisation's ``eps`` (the loss does not depend
+  on the parameter's scale: a per-channel weight a batch norm normalises
+  right after) is recognised too (inputs given as tensors: the exact
+  model runs twice more in float64), and its direction is not judged;
 * the bytes kept for backward, in total and per module;
 * what was left exact and why (conversion report), and every routed call
   that ran as PyTorch runs it (fallbacks), with its reason;
@@ -54,6 +58,9 @@ class ParamCheck:
     converted_norm: float
     zero: bool  # the exact gradient is zero, or numerically negligible (then cosine is not judged)
     ok: bool
+    # the exact gradient exists only through a normalisation's eps (then
+    # cosine is not judged either; zero is True too)
+    eps_only: bool = False
 
 
 @dataclass
@@ -104,11 +111,16 @@ class VerifyReport:
         width = max([len(p.name) for p in self.params[:10]] + [9])
         lines.append(f"  {'parameter':<{width}}  {'cosine':>9}  {'SQNR dB':>8}")
         for p in self.params[:10]:
-            cos = "~0" if p.zero else f"{p.cosine:.6f}"
+            cos = ("~0 (eps)" if p.eps_only else "~0") if p.zero else f"{p.cosine:.6f}"
             mark = "" if p.ok else "  <-- below threshold"
             lines.append(f"  {p.name:<{width}}  {cos:>9}  {p.sqnr_db:>8.1f}{mark}")
         if len(self.params) > 10:
             lines.append(f"  ... and {len(self.params) - 10} more")
+        eps_only = [p.name for p in self.params if p.eps_only]
+        if eps_only:
+            lines.append(f"  {len(eps_only)} get a gradient only through a normalisation's eps (~0 (eps): the loss "
+                         "does not depend on their scale, as a per-channel weight a batch norm normalises; their "
+                         "direction is not judged): " + ", ".join(eps_only[:4]) + (" ..." if len(eps_only) > 4 else ""))
         if self.by_op:
             lines.append("error by op kind (only that kind compressed, the rest exact):")
             for kind, (cos, name, db) in sorted(self.by_op.items(), key=lambda kv: kv[1][0]):
@@ -284,8 +296,80 @@ def _compare(exact: Dict[str, Optional[torch.Tensor]], got: Dict[str, Optional[t
                 zero = True
                 ok = True
         checks.append(ParamCheck(name, cos, sqnr, en, cn, zero, ok))
-    checks.sort(key=lambda p: (p.ok, p.zero, p.cosine, p.sqnr_db))
+    _worst_first(checks)
     return checks
+
+
+def _worst_first(checks: List[ParamCheck]) -> None:
+    checks.sort(key=lambda p: (p.ok, p.zero, p.cosine, p.sqnr_db))
+
+
+_EPS_SHRINK = 1e4  # the factor every normalisation's eps is divided by
+_EPS_DRIVEN = 100.0  # a gradient that shrinks at least this much with it exists only through eps
+
+
+def _norms_eps(model: nn.Module):
+    """``(module, attribute)`` of every normalisation's positive float eps
+    (``eps``; Hugging Face's RMS norms: ``variance_epsilon``)."""
+    found = []
+    for m in model.modules():
+        if not (isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm))
+                or "norm" in type(m).__name__.lower()):
+            continue
+        for attr in ("eps", "variance_epsilon"):
+            value = getattr(m, attr, None)
+            if isinstance(value, float) and value > 0:
+                found.append((m, attr))
+    return found
+
+
+def _float64(inputs):
+    """``inputs`` with their floating tensors in float64 (None for a function
+    of the model, whose tensors verify cannot reach)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.double() if inputs.is_floating_point() else inputs
+    if isinstance(inputs, dict):
+        return {k: _float64(v) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(_float64(v) for v in inputs)
+    if callable(inputs) and not isinstance(inputs, nn.Module):
+        return None
+    return inputs
+
+
+def _mark_eps_only(checks: List[ParamCheck], exact: nn.Module, inputs,
+                   run: Callable[[nn.Module, Callable], Dict[str, Optional[torch.Tensor]]]) -> None:
+    """Mark the failing checks whose exact gradient exists only through a
+    normalisation's eps: the exact model runs twice more in float64, with
+    every eps as it is and ``_EPS_SHRINK`` times smaller; such a gradient
+    shrinks with it (a per-channel weight whose output a batch norm
+    normalises: the loss does not depend on its scale, and what is left is
+    eps's share of the normalising width, linear in eps). In float32 a
+    nearly constant channel's variance is rounding noise at that eps, hence
+    float64. The converted gradient's error is larger than such a gradient
+    in any direction; the parameter is judged like a zero gradient's, by its
+    converted gradient being finite. Inputs given as a function of the model
+    cannot be widened: then nothing is marked."""
+    failing = [p for p in checks if not p.ok and not p.zero and p.exact_norm > 0]
+    wide = _float64(inputs) if failing else None
+    if wide is None:
+        return
+    grads = []
+    for shrink in (1.0, _EPS_SHRINK):
+        model = copy.deepcopy(exact).double()
+        for m, attr in _norms_eps(model):
+            setattr(m, attr, getattr(m, attr) / shrink)
+        try:
+            grads.append(run(model, _caller(wide)))
+        except (RuntimeError, TypeError):  # a model that does not run in float64 (a dtype fixed inside)
+            return
+    for p in failing:
+        base, shrunk = grads[0].get(p.name), grads[1].get(p.name)
+        if base is None or shrunk is None or not math.isfinite(p.converted_norm):
+            continue
+        if shrunk.norm().item() * _EPS_DRIVEN <= base.norm().item():
+            p.eps_only = p.zero = p.ok = True
+    _worst_first(checks)
 
 
 def verify(
@@ -348,6 +432,8 @@ def verify(
         out_c, grads_c = _run(converted, call, loss_fn, seed, autocast_dtype)
     equal, diff, notes = _compare_outputs(out_e, out_c, _fused_calls(converted))
     params = _compare(grads_e, grads_c, threshold)
+    _mark_eps_only(params, exact, inputs, lambda m, c: _run(m, c, loss_fn, seed, None)[1])
+    eps_only = {p.name for p in params if p.eps_only}
     fallbacks = [(m, f, r, n) for (m, f, r), n in sorted((scope.fallbacks if scope else {}).items())]
 
     kept_e = measure_call(exact, lambda m: _loss_of(m, call, loss_fn), autocast_dtype=autocast_dtype)
@@ -360,7 +446,7 @@ def verify(
         for kind in [k for k in OP_KINDS if k in kinds]:
             with exact_ops(set(OP_KINDS) - {kind}):
                 _, grads_k = _run(converted, call, loss_fn, seed, autocast_dtype)
-            checks = [p for p in _compare(grads_e, grads_k, threshold) if not p.zero]
+            checks = [p for p in _compare(grads_e, grads_k, threshold) if not p.zero and p.name not in eps_only]
             if checks:
                 worst = min(checks, key=lambda p: p.cosine)
                 finite = [p.sqnr_db for p in checks if math.isfinite(p.sqnr_db)]

@@ -1,0 +1,112 @@
+"""``torch_mesa.verify`` on parameters whose gradient exists only through a
+normalisation's eps.
+
+A per-channel weight whose output a normalisation divides by its own
+per-channel width (RepViT's and FastViT's depthwise 1x1 convolutions before
+a batch norm; MobileNetV3's batch-norm weights, converted, whose output
+reaches the next batch norm through ReLU and a depthwise convolution) does
+not change the loss by its scale. What gradient it has comes from eps in the
+width ``sqrt(var + eps)``: linear in eps. The converted gradient's error (the
+rebuilt input's) is far larger, so its cosine says nothing: verify() called
+these models FAILED, with cosines of -0.35 (RepViT) and 0.09 (MobileNetV3
+with converted batch norms) on such parameters (FastViT's -0.42 too, though
+FastViT also has biases a batch norm removes, whose float32 gradients are
+rounding noise, which verify does not yet tell apart). It now
+recognises them by running the exact model once more with every eps 10^4
+times smaller, and reports them apart.
+
+The reference is PyTorch's float64 gradient of the unconverted model with
+every batch norm's eps, and with eps / 10^4: a parameter whose gradient
+falls at least 100x with it is eps's. Real models, since small stand-ins built for this did not
+reproduce the failure (their eps-driven gradients were large enough to
+pass); random initialisation at 64 x 64 pixels, where the failures were
+found.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import torch_mesa
+from torch_mesa import MesaConfig
+
+timm = pytest.importorskip("timm")
+
+# (timm model, batch, convert batch norms)
+MODELS = {
+    "repvit_m1": (2, False),
+    "mobilenetv3_small_100, batch norms converted": (8, True),
+}
+
+
+def _model(case):
+    name = case.split(",")[0]
+    batch, batch_norm = MODELS[case]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).train()
+    x = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    return model, x, MesaConfig(batch_norm=batch_norm)
+
+
+def _eps_gradients(model, x, loss_fn):
+    """Parameters whose float64 gradient falls at least 100x when every
+    batch norm's eps is 10^4 times smaller (it is eps's, linear in it; the
+    definition verify uses, computed here independently in float64)."""
+    grads = []
+    for factor in (1.0, 1e-4):
+        m = copy.deepcopy(model).double()
+        for mod in m.modules():
+            if isinstance(mod, nn.modules.batchnorm._NormBase):
+                mod.eps *= factor
+        torch.manual_seed(0)
+        loss_fn(m(x.double())).backward()
+        grads.append({n: p.grad.norm().item() for n, p in m.named_parameters() if p.grad is not None})
+    return {n for n, g in grads[0].items() if g > 0 and grads[1][n] * 100 <= g}
+
+
+def _loss(y):
+    target = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+    return (y - target).square().mean()
+
+
+@pytest.mark.parametrize("case", list(MODELS))
+def test_gradients_that_exist_only_through_eps_are_reported_apart(case):
+    """Every parameter verify marks is eps's by the float64 reference, every
+    eps-driven parameter below the bar is marked, and every other parameter
+    is judged as before. MobileNetV3's only failures were eps's, so its
+    verdict turns to OK; RepViT at this size also has parameters below the
+    bar that are not eps's (channels a batch of 2 at 4 x 4 pixels makes
+    almost constant, whose batch norm divides by little more than
+    sqrt(eps)), and they still fail."""
+    model, x, config = _model(case)
+    report = torch_mesa.verify(model, x, config=config, loss_fn=_loss, by_op=False)
+    eps_only = _eps_gradients(model, x, _loss)
+    marked = {p.name for p in report.params if p.eps_only}
+    assert marked, "this model was chosen for gradients that exist only through eps and fail the bar"
+    assert marked <= eps_only, marked - eps_only
+    for p in report.params:
+        if p.eps_only:
+            assert p.zero and p.ok and p.cosine < report.threshold  # (the direction the old verdict judged)
+        elif p.name in eps_only and not p.zero:
+            assert p.cosine >= report.threshold, p  # eps's, below the bar, not marked
+        elif not p.zero:
+            assert p.ok == (p.cosine >= report.threshold), p  # everything else judged as before
+    assert "~0 (eps)" in str(report) or "normalisation's eps" in str(report)
+    if case.startswith("mobilenetv3"):
+        assert report.ok, str(report)
+    else:
+        assert {p.name for p in report.failures()}.isdisjoint(eps_only)
+
+
+def test_a_failure_that_is_not_eps_still_fails():
+    """A bar no 8-bit gradient reaches: the failing parameters stay failing,
+    none is called eps's, and the verdict is FAILED."""
+    model, x, config = _model("mobilenetv3_small_100, batch norms converted")
+    report = torch_mesa.verify(model, x, config=config, threshold=0.9999999, loss_fn=_loss, by_op=False)
+    assert not report.ok
+    eps_only = _eps_gradients(model, x, _loss)
+    failing = report.failures()
+    assert failing and not any(p.eps_only for p in failing)
+    assert all(p.name in eps_only for p in report.params if p.eps_only)
