@@ -1,6 +1,14 @@
-"""``torch_mesa.verify`` on parameters whose gradient exists only through a
+"""``torch_mesa.verify`` on gradients of unusual size: tiny ones (a layer
+scale of 1e-5 at initialisation), and ones that exist only through a
 normalisation's eps.
 
+Tiny gradients: PyTorch's ``cosine_similarity`` divides by
+``max(|a|, 1e-8) * max(|b|, 1e-8)``, so gradients of norm around 1e-9 read
+as orthogonal, and verify called FastViT FAILED with cosines of 0.004 where
+the SQNR was 35 dB. A cosine does not depend on the loss's scale: verify's
+verdict and cosines must not either.
+
+eps:
 A per-channel weight whose output a normalisation divides by its own
 per-channel width (RepViT's and FastViT's depthwise 1x1 convolutions before
 a batch norm; MobileNetV3's batch-norm weights, converted, whose output
@@ -31,6 +39,23 @@ from torch import nn
 
 import torch_mesa
 from torch_mesa import MesaConfig
+
+from conftest import with_outliers
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-9, 1e-12])
+def test_cosines_do_not_depend_on_the_loss_scale(scale):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64), nn.LayerNorm(64), nn.Linear(64, 8))
+    x = with_outliers(16, 12, 64, requires_grad=False)
+    base = torch_mesa.verify(model, x, loss_fn=lambda y: y.square().mean(), by_op=False)
+    small = torch_mesa.verify(model, x, loss_fn=lambda y: scale * y.square().mean(), by_op=False)
+    assert base.ok and small.ok, str(small)
+    got = {p.name: p for p in small.params}
+    for p in base.params:
+        assert got[p.name].cosine == pytest.approx(p.cosine, abs=1e-9), p.name
+        assert got[p.name].exact_norm == pytest.approx(scale * p.exact_norm, rel=1e-4), p.name
+
 
 timm = pytest.importorskip("timm")
 

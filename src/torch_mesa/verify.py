@@ -12,8 +12,10 @@ state, and reports:
   differ from it by less than a thousandth of the median; a gradient that
   exists only through a normalisation's ``eps`` (the loss does not depend
   on the parameter's scale: a per-channel weight a batch norm normalises
-  right after) is recognised too (inputs given as tensors: the exact
-  model runs twice more in float64), and its direction is not judged;
+  right after) is recognised too, and its direction is not judged; so is
+  a float32 gradient that is rounding noise of an exact zero (a bias a
+  normalisation removes), which must then be as small (inputs given as
+  tensors: the exact model runs twice more in float64 to tell these);
 * the bytes kept for backward, in total and per module;
 * what was left exact and why (conversion report), and every routed call
   that ran as PyTorch runs it (fallbacks), with its reason;
@@ -263,6 +265,18 @@ def _run(model, call, loss_fn, seed, autocast_dtype):
     return outs, grads
 
 
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The cosine of two gradients, in float64, at any scale. (PyTorch's
+    ``cosine_similarity`` divides by ``max(|a|, 1e-8) * max(|b|, 1e-8)``: a
+    model whose gradients are around 1e-9, as a layer scale of 1e-5 at
+    initialisation makes them, read as orthogonal.)"""
+    a, b = a.double().flatten(), b.double().flatten()
+    na, nb = a.norm().item(), b.norm().item()
+    if na == 0 or nb == 0:
+        return 0.0
+    return (a / na).dot(b / nb).item()
+
+
 def _compare(exact: Dict[str, Optional[torch.Tensor]], got: Dict[str, Optional[torch.Tensor]],
              threshold: float) -> List[ParamCheck]:
     norms = [g.double().norm().item() for g in exact.values() if g is not None]
@@ -286,7 +300,7 @@ def _compare(exact: Dict[str, Optional[torch.Tensor]], got: Dict[str, Optional[t
             ok = cn <= 1e-3 * typical
             cos = 1.0 if ok else 0.0
         else:
-            cos = torch.nn.functional.cosine_similarity(cd, ed, 0).item() if cn > 0 else 0.0
+            cos = cosine(cd, ed) if cn > 0 else 0.0
             ok = cos >= threshold and math.isfinite(cn)
             if not ok and en <= 1e-4 * typical and noise <= 1e-3 * typical and math.isfinite(cn):
                 # numerically negligible: four orders of magnitude below the
@@ -337,19 +351,26 @@ def _float64(inputs):
     return inputs
 
 
-def _mark_eps_only(checks: List[ParamCheck], exact: nn.Module, inputs,
-                   run: Callable[[nn.Module, Callable], Dict[str, Optional[torch.Tensor]]]) -> None:
-    """Mark the failing checks whose exact gradient exists only through a
-    normalisation's eps: the exact model runs twice more in float64, with
-    every eps as it is and ``_EPS_SHRINK`` times smaller; such a gradient
-    shrinks with it (a per-channel weight whose output a batch norm
-    normalises: the loss does not depend on its scale, and what is left is
-    eps's share of the normalising width, linear in eps). In float32 a
-    nearly constant channel's variance is rounding noise at that eps, hence
-    float64. The converted gradient's error is larger than such a gradient
-    in any direction; the parameter is judged like a zero gradient's, by its
-    converted gradient being finite. Inputs given as a function of the model
-    cannot be widened: then nothing is marked."""
+def _judge_by_float64(checks: List[ParamCheck], exact: nn.Module, inputs,
+                      run: Callable[[nn.Module, Callable], Dict[str, Optional[torch.Tensor]]]) -> None:
+    """Look again at the failing checks with float64 gradients of the exact
+    model, run twice more: with every normalisation's eps as it is and
+    ``_EPS_SHRINK`` times smaller. Two kinds of gradient are then recognised:
+
+    * *eps's alone*: it shrinks with eps (a per-channel weight whose output a
+      batch norm normalises: the loss does not depend on its scale, and what
+      is left is eps's share of the normalising width, linear in eps; in
+      float32 a nearly constant channel's variance is rounding noise at that
+      eps, hence float64). The converted gradient's error is larger than
+      such a gradient in any direction; it is judged by being finite;
+    * *float32 rounding noise*: the float64 gradient is 1000x smaller than
+      the float32 one (it is 0 in exact arithmetic: a bias that a
+      normalisation removes on every path). Its direction is noise on both
+      sides; the converted one must be as small (10x the float32 noise, or a
+      thousandth of the model's median gradient).
+
+    Inputs given as a function of the model cannot be widened: then nothing
+    changes."""
     failing = [p for p in checks if not p.ok and not p.zero and p.exact_norm > 0]
     wide = _float64(inputs) if failing else None
     if wide is None:
@@ -363,11 +384,16 @@ def _mark_eps_only(checks: List[ParamCheck], exact: nn.Module, inputs,
             grads.append(run(model, _caller(wide)))
         except (RuntimeError, TypeError):  # a model that does not run in float64 (a dtype fixed inside)
             return
+    typical = statistics.median([p.exact_norm for p in checks if p.exact_norm > 0])
     for p in failing:
         base, shrunk = grads[0].get(p.name), grads[1].get(p.name)
         if base is None or shrunk is None or not math.isfinite(p.converted_norm):
             continue
-        if shrunk.norm().item() * _EPS_DRIVEN <= base.norm().item():
+        wide_norm = base.norm().item()
+        if wide_norm * 1000 < p.exact_norm:
+            p.zero = True
+            p.ok = p.converted_norm <= max(10 * p.exact_norm, 1e-3 * typical)
+        elif shrunk.norm().item() * _EPS_DRIVEN <= wide_norm:
             p.eps_only = p.zero = p.ok = True
     _worst_first(checks)
 
@@ -432,7 +458,7 @@ def verify(
         out_c, grads_c = _run(converted, call, loss_fn, seed, autocast_dtype)
     equal, diff, notes = _compare_outputs(out_e, out_c, _fused_calls(converted))
     params = _compare(grads_e, grads_c, threshold)
-    _mark_eps_only(params, exact, inputs, lambda m, c: _run(m, c, loss_fn, seed, None)[1])
+    _judge_by_float64(params, exact, inputs, lambda m, c: _run(m, c, loss_fn, seed, None)[1])
     eps_only = {p.name for p in params if p.eps_only}
     fallbacks = [(m, f, r, n) for (m, f, r), n in sorted((scope.fallbacks if scope else {}).items())]
 

@@ -52,6 +52,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from torch_mesa import MesaConfig, compress_, measure
+from torch_mesa.verify import cosine
 from torch_mesa.compiled import compile as mesa_compile
 from torch_mesa.compiled import find_blocks as _find_blocks
 from torch_mesa.measure import process_memory, reset_peak_rss
@@ -176,7 +177,7 @@ def fidelity(spec, batch, device, configs) -> Dict[str, dict]:
         for n, exact in grads["baseline"].items():
             if n not in g or exact.norm() == 0:
                 continue
-            cos.append(torch.nn.functional.cosine_similarity(g[n], exact, 0).item())
+            cos.append(cosine(g[n], exact))
             noise = (g[n] - exact).pow(2).sum().item()
             dbs.append(math.inf if noise == 0 else 10 * math.log10(exact.pow(2).sum().item() / noise))
         out[config] = {"worst_cos": min(cos), "median_cos": statistics.median(cos), "worst_db": min(dbs)}
