@@ -57,6 +57,44 @@ def test_cosines_do_not_depend_on_the_loss_scale(scale):
         assert got[p.name].exact_norm == pytest.approx(scale * p.exact_norm, rel=1e-4), p.name
 
 
+class BiasBeforeNorm(nn.Module):
+    """A layer's bias that the batch norm right after removes: its gradient
+    is 0 in exact arithmetic, and in float32 rounding noise, made large here
+    by a narrow pre-norm distribution (weights 1e-3: the norm divides by a
+    small width)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        if kind == "linear":
+            self.a, self.norm, self.b = nn.Linear(64, 128), nn.BatchNorm1d(128), nn.Linear(128, 8)
+        else:
+            self.a, self.norm, self.b = nn.Conv2d(64, 128, 1), nn.BatchNorm2d(128), nn.Conv2d(128, 8, 1)
+        self.act = nn.GELU()
+        with torch.no_grad():
+            self.a.weight.mul_(1e-3)
+            self.a.bias.normal_()
+
+    def forward(self, x):
+        return self.b(self.act(self.norm(self.a(x))))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_float32_noise_of_a_zero_gradient_is_judged_by_size(kind):
+    """The float64 gradient of the bias is 1000x below its float32 one: the
+    latter is noise on both sides, so its direction is not judged, only that
+    the converted one is as small."""
+    torch.manual_seed(0)
+    model = BiasBeforeNorm(kind).train()
+    x = torch.randn(512, 64) if kind == "linear" else torch.randn(8, 64, 8, 8)
+    report = torch_mesa.verify(model, x, loss_fn=lambda y: y.square().mean(), by_op=False)
+    wide = copy.deepcopy(model).double()
+    wide(x.double()).square().mean().backward()
+    bias = {p.name: p for p in report.params}["a.bias"]
+    assert wide.a.bias.grad.norm().item() * 1000 < bias.exact_norm  # (the premise)
+    assert bias.zero and bias.ok and not bias.eps_only, bias
+    assert report.ok, str(report)
+
+
 timm = pytest.importorskip("timm")
 
 # (timm model, batch, convert batch norms)
