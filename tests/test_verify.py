@@ -17,7 +17,8 @@ not change the loss by its scale. What gradient it has comes from eps in the
 width ``sqrt(var + eps)``: linear in eps. The converted gradient's error (the
 rebuilt input's) is far larger, so its cosine says nothing: verify() called
 these models FAILED, with cosines of -0.35 (RepViT) and 0.09 (MobileNetV3
-with converted batch norms) on such parameters (FastViT's -0.42 too, though
+with converted batch norms) on such parameters, and HGNetV2 for a scalar
+scale whose exact gradient reads ~0 and whose converted one is larger (FastViT's -0.42 too, though
 FastViT also has biases a batch norm removes, whose float32 gradients are
 rounding noise, which verify does not yet tell apart). It now
 recognises them by running the exact model once more with every eps 10^4
@@ -100,6 +101,7 @@ timm = pytest.importorskip("timm")
 # (timm model, batch, convert batch norms)
 MODELS = {
     "repvit_m1": (2, False),
+    "hgnetv2_b0": (2, False),  # a scalar scale before a conv and batch norm: its gradient reads ~0, the converted not
     "mobilenetv3_small_100, batch norms converted": (8, True),
 }
 
