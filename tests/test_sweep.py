@@ -513,6 +513,15 @@ TIMM = {
                                       num_heads_inner=2), 32),
     "davit": ("davit_tiny", dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 64, 64), num_heads=(1, 2, 4, 4),
                                  window_size=4), 64),
+    # found outside the suite (issue 9's probe of 40 families): attention pooling with a latent query,
+    # token-mixing Linears over the patch axis, a spatial gating unit, the star operation (a product of
+    # two branches), focal modulation
+    "vit_map": ("vit_tiny_patch16_224", dict(VIT, img_size=32, global_pool="map", class_token=False), 32),
+    "mixer": (lambda: _build("mlp_mixer", "MlpMixer", img_size=32, patch_size=8, num_blocks=2, embed_dim=64),
+              None, 32),
+    "gmlp": (lambda: _gmlp(img_size=32, patch_size=8, num_blocks=2, embed_dim=64), None, 32),
+    "starnet": ("starnet_s1", {}, 64),
+    "focalnet": (lambda: _build("focalnet", "FocalNet", depths=(1, 1, 1, 1), embed_dim=32), None, 64),
     # the registered configs of these fix the arguments we shrink: built from their classes
     "nest": (lambda: _build("nest", "Nest", img_size=32, embed_dims=(16, 32, 64), num_heads=(1, 2, 4),
                             depths=(1, 1, 1)), None, 32),
@@ -525,6 +534,13 @@ def _build(module, cls, *args, **kwargs):
     import importlib
 
     return getattr(importlib.import_module(f"timm.models.{module}"), cls)(*args, num_classes=10, **kwargs)
+
+
+def _gmlp(**kwargs):
+    from timm.layers import GatedMlp
+    from timm.models.mlp_mixer import SpatialGatingBlock
+
+    return _build("mlp_mixer", "MlpMixer", block_layer=SpatialGatingBlock, mlp_layer=GatedMlp, mlp_ratio=6, **kwargs)
 
 
 def _mvitv2_cfg():
