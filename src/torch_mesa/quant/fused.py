@@ -132,6 +132,9 @@ class _Compiled:
                 self.dynamic = True
         if self.impl is None:
             self.impl = self._make(True if self.dynamic else None)
+        # (a view's base goes into Dynamo's guards too: a flat view of a
+        # feature map would guard on the map's shape; detached, it has none)
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) and a._base is not None else a for a in args)
         try:
             with _quiet_codegen():
                 return self.impl(*args)
@@ -463,9 +466,9 @@ def _scale_tensor(scale: float, x) -> torch.Tensor:
 
 def _flat(x):
     """``x`` as one dimension: a view where ``x`` is contiguous, else the
-    copy the reference's reshape makes too; detached, so that no view base of
-    ``x``'s shape goes with it (Dynamo guards on a view's base as well)."""
-    return x.reshape(-1).detach()
+    copy the reference's reshape makes too. (A view's base, of ``x``'s shape,
+    is dropped before Dynamo sees it: ``_Compiled.__call__``.)"""
+    return x.reshape(-1)
 
 
 def apply_bits(x, packed, scale):
