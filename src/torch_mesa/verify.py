@@ -279,9 +279,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _compare(exact: Dict[str, Optional[torch.Tensor]], got: Dict[str, Optional[torch.Tensor]],
              threshold: float) -> List[ParamCheck]:
-    norms = [g.double().norm().item() for g in exact.values() if g is not None]
-    nonzero = [n for n in norms if n > 0]
-    typical = statistics.median(nonzero) if nonzero else 0.0
+    typical = _typical([g.double().norm().item() for g in exact.values() if g is not None])
     checks = []
     for name, e in exact.items():
         c = got.get(name)
@@ -312,6 +310,12 @@ def _compare(exact: Dict[str, Optional[torch.Tensor]], got: Dict[str, Optional[t
         checks.append(ParamCheck(name, cos, sqnr, en, cn, zero, ok))
     _worst_first(checks)
     return checks
+
+
+def _typical(norms: List[float]) -> float:
+    """The model's typical gradient norm: the median of the nonzero ones."""
+    nonzero = [n for n in norms if n > 0]
+    return statistics.median(nonzero) if nonzero else 0.0
 
 
 def _worst_first(checks: List[ParamCheck]) -> None:
@@ -384,7 +388,7 @@ def _judge_by_float64(checks: List[ParamCheck], exact: nn.Module, inputs,
             grads.append(run(model, _caller(wide)))
         except (RuntimeError, TypeError):  # a model that does not run in float64 (a dtype fixed inside)
             return
-    typical = statistics.median([p.exact_norm for p in checks if p.exact_norm > 0])
+    typical = _typical([p.exact_norm for p in checks])
     for p in failing:
         base, shrunk = grads[0].get(p.name), grads[1].get(p.name)
         if base is None or shrunk is None or not math.isfinite(p.converted_norm):
@@ -459,7 +463,8 @@ def verify(
     equal, diff, notes = _compare_outputs(out_e, out_c, _fused_calls(converted))
     params = _compare(grads_e, grads_c, threshold)
     _judge_by_float64(params, exact, inputs, lambda m, c: _run(m, c, loss_fn, seed, None)[1])
-    eps_only = {p.name for p in params if p.eps_only}
+    # (what the float64 look judged apart stays apart in the breakdown too)
+    apart = {p.name for p in params if p.zero}
     fallbacks = [(m, f, r, n) for (m, f, r), n in sorted((scope.fallbacks if scope else {}).items())]
 
     kept_e = measure_call(exact, lambda m: _loss_of(m, call, loss_fn), autocast_dtype=autocast_dtype)
@@ -472,7 +477,7 @@ def verify(
         for kind in [k for k in OP_KINDS if k in kinds]:
             with exact_ops(set(OP_KINDS) - {kind}):
                 _, grads_k = _run(converted, call, loss_fn, seed, autocast_dtype)
-            checks = [p for p in _compare(grads_e, grads_k, threshold) if not p.zero and p.name not in eps_only]
+            checks = [p for p in _compare(grads_e, grads_k, threshold) if not p.zero and p.name not in apart]
             if checks:
                 worst = min(checks, key=lambda p: p.cosine)
                 finite = [p.sqnr_db for p in checks if math.isfinite(p.sqnr_db)]
