@@ -461,27 +461,22 @@ def _scale_tensor(scale: float, x) -> torch.Tensor:
 # how the sizes divide: a CNN's masks, one shape per feature map, used up
 # the recompile limit (8) of the one setting they share, and the rest ran
 # the eager reference. (The settings are still one per rank, so that each
-# rank's first layouts are compiled directly: see _Compiled.)
-
-
-def _flat(x):
-    """``x`` as one dimension: a view where ``x`` is contiguous, else the
-    copy the reference's reshape makes too. (A view's base, of ``x``'s shape,
-    is dropped before Dynamo sees it: ``_Compiled.__call__``.)"""
-    return x.reshape(-1)
+# rank's first layouts are compiled directly: see _Compiled.) The flat
+# tensor is a view where the tensor is contiguous, else the copy the
+# reference's reshape makes too; its base is dropped before Dynamo sees it.
 
 
 def apply_bits(x, packed, scale):
     """:func:`.reference.apply_bits`, compiled: one pass over ``x`` and the bits."""
     scale = float(scale)
     out = _run(_apply_bits(x.dim(), x.dtype, _serial(x.numel(), x.device)),
-               lambda t, p, _: ref.apply_bits(t, p, scale), _flat(x), packed, _scale_tensor(scale, x))
+               lambda t, p, _: ref.apply_bits(t, p, scale), x.reshape(-1), packed, _scale_tensor(scale, x))
     return out.view(x.shape)
 
 
 def pack_bits(mask):
     """:func:`.reference.pack_bits`, compiled."""
-    return _run(_pack_bits(mask.dim(), _serial(mask.numel(), mask.device)), ref.pack_bits, _flat(mask))
+    return _run(_pack_bits(mask.dim(), _serial(mask.numel(), mask.device)), ref.pack_bits, mask.reshape(-1))
 
 
 def unpack_bits(packed, shape):
