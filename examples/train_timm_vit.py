@@ -1,7 +1,7 @@
 """Train a timm Vision Transformer with torch-mesa on scikit-learn's digits.
 
     pip install 'torch-mesa[timm,demo]'
-    python examples/train_timm_vit.py [--epochs 10] [--bits 8]
+    python examples/train_timm_vit.py [--epochs 10] [--bits 8] [--max-steps N]
 
 The digits (8x8, bundled with scikit-learn) are upsampled to 32x32; the model
 is timm's ``vit_tiny_patch16_224`` layout at 32 px with 4x4 patches, random
@@ -25,6 +25,7 @@ def main():
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--bits", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps (a quick look)")
     args = p.parse_args()
 
     digits = load_digits()
@@ -49,7 +50,9 @@ def main():
     for epoch in range(args.epochs):
         model.train()
         order = torch.randperm(len(ys))
-        for i in range(0, len(ys), args.batch_size):
+        for step, i in enumerate(range(0, len(ys), args.batch_size)):
+            if step == args.max_steps:
+                break
             idx = order[i:i + args.batch_size]
             loss = F.cross_entropy(model(xs[idx]), ys[idx])
             opt.zero_grad()

@@ -68,6 +68,16 @@ def draws_in(fn) -> int:
     return sum(e.count for e in prof.key_averages() if "bernoulli" in e.key or "dropout" in e.key)
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share the machine's cores (pyproject's addopts): one
+    # intra-op thread each, and the same for the processes the tests start
+    # (examples, the CLI, distributed ranks), unless the caller chose.
+    # Tiny models run no faster on two threads, and two workers of two
+    # threads each on two cores contend.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 @pytest.fixture
 def reference_kernel(monkeypatch):
     """Run the eager reference quantizer (no compilation) in this test."""

@@ -44,7 +44,7 @@ def test_finetune_causal_lm():
 def test_train_timm_vit():
     pytest.importorskip("timm")
     pytest.importorskip("sklearn")
-    out = run("train_timm_vit.py", "--epochs", "1")
+    out = run("train_timm_vit.py", "--epochs", "1", "--max-steps", "4")
     assert _ratio(out) < 0.4 and "test accuracy" in out
 
 
