@@ -33,6 +33,8 @@ found.
 """
 
 import copy
+import fnmatch
+import json
 
 import pytest
 import torch
@@ -146,7 +148,7 @@ def test_gradients_that_exist_only_through_eps_are_reported_apart(case):
     almost constant, whose batch norm divides by little more than
     sqrt(eps)), and they still fail."""
     model, x, config = _model(case)
-    report = torch_mesa.verify(model, x, config=config, loss_fn=_loss, by_op=False)
+    report = torch_mesa.verify(model, x, config=config, loss_fn=_loss, by_op=False, remedy=False)
     eps_only = _eps_gradients(model, x, _loss)
     marked = {p.name for p in report.params if p.eps_only}
     assert marked, "this model was chosen for gradients that exist only through eps and fail the bar"
@@ -169,9 +171,85 @@ def test_a_failure_that_is_not_eps_still_fails():
     """A bar no 8-bit gradient reaches: the failing parameters stay failing,
     none is called eps's, and the verdict is FAILED."""
     model, x, config = _model("mobilenetv3_small_100, batch norms converted")
-    report = torch_mesa.verify(model, x, config=config, threshold=0.9999999, loss_fn=_loss, by_op=False)
+    report = torch_mesa.verify(model, x, config=config, threshold=0.9999999, loss_fn=_loss, by_op=False,
+                               remedy=False)
     assert not report.ok
     eps_only = _eps_gradients(model, x, _loss)
     failing = report.failures()
     assert failing and not any(p.eps_only for p in failing)
     assert all(p.name in eps_only for p in report.params if p.eps_only)
+
+
+# --------------------------------------------------------------- remedies
+#
+# Where a gradient fails, verify proposes configs that keep the smallest
+# modules around the failing parameters exact, tried on the same batch. The
+# claim is checked through the public API: verify with the proposed config
+# must pass, and still keep fewer bytes than the unconverted model. Where
+# the culprit is known by construction (a user's policy that puts one
+# module at 2 bits), the proposal must lie inside it.
+
+def _small_vit():
+    from torch_mesa.tools.models import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=4, dim=64, depth=3, heads=4, num_classes=10)
+    return model, torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _repvit(px, batch):
+    torch.manual_seed(0)
+    model = timm.create_model("repvit_m1", pretrained=False, num_classes=10).train()
+    return model, torch.randn(batch, 3, px, px, generator=torch.Generator().manual_seed(0))
+
+
+REMEDY_CASES = {
+    # (model and batch, config, the module the failure comes from, or None where found by study)
+    "a block's MLP at 2 bits": (_small_vit, MesaConfig(policy={"blocks.1.mlp": {"bits": 2}}), "blocks.1.mlp"),
+    "a block's attention at 2 bits": (_small_vit, MesaConfig(policy={"blocks.2.attn": {"bits": 2}}), "blocks.2.attn"),
+    # squeeze-excite gates: the gate's gradient sums g * x over a channel's
+    # pixels, where the kept x's rounding does not cancel (0.998 at 8 bits)
+    "RepViT's squeeze-excite gates, 128 px": (lambda: _repvit(128, 4), MesaConfig(), None),
+    # a channel nearly constant over a batch of 2 at 4 x 4 pixels, which its
+    # batch norm divides by little more than sqrt(eps)
+    "RepViT's near-constant channel, 64 px": (lambda: _repvit(64, 2), MesaConfig(), None),
+}
+
+
+@pytest.mark.parametrize("case", list(REMEDY_CASES))
+def test_a_failing_model_gets_configs_that_pass(case):
+    build, config, culprit = REMEDY_CASES[case]
+    model, x = build()
+    report = torch_mesa.verify(model, x, config=config, loss_fn=_loss, by_op=False)
+    assert not report.ok and report.remedy_tried
+    assert report.remedies, str(report)
+    assert "configs that pass on this batch" in str(report)
+    assert json.loads(json.dumps(report.to_dict()))["remedies"][0]["modules"] == report.remedies[0].modules
+    names = [n for n, _ in model.named_modules()]
+    for r in report.remedies:
+        # every entry names modules of the model, and the config is the one
+        # verified plus those entries
+        assert all(any(fnmatch.fnmatchcase(n, m) for n in names) for m in r.modules), r.modules
+        assert r.config.policy[:len(config.policy)] == config.policy
+        assert [p for p, _ in r.config.policy[len(config.policy):]] == r.modules
+        again = torch_mesa.verify(model, x, config=r.config, loss_fn=_loss, by_op=False, remedy=False)
+        assert again.ok, str(again)
+        assert again.kept_converted == r.kept_converted < report.kept_exact
+        assert r.worst.cosine >= report.threshold
+    if culprit is not None:
+        assert all(m == culprit or m.startswith(culprit + ".") for m in report.remedies[0].modules), \
+            report.remedies[0].modules
+    if case.startswith("RepViT's squeeze"):
+        assert all(m.endswith(".se") for r in report.remedies for m in r.modules), str(report)
+
+
+def test_no_remedy_short_of_the_whole_model():
+    """A bar no 8-bit gradient meets: keeping modules exact passes only once
+    every one is, which saves nothing and is not proposed; the report says
+    so. A model that passes is not searched."""
+    model, x = _small_vit()
+    report = torch_mesa.verify(model, x, threshold=0.9999999, loss_fn=_loss, by_op=False)
+    assert not report.ok and report.remedy_tried and report.remedies == []
+    assert "no config keeping some modules exact passes" in str(report)
+    passing = torch_mesa.verify(model, x, loss_fn=_loss, by_op=False)
+    assert passing.ok and not passing.remedy_tried and passing.remedies == []

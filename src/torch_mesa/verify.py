@@ -22,7 +22,11 @@ state, and reports:
 * a per-op breakdown: for each kind of op that keeps something (linear
   inputs, norms, activations, gated products, softmax, matmul, attention),
   the gradient error when only that kind is compressed and everything else
-  is kept exact: which op contributes how much of the error.
+  is kept exact: which op contributes how much of the error;
+* where a gradient fails, configs that pass on the same batch by keeping
+  the smallest modules around the failing parameters exact (a policy entry
+  of ``None`` each; then the same modules in every block), with their
+  worst gradient and bytes kept: what to convert with instead.
 
 The model itself is not changed: the two runs use deep copies (so verify
 needs memory for two more copies of the parameters).
@@ -32,8 +36,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import statistics
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -41,12 +47,12 @@ import torch
 from torch import nn
 
 from .config import MesaConfig
-from .convert import ConversionReport, compress_, is_compressed, restore_
+from .convert import ConversionReport, compress_, config_of, is_compressed, restore_
 from .measure import measure_call
 from .ops.recipes import OP_KINDS, exact_ops, record_ops
 from .units import format_bytes
 
-__all__ = ["ParamCheck", "VerifyReport", "verify"]
+__all__ = ["ParamCheck", "Remedy", "VerifyReport", "verify"]
 
 
 @dataclass
@@ -66,6 +72,19 @@ class ParamCheck:
 
 
 @dataclass
+class Remedy:
+    """A config that keeps exact the smallest modules around the failing
+    parameters, tried on the same batch (:func:`verify` looks for it when a
+    gradient fails): convert with ``config`` instead."""
+
+    modules: List[str]  # the policy patterns it keeps exact (an entry of None each)
+    config: MesaConfig  # the config to convert with: the one verified plus those entries
+    worst: ParamCheck  # its worst judged gradient on the same batch
+    kept_exact: int
+    kept_converted: int
+
+
+@dataclass
 class VerifyReport:
     """What :func:`verify` found (``ok`` is the one-word answer)."""
 
@@ -80,6 +99,11 @@ class VerifyReport:
     fallbacks: List[Tuple[str, str, str, int]]
     by_op: Dict[str, Tuple[float, str, float]] = field(default_factory=dict)
     forward_notes: List[str] = field(default_factory=list)
+    # where gradients fail: configs that meet the threshold by keeping
+    # modules exact (the modules found, then the same modules in every block
+    # where that passes too); empty: none found short of the whole model
+    remedies: List[Remedy] = field(default_factory=list)
+    remedy_tried: bool = False
 
     @property
     def ok(self) -> bool:
@@ -123,6 +147,15 @@ class VerifyReport:
             lines.append(f"  {len(eps_only)} get a gradient only through a normalisation's eps (~0 (eps): the loss "
                          "does not depend on their scale, as a per-channel weight a batch norm normalises; their "
                          "direction is not judged): " + ", ".join(eps_only[:4]) + (" ..." if len(eps_only) > 4 else ""))
+        if self.remedies:
+            lines.append("configs that pass on this batch, keeping modules exact (report.remedies[i].config):")
+            for i, r in enumerate(self.remedies):
+                shown = ", ".join(f"{m!r}: None" for m in r.modules[:4]) + (", ..." if len(r.modules) > 4 else "")
+                ratio = r.kept_converted / r.kept_exact if r.kept_exact else float("nan")
+                lines.append(f"  [{i}] policy={{{shown}}}: worst cosine {r.worst.cosine:.6f} ({r.worst.name}), "
+                             f"kept {format_bytes(r.kept_exact)} -> {format_bytes(r.kept_converted)} ({ratio:.3f}x)")
+        elif self.remedy_tried:
+            lines.append("no config keeping some modules exact passes on this batch, short of the whole model")
         if self.by_op:
             lines.append("error by op kind (only that kind compressed, the rest exact):")
             for kind, (cos, name, db) in sorted(self.by_op.items(), key=lambda kv: kv[1][0]):
@@ -152,6 +185,9 @@ class VerifyReport:
             "by_op": {k: {"worst_cosine": v[0], "worst_param": v[1], "median_sqnr_db": v[2]}
                       for k, v in self.by_op.items()},
             "fallbacks": [list(f) for f in self.fallbacks],
+            "remedies": [{"modules": list(r.modules), "config": r.config.to_dict(), "worst_cosine": r.worst.cosine,
+                          "worst_param": r.worst.name, "kept_exact": r.kept_exact,
+                          "kept_converted": r.kept_converted} for r in self.remedies],
         }
 
 
@@ -410,6 +446,7 @@ def verify(
     loss_fn: Optional[Callable[[Any], torch.Tensor]] = None,
     threshold: float = 0.999,
     by_op: bool = True,
+    remedy: bool = True,
     autocast_dtype: Optional[torch.dtype] = None,
     seed: int = 0,
 ) -> VerifyReport:
@@ -430,6 +467,10 @@ def verify(
         threshold: the gradient cosine every parameter must reach.
         by_op: also measure each op kind's share of the error (one more
             forward and backward per kind present).
+        remedy: where a gradient fails, look for configs that pass by
+            keeping the smallest modules around the failing parameters
+            exact (a converted forward and backward per try, at most
+            ``_REMEDY_TRIES`` + 1); the report shows them, ``report.remedies``.
         autocast_dtype: run both under ``torch.autocast`` with this dtype.
         seed: the random state both runs start from (dropout draws alike).
 
@@ -442,14 +483,14 @@ def verify(
     conversion = None
     converted = copy.deepcopy(model)
     exact = copy.deepcopy(model)
+    base = config if config is not None else MesaConfig()
     if is_compressed(model):
+        base = config_of(model)
         if config is not None:
             raise ValueError("verify: the model is already converted; config= applies to plain models only "
                              "(call torch_mesa.restore_(model) to verify another config)")
         restore_(exact)
     else:
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the report below says what was converted
             conversion = compress_(converted, config)
@@ -482,8 +523,108 @@ def verify(
                 worst = min(checks, key=lambda p: p.cosine)
                 finite = [p.sqnr_db for p in checks if math.isfinite(p.sqnr_db)]
                 breakdown[kind] = (worst.cosine, worst.name, statistics.median(finite) if finite else math.inf)
+    found, tried = [], False
+    if remedy and base is not None and any(not p.ok for p in params):
+        tried = True
+        found = _find_remedies(exact, base, params, grads_e, threshold,
+                             lambda m: _run(m, call, loss_fn, seed, autocast_dtype)[1],
+                             lambda m: measure_call(m, lambda m: _loss_of(m, call, loss_fn),
+                                                    autocast_dtype=autocast_dtype).total_bytes)
     return VerifyReport(threshold, equal, diff, params, kept_e.total_bytes, kept_c.total_bytes, by_module,
-                        conversion, fallbacks, breakdown, notes)
+                        conversion, fallbacks, breakdown, notes, found, tried)
+
+
+_REMEDY_TRIES = 6  # modules kept exact, widened this many times at most
+_REMEDY_PRUNE = 12  # tries at most spent dropping modules the found set passes without
+
+
+def _owner(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _find_remedies(exact: nn.Module, base: MesaConfig, params: List[ParamCheck], grads_e, threshold: float,
+                   grads_of: Callable[[nn.Module], Dict[str, Optional[torch.Tensor]]],
+                   kept_of: Callable[[nn.Module], int]) -> List[Remedy]:
+    """Keep exact the module of each failing parameter, convert the exact
+    model again with those policy entries added, and compare on the same
+    batch; for a parameter still failing, keep its module's parent exact
+    instead, and so on up to (not including) the model itself. Then drop,
+    one at a time, each module the set passes without: a parameter upstream
+    of an op that compresses badly fails with it (its gradient comes
+    through that op's backward), and its own module needs no exactness.
+    Parameters the main comparison judged apart (~0, eps's) stay apart.
+    Where the set passes, the same modules in every block (``blocks.*.se``)
+    are tried too: what fails in some blocks on this batch is near the bar
+    in the others, and another batch picks others."""
+    apart = {p.name for p in params if p.zero}
+
+    def attempt(modules: List[str]):
+        """The failing judged checks with ``modules`` exact, and the remedy it would be."""
+        config = dataclasses.replace(base, policy=base.policy + tuple((m, None) for m in modules))
+        trial = copy.deepcopy(exact)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compress_(trial, config)
+        checks = [p for p in _compare(grads_e, grads_of(trial), threshold) if p.name not in apart]
+        judged = [p for p in checks if not p.zero] or checks
+        return [p for p in checks if not p.ok], (modules, config, judged[0], trial)
+
+    # (the model itself is never a candidate: a parameter of its own, a
+    # class token, or of a module just below it waits for the others')
+    chosen = {p.name: _owner(p.name) for p in params if not p.ok and _owner(p.name)}
+    for _ in range(_REMEDY_TRIES):
+        modules = sorted(set(chosen.values()))
+        modules = [m for m in modules if not any(m.startswith(o + ".") for o in modules)]
+        if not modules:
+            return []
+        failing, found = attempt(modules)
+        if not failing:
+            break
+        # one level up at a time, the deepest first: widening a shallow
+        # module too (a norm beside the MLP that failed) would take in the
+        # deep one's parent whole (the block)
+        at = {p.name: next((m for m in modules if p.name.startswith(m + ".")), None) for p in failing}
+        deepest = max((m.count(".") for m in at.values() if m and "." in m), default=None)
+        before = dict(chosen)
+        for p in failing:
+            if at[p.name] is None:
+                if _owner(p.name):
+                    chosen[p.name] = _owner(p.name)  # failing only now
+            elif at[p.name].count(".") == deepest:
+                chosen[p.name] = _owner(at[p.name])
+        if chosen == before:
+            return []  # only the whole model exact would do
+    else:
+        return []
+    budget = [_REMEDY_PRUNE]
+
+    def prune(found, drop):
+        """``found`` without as many of ``drop`` as it passes without: all at
+        once, else each half in turn (a try each, within the budget)."""
+        if not drop or budget[0] <= 0:
+            return found
+        rest = [m for m in found[0] if m not in drop]
+        if rest:  # (none left is the config verified, which failed)
+            budget[0] -= 1
+            failing, smaller = attempt(rest)
+            if not failing:
+                return smaller
+        if len(drop) == 1:
+            return found
+        half = len(drop) // 2
+        return prune(prune(found, drop[:half]), drop[half:])
+
+    if len(modules) > 1:
+        found = prune(found, modules)
+    kept = kept_of(exact)
+    remedies = [Remedy(found[0], found[1], found[2], kept, kept_of(found[3]))]
+    general = sorted({".".join("*" if part.isdigit() else part for part in m.split(".")) for m in found[0]})
+    if general != found[0]:
+        failing, wide = attempt(general)
+        if not failing:
+            remedies.append(Remedy(general, wide[1], wide[2], kept, kept_of(wide[3])))
+    # (every module exact but in name: no saving left, no remedy)
+    return [r for r in remedies if r.kept_converted < r.kept_exact]
 
 
 def _loss_of(model, call, loss_fn):
