@@ -516,3 +516,70 @@ def test_norm_over_a_feature_maps_last_dim_stays_row_wise(bits):
         m(x).square().sum().backward()
     bar = 0.999 if bits == 8 else 0.99
     assert cosine(conv[1].weight.grad, model[1].weight.grad) >= bar
+
+
+
+# A convolution rebuilds its kept input as the channels-last view it was
+# kept from. PyTorch's CPU weight gradient of a 1x1 convolution with an
+# even stride writes out of bounds for a channels-last input of 2 to 12
+# channels at large sizes (measured on torch 2.14.1: 2, 3, 4, 6, 8 and 12
+# channels at strides 2 and 4 at 224 px crash, 1 and 16 or more channels,
+# stride 3, and 64 px do not): a FastViT stem (a MobileOne block's 1x1
+# stride-2 branch on the RGB image) crashed the process, where the
+# unconverted model, given the image as it is (contiguous), never reaches
+# that kernel. The variants run in a child process, since the failure is a
+# crash; glibc's heap checks (MALLOC_CHECK_=3) make a corrupted heap abort
+# at once rather than at some later allocation.
+_LAYOUT_CHILD = r"""
+import copy, torch, torch_mesa
+from torch import nn
+torch.set_num_threads(2)
+
+
+class Net(nn.Module):
+    # a bare 1x1 convolution, or a MobileOne stem: a 3x3 and a 1x1 branch,
+    # each with a batch norm, summed
+    def __init__(self, cin, stride, stem):
+        super().__init__()
+        self.scale = nn.Conv2d(cin, 16, 1, stride=stride, bias=False)
+        self.kxk = nn.Conv2d(cin, 16, 3, stride=stride, padding=1, bias=False) if stem else None
+        self.bn1, self.bn2 = nn.BatchNorm2d(16), nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        y = self.bn1(self.scale(x))
+        return y + self.bn2(self.kxk(x)) if self.kxk is not None else y
+
+
+for cin, stride, px in [(2, 2, 224), (3, 2, 224), (3, 4, 224), (8, 2, 224), (12, 4, 224), (3, 2, 96), (16, 2, 224)]:
+    for stem in (False, True):
+        torch.manual_seed(0)
+        plain = Net(cin, stride, stem)
+        mesa = copy.deepcopy(plain)
+        torch_mesa.compress_(mesa)
+        x = torch.randn(4, cin, px, px)
+        for step in range(3):
+            grads = []
+            for m in (plain, mesa):
+                m.zero_grad()
+                m(x).square().mean().backward()
+                grads.append(m.scale.weight.grad.double().flatten())
+        cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], 0).item()
+        print(cin, stride, px, stem, f"{cos:.6f}", flush=True)
+"""
+
+
+def test_conv_weight_gradients_of_few_channel_inputs_do_not_crash():
+    """Every variant runs to the end in a child process, and the 1x1
+    branch's weight gradient is within the bar of PyTorch's."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MALLOC_CHECK_="3")
+    res = subprocess.run([sys.executable, "-c", _LAYOUT_CHILD], capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, f"rc {res.returncode}: {res.stdout[-1000:]} {res.stderr[-2000:]}"
+    lines = res.stdout.split("\n")
+    rows = [line.split() for line in lines if line.strip()]
+    assert len(rows) == 14, res.stdout
+    for row in rows:
+        assert float(row[-1]) >= 0.999, row

@@ -59,6 +59,15 @@ def _tuple(v, n: int):
 _CHEAP_MACS = 64
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """The memory format ``x`` is laid out in (channels-last where it is
+    that and not also contiguous)."""
+    for fmt, dim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if x.dim() == dim and not x.is_contiguous() and x.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
+
+
 def _conv_step(x, weight, *bias, conf):
     stride, padding, dilation, groups = conf
     return _CONV[weight.dim()](x, weight, bias[0] if bias else None, stride, padding, dilation, groups)
@@ -93,6 +102,7 @@ class _ConvFn(OpFunction):
             ctx.mesa_out = derived(kept_x, functools.partial(_conv_step, conf=ctx.conf), extra,
                                    AutocastState(x.device.type), for_norms=False)
         ctx.x_shape, ctx.x_dtype, ctx.compute_dtype = x.shape, x.dtype, out.dtype
+        ctx.x_format = _memory_format(x)
         ctx.has_bias = bias is not None
         return fresh(out, x)
 
@@ -104,6 +114,16 @@ class _ConvFn(OpFunction):
         n = weight.dim() - 2
         need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
         g = grad_out.to(cd)
+        if x is not None and x.device.type == "cpu":
+            # The input is rebuilt as its channels-last view was kept. On
+            # the CPU it goes to the weight gradient in the layout the
+            # forward's input had (a copy): PyTorch's CPU kernel for the
+            # weight gradient of a 1x1 convolution with an even stride
+            # writes out of bounds for a channels-last input of 2 to 12
+            # channels at large sizes (a FastViT or MobileOne stem's 1x1
+            # stride-2 branch on the image: the process crashed), where the
+            # unconverted model, given the image as it is, never reaches it.
+            x = x.contiguous(memory_format=ctx.x_format)
         xin = x.to(cd) if x is not None else torch.empty(ctx.x_shape, dtype=cd, device=g.device).as_strided(
             ctx.x_shape, [0] * len(ctx.x_shape))  # only its shape matters for the input's gradient
         gx, gw, gb = torch.ops.aten.convolution_backward(
