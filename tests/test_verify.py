@@ -253,3 +253,37 @@ def test_no_remedy_short_of_the_whole_model():
     assert "no config keeping some modules exact passes" in str(report)
     passing = torch_mesa.verify(model, x, loss_fn=_loss, by_op=False)
     assert passing.ok and not passing.remedy_tried and passing.remedies == []
+
+
+# --------------------------------------------- per-op breakdown, in place
+#
+# The breakdown keeps every kind but one exact. Kept exact, an input was
+# the tensor itself, which an activation with inplace=True then overwrote:
+# verify failed with PyTorch's in-place error on EfficientNet (its batch
+# norms' SiLU runs in place). Several places such an activation sits.
+
+def _inplace_case(case):
+    torch.manual_seed(0)
+    if case == "efficientnet_b0":
+        return timm.create_model("efficientnet_b0", pretrained=False, num_classes=4), torch.randn(2, 3, 64, 64)
+    if case == "timm BatchNormAct2d":
+        from timm.layers import BatchNormAct2d
+
+        mid = BatchNormAct2d(16, act_layer=nn.SiLU)  # (timm's default: its act runs in place)
+        return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), mid, nn.Conv2d(16, 8, 3, padding=1),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)), torch.randn(4, 3, 16, 16)
+    if case == "after a batch norm":
+        return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.SiLU(inplace=True),
+                             nn.Conv2d(16, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(8, 4)), torch.randn(4, 3, 16, 16)
+    # after a Linear, on tokens
+    return nn.Sequential(nn.Linear(32, 64), nn.SiLU(inplace=True), nn.Linear(64, 32)), torch.randn(4, 17, 32)
+
+
+@pytest.mark.parametrize("case", ["after a batch norm", "timm BatchNormAct2d", "after a Linear", "efficientnet_b0"])
+def test_per_op_breakdown_with_in_place_activations(case):
+    model, x = _inplace_case(case)
+    report = torch_mesa.verify(model, x, loss_fn=_loss, remedy=False)
+    assert "activation" in report.by_op and "linear" in report.by_op, report.by_op
+    for kind, (cos, name, _) in report.by_op.items():
+        assert -1.0 <= cos <= 1.0 and name, (kind, cos, name)

@@ -167,7 +167,11 @@ def quantized(x: Tensor, spec: QuantSpec, *, op: str, heads: bool = False, rows:
     if seen is not None:
         seen.add(op)
     if op in _exact_ops.get():
-        return exact(x)
+        # a copy, as the quantized one it stands in for: an op that then
+        # overwrites its input (an activation with inplace=True) would
+        # change what backward reads (verify's per-op breakdown of
+        # EfficientNet failed with PyTorch's in-place error)
+        return exact(x.detach().clone())
     # (Heads under 32 channels skip it: there a spike in one element spread
     # over the whole row costs more than outlier channels do; measured in
     # benchmarks/quant_study.py.)
