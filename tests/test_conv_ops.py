@@ -583,3 +583,57 @@ def test_conv_weight_gradients_of_few_channel_inputs_do_not_crash():
     assert len(rows) == 14, res.stdout
     for row in rows:
         assert float(row[-1]) >= 0.999, row
+
+
+# A feature map times a gate per channel (squeeze-excite). The gate's
+# gradient sums grad * x over a channel's pixels, so it is as good as the
+# kept x is per channel. A feature map is noted as such where a
+# convolution, batch norm or pooling makes it, not where a plain sum does
+# (RepViT's `conv(x) + conv1(x) + x` before its squeeze-excite); kept
+# along its last dimension, one range spanned every channel of a row of
+# pixels. Realistic batch-norm outputs: channel scales over three decades
+# and shifts of the same size. 8-bit per-channel ranges give the gate's
+# gradient 43-49 dB here; one range across channels gave 27-34 dB below 32
+# pixels a row, and 39 dB at 32 for the shared scale (rows of 32 and more
+# have a scale of their own: 47 dB for the per-sample gate).
+@pytest.mark.parametrize("hw", [4, 8, 16, 32])
+@pytest.mark.parametrize("per_sample", [True, False], ids=["gate (N, C, 1, 1)", "scale (1, C, 1, 1)"])
+def test_a_channel_gates_feature_map_is_kept_per_channel(hw, per_sample):
+    g = torch.Generator().manual_seed(hw)
+    n, c = 4, 96
+    scale = torch.exp(torch.randn(c, generator=g) * 1.5)
+    shift = torch.randn(c, generator=g) * scale
+    x = torch.randn(n, c, hw, hw, generator=g) * scale.view(1, c, 1, 1) + shift.view(1, c, 1, 1)
+    gate = torch.sigmoid(torch.randn(n if per_sample else 1, c, 1, 1, generator=g))
+    grad = torch.randn(n, c, hw, hw, generator=g)
+    xs, gs = x.clone().requires_grad_(), gate.clone().requires_grad_()
+    ops.mul(xs, gs, config=MesaConfig()).backward(grad)
+    xe, ge = x.clone().requires_grad_(), gate.clone().requires_grad_()
+    (xe * ge).backward(grad)
+    assert sqnr_db(gs.grad, ge.grad) >= 40.0
+    assert sqnr_db(xs.grad, xe.grad) >= 45.0
+
+
+def test_a_per_token_gate_keeps_a_transformers_channels():
+    """(B, T, D) times (B, T, 1), a Transformer's per-token gate (a router's
+    weight): not a feature map, so x keeps its ranges per channel of D
+    (outlier channels stay in ranges of their own)."""
+    x = with_outliers(4, 64, 128, requires_grad=False)
+    gate = torch.sigmoid(torch.randn(4, 64, 1))
+    grad = torch.randn(4, 64, 128)
+    xs, gs = x.clone().requires_grad_(), gate.clone().requires_grad_()
+    ops.mul(xs, gs, config=MesaConfig()).backward(grad)
+    xe, ge = x.clone().requires_grad_(), gate.clone().requires_grad_()
+    (xe * ge).backward(grad)
+    assert sqnr_db(gs.grad, ge.grad) >= 40.0
+
+
+def test_repvit_squeeze_excite_gradients():
+    """RepViT at 128 px: its squeeze-excite gates' gradients fell to cosine
+    0.998 when the sum before them was kept along rows of pixels."""
+    model, _ = _timm("repvit_m1", 4)
+    x = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    report = torch_mesa.verify(model, x, by_op=False, remedy=False)
+    assert report.ok, str(report)
+    se = [p for p in report.params if ".se." in p.name and not p.zero]
+    assert se and min(p.cosine for p in se) >= 0.9995, str(report)

@@ -197,9 +197,9 @@ def _small_vit():
     return model, torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-def _repvit(px, batch):
+def _timm_model(name, px, batch):
     torch.manual_seed(0)
-    model = timm.create_model("repvit_m1", pretrained=False, num_classes=10).train()
+    model = timm.create_model(name, pretrained=False, num_classes=10).train()
     return model, torch.randn(batch, 3, px, px, generator=torch.Generator().manual_seed(0))
 
 
@@ -207,12 +207,15 @@ REMEDY_CASES = {
     # (model and batch, config, the module the failure comes from, or None where found by study)
     "a block's MLP at 2 bits": (_small_vit, MesaConfig(policy={"blocks.1.mlp": {"bits": 2}}), "blocks.1.mlp"),
     "a block's attention at 2 bits": (_small_vit, MesaConfig(policy={"blocks.2.attn": {"bits": 2}}), "blocks.2.attn"),
-    # squeeze-excite gates: the gate's gradient sums g * x over a channel's
-    # pixels, where the kept x's rounding does not cancel (0.998 at 8 bits)
-    "RepViT's squeeze-excite gates, 128 px": (lambda: _repvit(128, 4), MesaConfig(), None),
+    # a squeeze-excite's reduce bias sums over a batch of 4 a gradient that
+    # cancels, and the errors of every activation downstream reach it
+    # (0.998; with its own block exact, still 0.9986): nothing short of
+    # every block passes
+    "EfficientNet-B0's squeeze-excite, 128 px": (lambda: _timm_model("efficientnet_b0", 128, 4), MesaConfig(),
+                                                 None),
     # a channel nearly constant over a batch of 2 at 4 x 4 pixels, which its
     # batch norm divides by little more than sqrt(eps)
-    "RepViT's near-constant channel, 64 px": (lambda: _repvit(64, 2), MesaConfig(), None),
+    "RepViT's near-constant channel, 64 px": (lambda: _timm_model("repvit_m1", 64, 2), MesaConfig(), None),
 }
 
 
@@ -239,8 +242,6 @@ def test_a_failing_model_gets_configs_that_pass(case):
     if culprit is not None:
         assert all(m == culprit or m.startswith(culprit + ".") for m in report.remedies[0].modules), \
             report.remedies[0].modules
-    if case.startswith("RepViT's squeeze"):
-        assert all(m.endswith(".se") for r in report.remedies for m in r.modules), str(report)
 
 
 def test_no_remedy_short_of_the_whole_model():
