@@ -527,9 +527,9 @@ def verify(
     if remedy and base is not None and any(not p.ok for p in params):
         tried = True
         found = _find_remedies(exact, base, params, grads_e, threshold,
-                             lambda m: _run(m, call, loss_fn, seed, autocast_dtype)[1],
-                             lambda m: measure_call(m, lambda m: _loss_of(m, call, loss_fn),
-                                                    autocast_dtype=autocast_dtype).total_bytes)
+                               lambda m: _run(m, call, loss_fn, seed, autocast_dtype)[1],
+                               lambda m: measure_call(m, lambda m: _loss_of(m, call, loss_fn),
+                                                      autocast_dtype=autocast_dtype).total_bytes)
     return VerifyReport(threshold, equal, diff, params, kept_e.total_bytes, kept_c.total_bytes, by_module,
                         conversion, fallbacks, breakdown, notes, found, tried)
 
@@ -548,10 +548,11 @@ def _find_remedies(exact: nn.Module, base: MesaConfig, params: List[ParamCheck],
     """Keep exact the module of each failing parameter, convert the exact
     model again with those policy entries added, and compare on the same
     batch; for a parameter still failing, keep its module's parent exact
-    instead, and so on up to (not including) the model itself. Then drop,
-    one at a time, each module the set passes without: a parameter upstream
-    of an op that compresses badly fails with it (its gradient comes
-    through that op's backward), and its own module needs no exactness.
+    instead, and so on up to (not including) the model itself. Then drop
+    the modules the set passes without (all at once, else by halves): a
+    parameter upstream of an op that compresses badly fails with it (its
+    gradient comes through that op's backward), and its own module needs
+    no exactness.
     Parameters the main comparison judged apart (~0, eps's) stay apart.
     Where the set passes, the same modules in every block (``blocks.*.se``)
     are tried too: what fails in some blocks on this batch is near the bar

@@ -443,8 +443,8 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, *, config=None) ->
 
 # ------------------------------------------------------------ product
 def _gated_map(x: Tensor, other: Tensor) -> bool:
-    """Whether ``x`` is a feature map ``(N, C, H, W)`` (or 3-D) times a gate
-    per channel ``(N or 1, C, 1, 1)`` (a CNN's squeeze-excite): then its
+    """Whether ``x`` is a feature map ``(N, C, H, W)`` (or ``(N, C, D, H, W)``)
+    times a gate per channel ``(N or 1, C, 1, 1)`` (a CNN's squeeze-excite): then its
     channels are dim 1, and it is kept as a convolution's input is (ranges
     per channel over the batch and every position). Feature maps are noted
     as such where a convolution, batch norm or pooling makes them, but not
