@@ -233,6 +233,7 @@ def test_a_failing_model_gets_configs_that_pass(case):
         # every entry names modules of the model, and the config is the one
         # verified plus those entries
         assert all(any(fnmatch.fnmatchcase(n, m) for n in names) for m in r.modules), r.modules
+        assert not any(m.startswith(o + ".") for m in r.modules for o in r.modules), r.modules  # none inside another
         assert r.config.policy[:len(config.policy)] == config.policy
         assert [p for p, _ in r.config.policy[len(config.policy):]] == r.modules
         again = torch_mesa.verify(model, x, config=r.config, loss_fn=_loss, by_op=False, remedy=False)

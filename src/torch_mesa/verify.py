@@ -620,6 +620,7 @@ def _find_remedies(exact: nn.Module, base: MesaConfig, params: List[ParamCheck],
     kept = kept_of(exact)
     remedies = [Remedy(found[0], found[1], found[2], kept, kept_of(found[3]))]
     general = sorted({".".join("*" if part.isdigit() else part for part in m.split(".")) for m in found[0]})
+    general = [g for g in general if not any(g.startswith(o + ".") for o in general)]  # (inside another)
     if general != found[0]:
         failing, wide = attempt(general)
         if not failing:
