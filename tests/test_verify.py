@@ -108,13 +108,15 @@ MODELS = {
 }
 
 
-def _model(case):
-    name = case.split(",")[0]
-    batch, batch_norm = MODELS[case]
+def _timm_model(name, px, batch):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10).train()
-    x = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    return model, x, MesaConfig(batch_norm=batch_norm)
+    return model, torch.randn(batch, 3, px, px, generator=torch.Generator().manual_seed(0))
+
+
+def _model(case):
+    batch, batch_norm = MODELS[case]
+    return (*_timm_model(case.split(",")[0], 64, batch), MesaConfig(batch_norm=batch_norm))
 
 
 def _eps_gradients(model, x, loss_fn):
@@ -195,12 +197,6 @@ def _small_vit():
     torch.manual_seed(0)
     model = VisionTransformer(image_size=32, patch_size=4, dim=64, depth=3, heads=4, num_classes=10)
     return model, torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-
-def _timm_model(name, px, batch):
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=10).train()
-    return model, torch.randn(batch, 3, px, px, generator=torch.Generator().manual_seed(0))
 
 
 REMEDY_CASES = {
