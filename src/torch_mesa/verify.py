@@ -69,6 +69,9 @@ class ParamCheck:
     # the exact gradient exists only through a normalisation's eps (then
     # cosine is not judged either; zero is True too)
     eps_only: bool = False
+    # the unconverted model's own gradient holds NaN or Inf on this batch:
+    # there is nothing to compare with (not judged; ok is False)
+    exact_finite: bool = True
 
 
 @dataclass
@@ -119,6 +122,11 @@ class VerifyReport:
     def failures(self) -> List[ParamCheck]:
         return [p for p in self.params if not p.ok]
 
+    def not_finite_unconverted(self) -> List[ParamCheck]:
+        """Parameters whose gradient is NaN or Inf in the unconverted model
+        itself on this batch: not judged, and the verdict cannot be OK."""
+        return [p for p in self.params if not p.exact_finite]
+
     def __str__(self) -> str:
         lines = [f"torch-mesa verify: {'OK' if self.ok else 'FAILED'} (gradient cosine threshold {self.threshold})"]
         if self.forward_equal:
@@ -133,13 +141,27 @@ class VerifyReport:
         lines.append(f"kept for backward: {format_bytes(self.kept_exact)} -> {format_bytes(self.kept_converted)} "
                      f"({ratio:.3f}x)")
         bad = self.failures()
-        lines.append(f"gradients: {len(self.params)} parameters, {len(bad)} below the threshold; worst first:")
+        broken = self.not_finite_unconverted()
+        if broken:
+            same = sum(not math.isfinite(p.converted_norm) for p in broken)
+            lines.append(f"the UNCONVERTED model's own gradients are not finite (NaN or Inf) on this batch for "
+                         f"{len(broken)} of {len(self.params)} parameters (first: {broken[0].name}); the converted "
+                         f"model's are not finite for {same} of them. Nothing to compare these with: look at the "
+                         "model or the batch first (a row of attention with every position masked, a log of 0, "
+                         "a NaN in the inputs)")
+        lines.append(f"gradients: {len(self.params)} parameters, {len(bad) - len(broken)} below the threshold"
+                     + (f", {len(broken)} not judged" if broken else "") + "; worst first:")
         width = max([len(p.name) for p in self.params[:10]] + [9])
         lines.append(f"  {'parameter':<{width}}  {'cosine':>9}  {'SQNR dB':>8}")
         for p in self.params[:10]:
-            cos = ("~0 (eps)" if p.eps_only else "~0") if p.zero else f"{p.cosine:.6f}"
-            mark = "" if p.ok else "  <-- below threshold"
-            lines.append(f"  {p.name:<{width}}  {cos:>9}  {p.sqnr_db:>8.1f}{mark}")
+            if not p.exact_finite:
+                cos, db, mark = "n/a", "n/a", "  <-- not finite without torch-mesa"
+            else:
+                cos = ("~0 (eps)" if p.eps_only else "~0") if p.zero else (
+                    f"{p.cosine:.6f}" if math.isfinite(p.converted_norm) else "NaN/Inf")
+                db = f"{p.sqnr_db:.1f}"
+                mark = "" if p.ok else "  <-- below threshold"
+            lines.append(f"  {p.name:<{width}}  {cos:>9}  {db:>8}{mark}")
         if len(self.params) > 10:
             lines.append(f"  ... and {len(self.params) - 10} more")
         eps_only = [p.name for p in self.params if p.eps_only]
@@ -218,7 +240,8 @@ def _fused_calls(model: nn.Module) -> bool:
 
 
 def _compare_outputs(exact: Dict[str, torch.Tensor], got: Dict[str, torch.Tensor], fused: bool):
-    """``(equal, max |diff|, notes)``. Outputs must be bit-identical, except
+    """``(equal, max |diff|, notes)``. Outputs must be bit-identical (NaN
+    where the unconverted output has NaN, every other value equal), except
     where a causal LM fused its head and loss: there the logits are not
     returned, and the loss is equal within 1e-5 relative (the log-sum-exp is
     summed in another order)."""
@@ -235,14 +258,20 @@ def _compare_outputs(exact: Dict[str, torch.Tensor], got: Dict[str, torch.Tensor
         if a.shape != b.shape or a.dtype != b.dtype:
             equal = False
             continue
+        same_nan = a.isnan() if a.is_floating_point() else None  # NaN where both have NaN is equal
+        if same_nan is not None and not torch.equal(same_nan, b.isnan()):
+            equal, diff = False, math.nan
+            continue
         if a.numel():
-            diff = max(diff, (a.double() - b.double()).abs().max().item())
+            d = (a.double() - b.double()).abs()
+            d = d.masked_fill(same_nan | (a == b), 0) if same_nan is not None else d  # (inf - inf)
+            diff = max(diff, d.max().item())
         if fused and last in ("loss", "0", "") and a.dim() == 0:
-            ok = torch.allclose(b.double(), a.double(), rtol=1e-5, atol=0)
+            ok = torch.allclose(b.double(), a.double(), rtol=1e-5, atol=0, equal_nan=True)
             notes.append(f"{key or 'loss'}: {'within' if ok else 'NOT within'} 1e-5 relative of the model's own "
                          f"(fused head and loss; |diff| {abs(a.item() - b.item()):.3g})")
             equal = equal and ok
-        elif not torch.equal(a, b):
+        elif not (torch.equal(a, b) if same_nan is None else torch.equal(a[~same_nan], b[~same_nan])):
             equal = False
     return equal, diff, notes
 
@@ -325,6 +354,9 @@ def _compare(exact: Dict[str, Optional[torch.Tensor]], got: Dict[str, Optional[t
         c = torch.zeros_like(e) if c is None else c
         ed, cd = e.double().flatten(), c.double().flatten()
         en, cn = ed.norm().item(), cd.norm().item()
+        if not math.isfinite(en):  # the model's own gradient: nothing to compare with
+            checks.append(ParamCheck(name, math.nan, math.nan, en, cn, False, False, exact_finite=False))
+            continue
         noise = (cd - ed).norm().item()
         sqnr = math.inf if noise == 0 else (10 * math.log10(en**2 / noise**2) if en > 0 else -math.inf)
         zero = en <= 1e-6 * typical
@@ -355,7 +387,10 @@ def _typical(norms: List[float]) -> float:
 
 
 def _worst_first(checks: List[ParamCheck]) -> None:
-    checks.sort(key=lambda p: (p.ok, p.zero, p.cosine, p.sqnr_db))
+    # judged failures first, then gradients the unconverted model itself
+    # makes NaN or Inf (not judged), then the rest
+    checks.sort(key=lambda p: (p.ok, not p.exact_finite, p.zero) + (
+        (p.cosine, p.sqnr_db) if p.exact_finite else (0.0, 0.0)))
 
 
 _EPS_SHRINK = 1e4  # the factor every normalisation's eps is divided by
@@ -504,8 +539,9 @@ def verify(
     equal, diff, notes = _compare_outputs(out_e, out_c, _fused_calls(converted))
     params = _compare(grads_e, grads_c, threshold)
     _judge_by_float64(params, exact, inputs, lambda m, c: _run(m, c, loss_fn, seed, None)[1])
-    # (what the float64 look judged apart stays apart in the breakdown too)
-    apart = {p.name for p in params if p.zero}
+    # (what the float64 look judged apart stays apart in the breakdown too,
+    # as do gradients the unconverted model itself makes NaN or Inf)
+    apart = {p.name for p in params if p.zero or not p.exact_finite}
     fallbacks = [(m, f, r, n) for (m, f, r), n in sorted((scope.fallbacks if scope else {}).items())]
 
     kept_e = measure_call(exact, lambda m: _loss_of(m, call, loss_fn), autocast_dtype=autocast_dtype)
@@ -524,7 +560,7 @@ def verify(
                 finite = [p.sqnr_db for p in checks if math.isfinite(p.sqnr_db)]
                 breakdown[kind] = (worst.cosine, worst.name, statistics.median(finite) if finite else math.inf)
     found, tried = [], False
-    if remedy and base is not None and any(not p.ok for p in params):
+    if remedy and base is not None and any(not p.ok and p.exact_finite for p in params):
         tried = True
         found = _find_remedies(exact, base, params, grads_e, threshold,
                                lambda m: _run(m, call, loss_fn, seed, autocast_dtype)[1],
@@ -553,11 +589,12 @@ def _find_remedies(exact: nn.Module, base: MesaConfig, params: List[ParamCheck],
     parameter upstream of an op that compresses badly fails with it (its
     gradient comes through that op's backward), and its own module needs
     no exactness.
-    Parameters the main comparison judged apart (~0, eps's) stay apart.
+    Parameters the main comparison judged apart (~0, eps's, not finite in
+    the unconverted model) stay apart.
     Where the set passes, the same modules in every block (``blocks.*.se``)
     are tried too: what fails in some blocks on this batch is near the bar
     in the others, and another batch picks others."""
-    apart = {p.name for p in params if p.zero}
+    apart = {p.name for p in params if p.zero or not p.exact_finite}
 
     def attempt(modules: List[str]):
         """The failing judged checks with ``modules`` exact, and the remedy it would be."""
@@ -572,7 +609,7 @@ def _find_remedies(exact: nn.Module, base: MesaConfig, params: List[ParamCheck],
 
     # (the model itself is never a candidate: a parameter of its own, a
     # class token, or of a module just below it waits for the others')
-    chosen = {p.name: _owner(p.name) for p in params if not p.ok and _owner(p.name)}
+    chosen = {p.name: _owner(p.name) for p in params if not p.ok and p.name not in apart and _owner(p.name)}
     for _ in range(_REMEDY_TRIES):
         modules = sorted(set(chosen.values()))
         modules = [m for m in modules if not any(m.startswith(o + ".") for o in modules)]
