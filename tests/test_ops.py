@@ -190,6 +190,50 @@ def test_sdpa_masks_and_gqa():
         )
 
 
+def _mask_case(variant, b=2, h=4, t=24):
+    """``(kwargs, kv heads)`` of one kind of attention mask, as models pass them."""
+    g = torch.Generator().manual_seed(11)
+    bias = torch.randn(1, h, t, t, generator=g).requires_grad_()  # a learned position bias (T5's)
+    padding = torch.zeros(b, 1, 1, t).masked_fill_(torch.arange(t) >= t - 5, torch.finfo(torch.float32).min)
+    if variant == "learned bias plus padding":  # (b, h, t, t), needs its gradient
+        return {"attn_mask": bias + padding}, h
+    if variant == "learned bias":
+        return {"attn_mask": bias}, h
+    if variant == "learned bias, gqa":
+        return {"attn_mask": bias + padding, "enable_gqa": True}, 2
+    if variant == "float mask without gradient":
+        return {"attn_mask": (bias + padding).detach()}, h
+    if variant == "bool mask":
+        return {"attn_mask": torch.rand(b, 1, t, t, generator=g) > 0.3}, h
+    return {"is_causal": True}, h
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16 autocast", "bf16"])
+@pytest.mark.parametrize("variant", ["learned bias plus padding", "learned bias", "learned bias, gqa",
+                                     "float mask without gradient", "bool mask", "causal"])
+def test_sdpa_forward_is_the_callers_kernel(variant, mode):
+    """The forward equals ``F.scaled_dot_product_attention`` bit for bit in
+    training, whatever the mask. PyTorch picks SDPA's kernel by grad mode
+    as well as by the inputs, and a Function's forward runs with grad off:
+    with a mask that needs its gradient (T5's learned position bias) the
+    caller got the math path and the converted op the CPU's flash path,
+    whose bf16 outputs differ (T5, mT5, UMT5 and Doge under bf16 autocast
+    were not identical to the unconverted models)."""
+    kw, kv_heads = _mask_case(variant)
+    q = with_outliers(2, 4, 24, 16, seed=1)
+    k, v = with_outliers(2, kv_heads, 24, 16, seed=2), with_outliers(2, kv_heads, 24, 16, seed=3)
+    if mode == "bf16":
+        q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        kw = {n: (t.bfloat16() if isinstance(t, torch.Tensor) and t.is_floating_point() else t) for n, t in kw.items()}
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16 autocast"):
+        want = F.scaled_dot_product_attention(q, k, v, **kw)
+        got = ops.scaled_dot_product_attention(q, k, v, **kw, config=CFG8)
+    assert got.dtype == want.dtype and torch.equal(got, want), (got.float() - want.float()).abs().max()
+    got.float().sum().backward()  # (and it trains)
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
 def _dropout_case(variant):
     q, k, v = (with_outliers(2, 3, 33, 16, seed=i) for i in range(3))
     kw = {}

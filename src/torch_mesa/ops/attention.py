@@ -31,6 +31,7 @@ map twice, in the softmax and in the matmul). Backward pays one extra
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -272,22 +273,46 @@ def _sdpa(q, k, v, mask, *, kwargs):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
 
 
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    try:
+        on = torch.is_autocast_enabled(device_type)
+        return torch.get_autocast_dtype(device_type) if on else None
+    except TypeError:  # (before PyTorch 2.4)
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
+def _same(t):
+    return t
+
+
+def _sdpa_as_called(q, k, v, mask, *, kwargs):
+    """The forward's SDPA, run as the caller's own call runs it. PyTorch
+    picks SDPA's kernel by grad mode too, which a Function's forward turns
+    off: with a mask that needs a gradient (T5's learned position bias) the
+    caller got the math path, and with grad off the CPU took another, whose
+    bf16 output differs (T5, mT5, UMT5, Doge and Hugging Face's BEiT and
+    Swin were not identical to the unconverted models under bf16 autocast).
+    (``torch._fused_sdp_choice`` does not tell which: it named the flash
+    path for SAM's 3-D inputs, which the call itself does not take.) So it
+    runs with grad on, and the output is detached: the small graph it makes
+    is dropped at once, and saved-tensor hooks of the caller's (a
+    measurement, offloading) never see what it saves."""
+    enabled = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", lambda: True)()
+    own = torch.autograd.graph.saved_tensors_hooks(_same, _same) if enabled else contextlib.nullcontext()
+    with torch.enable_grad(), own:
+        return _sdpa(q, k, v, mask, kwargs=kwargs).detach()
+
+
 _MATH = getattr(torch.ops.aten, "_scaled_dot_product_attention_math", None)
 _math_matches: dict = {}  # kind of call -> whether the math path gave F.sdpa's output bit for bit
-
-
-def _cpu_autocast_dtype() -> Optional[torch.dtype]:
-    try:
-        on = torch.is_autocast_enabled("cpu")
-        return torch.get_autocast_dtype("cpu") if on else None
-    except TypeError:  # (before PyTorch 2.4)
-        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
 
 
 def _as_sdpa_casts(q, k, v, mask):
     """The operands as ``F.scaled_dot_product_attention`` takes them on the
     CPU: in autocast's dtype under autocast, a boolean mask made additive."""
-    amp = _cpu_autocast_dtype()
+    amp = _autocast_dtype("cpu")
     if amp is not None:
         q, k, v = (t.to(amp) if t.is_floating_point() else t for t in (q, k, v))
         if mask is not None and mask.is_floating_point():
@@ -386,14 +411,14 @@ def _keeps_dropout_mask(q, k, v, kwargs) -> bool:
 def _forward_keeping_dropout_mask(q, k, v, mask, kwargs):
     """(output, kept mask as a Recipe) by the math path, or None where that
     kind of call did not give ``F.scaled_dot_product_attention``'s output."""
-    kind = (q.dtype, k.dtype, v.dtype, None if mask is None else mask.dtype, _cpu_autocast_dtype(),
+    kind = (q.dtype, k.dtype, v.dtype, None if mask is None else mask.dtype, _autocast_dtype("cpu"),
             kwargs["is_causal"], bool(kwargs.get("enable_gqa")), q.dim(), k.shape[-3] != q.shape[-3])
     matches = _math_matches.get(kind)
     if matches is False:
         return None
     if matches is None:  # first call of this kind: both, from the same random state
         state = torch.get_rng_state()
-        want = _sdpa(q, k, v, mask, kwargs=kwargs)
+        want = _sdpa_as_called(q, k, v, mask, kwargs=kwargs)
         torch.set_rng_state(state)
     out, scores = _sdpa_math(q, k, v, mask, kwargs=kwargs)
     if matches is None:
@@ -415,7 +440,7 @@ class _SDPAFn(OpFunction):
             out, kept_drop = with_mask
             rng = None
         else:
-            out, kept_drop = fn(q, k, v, mask), None
+            out, kept_drop = _sdpa_as_called(q, k, v, mask, kwargs=kwargs), None
         kept_qkv = quantized_qkv(q, k, v, spec, op="attention") or (
             keep(q, spec, op="attention", heads=True, running=_running(states, spec, "q"), rotate=-1),
             keep(k, spec, op="attention", heads=True, running=_running(states, spec, "k"), rotate=-1),
