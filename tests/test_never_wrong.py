@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import torch_mesa
 from torch_mesa import MesaConfig, compress_, measure, ops
 
 from conftest import assert_grads_close, cosine
@@ -485,3 +486,73 @@ def test_inplace_module_keeps_what_the_same_module_keeps_without_it(name):
         return measure(m, x).total_bytes
 
     assert kept(True) == kept(False)
+
+
+# ------------------------------------------------- one value per row, kept
+#
+# A tensor of one value per row (a norm written out as x * rsqrt(mean(x^2) +
+# eps), a gate per token) had one range over every row: a padding token's
+# zero row gets 1 / sqrt(eps) = 1000 from the norm, and every other row's
+# reciprocal fell to a few codes (Llama 4's key projection: gradient cosine
+# 0.978 with padding tokens in the batch). Such tensors are kept exact now.
+
+class _PerRow(nn.Module):
+    """A Linear, then something that scales each row by one value of its own, then a Linear."""
+
+    def __init__(self, kind, d=64):
+        super().__init__()
+        self.kind, self.inp, self.out = kind, nn.Linear(d, d, bias=False), nn.Linear(d, d)
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(d))
+        self.gate = nn.Linear(d, 1)
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.kind == "gate":  # a router's weight per token
+            h = h * self.gate(x)
+        elif self.kind == "l2 over heads":  # (B, T, H, D/H), as Llama 4's query and key norm
+            b, t, d = h.shape
+            h = h.view(b, t, 4, d // 4)
+            h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).view(b, t, d)
+        else:  # RMS norm, as T5's and Llama's are written
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+        return self.out(h)
+
+
+def _per_row_case(case):
+    torch.manual_seed(0)
+    x = torch.randn(4, 24, 64)
+    if case.endswith("padding rows"):
+        x[1, :6] = 0  # a padding embedding of zeros: h = 0, its norm's reciprocal 1 / sqrt(eps)
+    if case.endswith("one tiny row"):
+        x[2, 3] *= 1e-4
+    if case.endswith("one huge row"):
+        x[0, 5] *= 1e3
+    return _PerRow(case.split(",")[0]), x
+
+
+@pytest.mark.parametrize("case", ["rms, padding rows", "rms, one tiny row", "l2 over heads, padding rows",
+                                  "gate, one huge row", "gate, one tiny row", "rms, plain"])
+def test_one_value_per_row_is_kept_exactly(case):
+    model, x = _per_row_case(case)
+    report = torch_mesa.verify(model, x, loss_fn=lambda y: (y - 1).square().mean(), by_op=False, remedy=False)
+    assert report.ok, str(report)
+    # the wide tensors are still kept in 8 bits (what stays large is the norm's
+    # x.pow(2) and rsqrt, which run as PyTorch runs them and keep fp32)
+    assert report.kept_converted < 0.7 * report.kept_exact, str(report)
+
+
+def test_llama4_with_padding_tokens():
+    """The case found: Llama 4 (its query and key L2 norm written out) on a
+    batch with padding tokens, whose embedding is zero."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Llama4TextConfig(hidden_size=256, intermediate_size=512, intermediate_size_mlp=512,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        head_dim=64, vocab_size=100, max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.Llama4ForCausalLM(cfg)
+    ids = torch.randint(3, 100, (3, 32), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ids[1, :7], mask[1, :7] = 0, 0  # left padding
+    report = torch_mesa.verify(model, {"input_ids": ids, "attention_mask": mask},
+                               loss_fn=lambda out: out.logits.float().square().mean(), by_op=False, remedy=False)
+    assert report.ok, str(report)

@@ -190,6 +190,17 @@ def quantized(x: Tensor, spec: QuantSpec, *, op: str, heads: bool = False, rows:
         inner = quantized(x.movedim(1, -1), spec, op=op, running=running)
         return Recipe(inner.tensors, functools.partial(_rebuild_moved, inner=inner.rebuild), inner.outside,
                       inner.for_norms)
+    if x.dim() >= 2 and x.shape[-1] == 1 and not rows:
+        # one value per row (a hand-written norm's reciprocal width, a gate
+        # per token): one range would span every row, and a row far from
+        # the others decides every row's step. A padding token's zero row
+        # gets 1 / sqrt(eps) from an RMS or L2 norm written out as
+        # x * rsqrt(mean(x^2) + eps): the other rows' reciprocals fell to a
+        # few codes, and Llama 4's key projection's gradient to cosine 0.978
+        # with its padding tokens in the batch. Kept exact, as compiled
+        # saving keeps such statistics: 4 bytes a row, against a byte per
+        # channel of the row it scales.
+        return exact(x)
     axes, group_size = _ranges(x, spec, heads)
     mode = "row" if rows else _token_scale(spec, x.shape[-1])
     tensors, layout = quant.compress(x, spec.bits, axes, group_size, spec.stochastic, running, spec.kernel,
