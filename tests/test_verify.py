@@ -379,3 +379,76 @@ def test_gradients_the_unconverted_model_makes_nan_are_not_blamed_on_the_convers
         assert judged and report.params[0] is judged[0] and all(p.name.startswith("mlp.") for p in judged)
         assert report.remedies and all(m.startswith("mlp") for m in report.remedies[0].modules), text
     assert json.loads(json.dumps(report.to_dict()))["params"][0]["name"] == report.params[0].name
+
+
+# --------------------------------------- under autocast, autocast's own error
+#
+# Under bf16 autocast the unconverted model's own gradient can be far from
+# the true one: Doge's dynamic-mask parameter A (a per-head scalar whose
+# gradient sums a cancelling product over the whole attention map) is at
+# cosine 0.96-0.99 to the float64 gradient. Two such gradients, with
+# independent roundings, compare below the bar with each other whether or
+# not the conversion adds anything. verify judges these against float64:
+# the converted gradient must be as close to it as autocast's own, within
+# the bar's margin. A real conversion error (2 bits) must still fail.
+
+def _doge():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.DogeConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.DogeForCausalLM(cfg)
+    model.set_attn_implementation("sdpa")
+    # a batch on which the converted gradients of A are at least as close to
+    # float64's as autocast's own (on others the conversion loses up to 0.01
+    # of cosine on one of them, and verify says so)
+    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(3))
+    return model, {"input_ids": ids}
+
+
+def _lm_loss(out):
+    target = torch.randn(out.logits.shape, generator=torch.Generator().manual_seed(1))
+    return (out.logits.float() - target).square().mean()
+
+
+def _float64_grads(model, inputs):
+    m = copy.deepcopy(model).double()
+    torch.manual_seed(0)
+    _lm_loss(m(**inputs)).backward()
+    return {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+
+def _cos(a, b):
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+@pytest.mark.parametrize("bits", [8, 2])
+def test_gradients_autocast_itself_rounds_are_judged_against_float64(bits):
+    model, inputs = _doge()
+    report = torch_mesa.verify(model, inputs, config=MesaConfig(bits=bits), loss_fn=_lm_loss, by_op=False,
+                               remedy=False, autocast_dtype=torch.bfloat16)
+    judged = [p for p in report.params if p.float64_cosines is not None]
+    assert judged
+    truth = _float64_grads(model, inputs)
+    amp = copy.deepcopy(model)  # autocast's own gradient, computed here again
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = _lm_loss(amp(**inputs))
+    loss.backward()
+    margin = 1 - report.threshold
+    for p in judged:
+        exact64, conv64 = p.float64_cosines
+        assert exact64 == pytest.approx(_cos(dict(amp.named_parameters())[p.name].grad, truth[p.name]), abs=1e-9)
+        assert p.cosine < report.threshold  # the comparison with the exact gradient alone failed
+        assert p.ok == (conv64 >= exact64 - margin), (p.name, exact64, conv64)
+    if bits == 8:
+        # only the dynamic-mask parameters, whose autocast gradient is far from
+        # float64's; at least one of them passes that way on this batch
+        assert all(p.name.endswith("self_attn.A") for p in judged), [p.name for p in judged]
+        assert all(p.float64_cosines[0] < report.threshold for p in judged)
+        assert report.ok, str(report)
+        assert "judged against the unconverted model's float64 gradient" in str(report)
+    else:  # 2 bits: the conversion's own error, far beyond autocast's, still fails
+        assert not report.ok
+        assert any(not p.ok and p.float64_cosines[1] < p.float64_cosines[0] - 0.05 for p in judged), str(report)
