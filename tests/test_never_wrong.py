@@ -504,11 +504,14 @@ class _PerRow(nn.Module):
         self.kind, self.inp, self.out = kind, nn.Linear(d, d, bias=False), nn.Linear(d, d)
         self.weight = nn.Parameter(1 + 0.1 * torch.randn(d))
         self.gate = nn.Linear(d, 1)
+        self.act = nn.SiLU(inplace=True)
 
     def forward(self, x):
         h = self.inp(x)
         if self.kind == "gate":  # a router's weight per token
             h = h * self.gate(x)
+        elif self.kind == "in-place gate":  # kept by the SiLU, then overwritten by it
+            h = h * self.act(self.gate(x))
         elif self.kind == "l2 over heads":  # (B, T, H, D/H), as Llama 4's query and key norm
             b, t, d = h.shape
             h = h.view(b, t, 4, d // 4)
@@ -531,7 +534,8 @@ def _per_row_case(case):
 
 
 @pytest.mark.parametrize("case", ["rms, padding rows", "rms, one tiny row", "l2 over heads, padding rows",
-                                  "gate, one huge row", "gate, one tiny row", "rms, plain"])
+                                  "gate, one huge row", "gate, one tiny row", "in-place gate, plain",
+                                  "rms, plain"])
 def test_one_value_per_row_is_kept_exactly(case):
     model, x = _per_row_case(case)
     report = torch_mesa.verify(model, x, loss_fn=lambda y: (y - 1).square().mean(), by_op=False, remedy=False)

@@ -199,8 +199,9 @@ def quantized(x: Tensor, spec: QuantSpec, *, op: str, heads: bool = False, rows:
         # few codes, and Llama 4's key projection's gradient to cosine 0.978
         # with its padding tokens in the batch. Kept exact, as compiled
         # saving keeps such statistics: 4 bytes a row, against a byte per
-        # channel of the row it scales.
-        return exact(x)
+        # channel of the row it scales. (A copy: an activation with
+        # inplace=True overwrites its input after keeping it.)
+        return exact(x.detach().clone())
     axes, group_size = _ranges(x, spec, heads)
     mode = "row" if rows else _token_scale(spec, x.shape[-1])
     tensors, layout = quant.compress(x, spec.bits, axes, group_size, spec.stochastic, running, spec.kernel,
