@@ -454,9 +454,18 @@ def _peak_child(argv) -> None:
     train_step(model, spec, batch, args.device, args.amp)  # warm-up: compiles
     gc.collect()
     rest = process_memory("VmRSS")
+    # the step as train_step runs it, its forward's and backward's peaks apart
+    inputs, kwargs, target = batch
     reset_peak_rss()
-    train_step(model, spec, batch, args.device, args.amp)
-    print(json.dumps({"peak": process_memory("VmHWM"), "rest": rest}))
+    with _autocast(args.device, args.amp):
+        loss = spec.loss(model(*inputs, **kwargs), target)
+    forward, held = process_memory("VmHWM"), process_memory("VmRSS")
+    reset_peak_rss()
+    loss.backward()
+    backward = process_memory("VmHWM")
+    model.zero_grad(set_to_none=True)
+    print(json.dumps({"peak": max(forward, backward), "rest": rest, "forward_peak": forward, "held": held,
+                      "backward_peak": backward}))
 
 
 if __name__ == "__main__":
