@@ -42,6 +42,7 @@ from torch import nn
 
 import torch_mesa
 from torch_mesa import MesaConfig
+from torch_mesa.verify import cosine
 
 from conftest import with_outliers
 
@@ -418,11 +419,6 @@ def _float64_grads(model, inputs):
     return {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
 
 
-def _cos(a, b):
-    a, b = a.double().flatten(), b.double().flatten()
-    return float(a @ b / (a.norm() * b.norm()))
-
-
 @pytest.mark.parametrize("bits", [8, 2])
 def test_gradients_autocast_itself_rounds_are_judged_against_float64(bits):
     model, inputs = _doge()
@@ -439,7 +435,7 @@ def test_gradients_autocast_itself_rounds_are_judged_against_float64(bits):
     margin = 1 - report.threshold
     for p in judged:
         exact64, conv64 = p.float64_cosines
-        assert exact64 == pytest.approx(_cos(dict(amp.named_parameters())[p.name].grad, truth[p.name]), abs=1e-9)
+        assert exact64 == pytest.approx(cosine(dict(amp.named_parameters())[p.name].grad, truth[p.name]), abs=1e-9)
         assert p.cosine < report.threshold  # the comparison with the exact gradient alone failed
         assert p.ok == (conv64 >= exact64 - margin), (p.name, exact64, conv64)
     if bits == 8:

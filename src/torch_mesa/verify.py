@@ -399,6 +399,13 @@ def _typical(norms: List[float]) -> float:
     return statistics.median(nonzero) if nonzero else 0.0
 
 
+def _judged_apart(params: List[ParamCheck]) -> set:
+    """Names of the parameters the comparison with the exact gradient does
+    not decide: ~0 and eps's, not finite in the unconverted model, and
+    those that passed against float64 under autocast."""
+    return {p.name for p in params if p.zero or not p.exact_finite or (p.ok and p.float64_cosines is not None)}
+
+
 def _worst_first(checks: List[ParamCheck]) -> None:
     # judged failures first, then gradients the unconverted model itself
     # makes NaN or Inf (not judged), then the rest
@@ -570,7 +577,7 @@ def verify(
                       (grads_e, grads_c) if autocast_dtype is not None else None, threshold)
     # (what the float64 look judged apart stays apart in the breakdown too,
     # as do gradients the unconverted model itself makes NaN or Inf)
-    apart = {p.name for p in params if p.zero or not p.exact_finite or (p.ok and p.float64_cosines is not None)}
+    apart = _judged_apart(params)
     fallbacks = [(m, f, r, n) for (m, f, r), n in sorted((scope.fallbacks if scope else {}).items())]
 
     kept_e = measure_call(exact, lambda m: _loss_of(m, call, loss_fn), autocast_dtype=autocast_dtype)
@@ -623,7 +630,7 @@ def _find_remedies(exact: nn.Module, base: MesaConfig, params: List[ParamCheck],
     Where the set passes, the same modules in every block (``blocks.*.se``)
     are tried too: what fails in some blocks on this batch is near the bar
     in the others, and another batch picks others."""
-    apart = {p.name for p in params if p.zero or not p.exact_finite or (p.ok and p.float64_cosines is not None)}
+    apart = _judged_apart(params)
 
     def attempt(modules: List[str]):
         """The failing judged checks with ``modules`` exact, and the remedy it would be."""

@@ -273,14 +273,12 @@ def _sdpa(q, k, v, mask, *, kwargs):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
 
 
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+def _cpu_autocast_dtype() -> Optional[torch.dtype]:
     try:
-        on = torch.is_autocast_enabled(device_type)
-        return torch.get_autocast_dtype(device_type) if on else None
+        on = torch.is_autocast_enabled("cpu")
+        return torch.get_autocast_dtype("cpu") if on else None
     except TypeError:  # (before PyTorch 2.4)
-        if device_type == "cpu":
-            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
 
 
 def _same(t):
@@ -312,7 +310,7 @@ _math_matches: dict = {}  # kind of call -> whether the math path gave F.sdpa's 
 def _as_sdpa_casts(q, k, v, mask):
     """The operands as ``F.scaled_dot_product_attention`` takes them on the
     CPU: in autocast's dtype under autocast, a boolean mask made additive."""
-    amp = _autocast_dtype("cpu")
+    amp = _cpu_autocast_dtype()
     if amp is not None:
         q, k, v = (t.to(amp) if t.is_floating_point() else t for t in (q, k, v))
         if mask is not None and mask.is_floating_point():
@@ -411,7 +409,7 @@ def _keeps_dropout_mask(q, k, v, kwargs) -> bool:
 def _forward_keeping_dropout_mask(q, k, v, mask, kwargs):
     """(output, kept mask as a Recipe) by the math path, or None where that
     kind of call did not give ``F.scaled_dot_product_attention``'s output."""
-    kind = (q.dtype, k.dtype, v.dtype, None if mask is None else mask.dtype, _autocast_dtype("cpu"),
+    kind = (q.dtype, k.dtype, v.dtype, None if mask is None else mask.dtype, _cpu_autocast_dtype(),
             kwargs["is_causal"], bool(kwargs.get("enable_gqa")), q.dim(), k.shape[-3] != q.shape[-3])
     matches = _math_matches.get(kind)
     if matches is False:
