@@ -267,10 +267,10 @@ def test_fp16_token_scale_compiles_without_a_warning():
     ((3, 512, 211), True, None, torch.float16),
 ])
 def test_wide_channel_statistics_in_two_steps(shape, transposed, rows, dtype):
-    """Channel ranges of wide fp32, bf16 and fp16 tensors on the CPU are
-    reduced over blocks of rows, then over the blocks: the same minima and
-    maxima as one reduction over every row (NaN and inf included), so the
-    same codes, in the reference and the fused path alike."""
+    """Channel ranges and scales of wide fp32, bf16 and fp16 tensors on the
+    CPU are reduced over blocks of rows, then over the blocks: the same minima,
+    maxima and channel scales as one reduction over every row (NaN and inf
+    included), so the same codes, in the reference and the fused path alike."""
     x = with_outliers(*shape, requires_grad=False).to(dtype)
     if transposed:
         x = x.transpose(-2, -1)
@@ -278,9 +278,12 @@ def test_wide_channel_statistics_in_two_steps(shape, transposed, rows, dtype):
     x[(2,) * x.dim()] = float("inf")
     assert ref._wide(x)
     others = tuple(range(x.dim() - 1))
-    torch.testing.assert_close(ref.channel_absmax(x, (x.dim() - 1,)).reshape(-1),
-                               x.float().abs().amax(others).clamp(min=torch.finfo(torch.float32).tiny), rtol=0,
-                               atol=0, equal_nan=True)
+    # the channel scale: the largest magnitude, or above 8x the nonzero values' mean that cap's power of two
+    a = x.double().abs()
+    largest, cap = a.amax(others), 8 * a.sum(others) / (a != 0).sum(others).clamp(min=1)
+    want = torch.where(largest > cap, torch.exp2(torch.floor(torch.log2(cap))), largest).float()
+    torch.testing.assert_close(ref.channel_scale(x, (x.dim() - 1,)).reshape(-1), want, rtol=0, atol=0,
+                               equal_nan=True)
     lo, hi = ref.channel_minmax(x, (x.dim() - 1,), False)
     torch.testing.assert_close(lo, x.float().amin(others), rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(hi, x.float().amax(others), rtol=0, atol=0, equal_nan=True)

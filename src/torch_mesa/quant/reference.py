@@ -34,14 +34,18 @@ large norm) keeps its precision:
   half-range (:func:`row_stats`); for inputs of normalisation layers, which
   divide by each row's spread. Kept: ``centre`` and ``width``, fp32 per row.
 * ``rows="scaled"``: ``x / chan / width`` where ``chan`` is each channel's
-  largest magnitude over all rows and ``width`` each row's largest magnitude
-  after that (:func:`scaled_row_stats`): a per-token times per-channel
-  scaling. Dividing by ``chan`` first keeps a few outlier channels from
-  setting every row's width; raw zeros stay zeros. Kept: ``width`` (bfloat16
-  per row) and ``chan`` (fp32 per channel).
+  largest magnitude over all rows, capped at 8 times its mean magnitude
+  (:func:`channel_scale`), and ``width`` each row's largest magnitude after
+  that (:func:`scaled_row_stats`): a per-token times per-channel scaling.
+  Dividing by ``chan`` first keeps a few outlier channels from setting every
+  row's width; the cap keeps a few huge tokens from setting every channel's
+  scale; raw zeros stay zeros. Kept: ``width`` (bfloat16 per row) and
+  ``chan`` (fp32 per channel).
 
-Every statistic is a min or max, which any reduction order computes exactly:
-the fused path matches the reference bit for bit. Every division written
+Every range is a min or max, which any reduction order computes exactly,
+and the channel scale a max or a power of two (a sum computed in another
+order changes it only where its cap lies within a rounding of a power of two
+or of the max): the fused path matches the reference bit for bit. Every division written
 above is computed as a multiplication by the divisor's reciprocal (one per
 channel, row or group; :func:`_inverse`), in both paths alike.
 
@@ -129,11 +133,12 @@ _ROW_BLOCK = 16
 
 
 def _over_rows(xf: Tensor, others, reduce: Callable, combine: Callable, wide: bool) -> Tensor:
-    """``reduce(xf, others)`` (amin or amax over the dimensions ``others``,
-    keeping them), where ``others`` are leading dimensions of a wide fp32
-    tensor on the CPU (``wide``) computed in two steps: over blocks of
-    ``_ROW_BLOCK`` rows, then over the blocks (and the rows left over). The
-    same numbers (a min or max in any order); Inductor's CPU loop for the
+    """``reduce(xf, others)`` (amin, amax or a sum over the dimensions
+    ``others``, keeping them), where ``others`` are leading dimensions of a
+    wide fp32 tensor on the CPU (``wide``) computed in two steps: over blocks
+    of ``_ROW_BLOCK`` rows, then over the blocks (and the rows left over). The
+    same numbers (a min or max in any order; a sum to within its roundings,
+    which :func:`channel_scale` rounds away); Inductor's CPU loop for the
     one-step form walks each group of channels down every row, and over
     rows of 6 KiB (the fp32 MLP activation of a ViT-S, 3152 x 1536) that took
     1.8 ms against 0.44 ms for the two steps. For bf16 and fp16 rows the gain
@@ -167,13 +172,66 @@ def _amin(t: Tensor, dims) -> Tensor:
     return t.amin(dim=dims, keepdim=True)
 
 
-def channel_absmax(x: Tensor, axes: Tuple[int, ...]) -> Tensor:
-    """Each channel's largest magnitude over every other dimension (fp32,
-    broadcastable against ``x``; at least the smallest normal fp32)."""
+def _sum(t: Tensor, dims) -> Tensor:
+    return t.sum(dim=dims, keepdim=True)
+
+
+def _power_of_two_below(t: Tensor) -> Tensor:
+    """fp32 ``t`` (normal, positive, or inf or NaN) rounded down to a power of
+    two, on the bits (the mantissa cleared; NaN stays NaN): dividing by it
+    is exact, and any path that computes ``t`` to within a rounding gets the
+    same power of two unless ``t`` lies that close to one."""
+    out = (t.view(torch.int32) & 0x7F800000).view(torch.float32)
+    return torch.where(torch.isnan(t), t, out)
+
+
+_SPREAD = 8  # (see channel_scale)
+
+
+def channel_scale(x: Tensor, axes: Tuple[int, ...], capped: bool = True) -> Tensor:
+    """Each channel's scale: its largest magnitude over every other
+    dimension, or where that exceeds ``_SPREAD`` times the mean magnitude of
+    the channel's nonzero values, that cap rounded down to a power of two
+    (fp32, broadcastable against ``x``; at least the smallest normal fp32).
+
+    Capped: a few tokens far larger than the rest (the massive activations of
+    trained language models, thousands of times the others in a few
+    channels) set those channels' largest magnitude alone, every other
+    token's value there came out of the row scale orders of magnitude below
+    the range and rounded to 0, and a weight gradient's column kept only
+    those tokens' share: cosine 0.77 with one token 1000x the rest at 512
+    channels, where the large tokens' own gradients are small, as an
+    attention sink's are (pre-norm models divide them by the huge norm).
+    One token moves the mean by at most its share of the rows. Not the mean
+    alone: where the large token carries the gradient (a class token with a
+    few channels far above the patches'), its other channels need the
+    largest magnitude's scale, and a Gaussian channel's largest magnitude
+    stays within 8 times its mean magnitude (about 5.5x over 50,000 rows), so
+    such channels keep it, exactly as before. The mean of the *nonzero*
+    values: zeros (a ReLU's, padding, a causal attention map's upper
+    triangle) say nothing of the scale. The cap is rounded so that a sum
+    taken in another order (the fused path's) gives the same scale unless
+    the cap lies within a rounding of a power of two or of the largest
+    magnitude. The row scale that follows bounds every value again
+    (:func:`scaled_row_stats`).
+
+    ``capped=False``: the largest magnitude alone, for tensors kept per head
+    (queries, keys, values, attention maps): a key's few large probabilities
+    are what an attention map is made of, not outliers to discount (capped,
+    a briefly trained ViT's class token fell from 0.9996 to 0.9983 under
+    compiled saving, which keeps the maps this way), and massive tokens
+    show in attention as large probabilities, not as large queries or keys."""
     others = [d for d in range(x.dim()) if d not in axes]
     a = x.float().abs()
-    if others:
+    if others and not capped:
         a = _over_rows(a, others, _amax, torch.maximum, _wide(x))
+    elif others:
+        wide = _wide(x)
+        nonzero = _over_rows((a != 0).float(), others, _sum, torch.add, wide)
+        mean = _over_rows(a, others, _sum, torch.add, wide) / torch.clamp(nonzero, min=1.0)
+        largest = _over_rows(a, others, _amax, torch.maximum, wide)
+        cap = mean * _SPREAD
+        a = torch.where(largest > cap, _power_of_two_below(torch.clamp(cap, min=_TINY)), largest)
     return torch.clamp(a, min=_TINY)
 
 
@@ -201,9 +259,10 @@ def _bf16_exact(t: Tensor) -> Tensor:
 
 def scaled_row_stats(x: Tensor, chan: Tensor) -> Tensor:
     """Each row's largest magnitude after dividing by ``chan``, ``(..., 1)``,
-    in bfloat16: it lies in (0, 1] (up to one rounding of the reciprocal),
-    and 2 bytes per row keep the cost small for narrow rows (one head of one
-    token); the rounded value is what both quantizing and expanding use, so
+    in bfloat16: after :func:`channel_scale` it lies between the smallest
+    normal fp32 and the larger of 1 and a quarter of the number of rows (a
+    value is at most that many times its channel's capped scale), and 2 bytes
+    per row keep the cost small for narrow rows (one head of one token); the rounded value is what both quantizing and expanding use, so
     its rounding costs no accuracy. (Rounded on the bits, so that compiled
     code which fuses the width into the codes' loop uses the rounded value
     too: :func:`_bf16_exact`.)"""
@@ -503,7 +562,8 @@ def quantize_core(
         centre, width = row_stats(x)
         frame, kept_rows = {"centre": centre, "width": width}, (centre, width)
     elif rows == "scaled":
-        chan = channel_absmax(x, axes)
+        # (capped for a token's channels, not per head: see channel_scale)
+        chan = channel_scale(x, axes, capped=len(axes) == 1)
         width = scaled_row_stats(x, chan)
         frame, kept_rows = {"width": width, "chan": chan}, (width, chan)
     cmin, cmax = channel_minmax(x, axes, group_size is None, **frame)
