@@ -199,7 +199,7 @@ def channel_scale(x: Tensor, axes: Tuple[int, ...], capped: bool = True) -> Tens
     channels) set those channels' largest magnitude alone, every other
     token's value there came out of the row scale orders of magnitude below
     the range and rounded to 0, and a weight gradient's column kept only
-    those tokens' share: cosine 0.77 with one token 1000x the rest at 512
+    those tokens' share: a column's cosine 0.32 with one token 1000x at 512
     channels, where the large tokens' own gradients are small, as an
     attention sink's are (pre-norm models divide them by the huge norm).
     One token moves the mean by at most its share of the rows. Not the mean
