@@ -152,11 +152,11 @@ class MesaConfig:
         token_scale: before the per-channel ranges apply, scale each channel
             by its largest magnitude (for a token's channels, at most 8
             times their mean magnitude, so that a few massive tokens do not
-            set it alone) and then each
-            token (each token of each head for attention tensors) by its
-            own: a token much smaller or larger than the rest of the batch
-            (a class token, a token with a large norm, a start token with
-            massive activations) keeps its precision, and so do the others. Costs one bfloat16 (2 bytes) per
+            set it alone) and then each token (each token of each head for
+            attention tensors) by its own: a token much smaller or larger
+            than the rest of the batch (a class token, a token with a large
+            norm, a start token with massive activations) keeps its
+            precision, and so do the others. Costs one bfloat16 (2 bytes) per
             token and tensor (for q, k, v: per token and head). Norm inputs
             are always quantized relative to each token's own centre and
             width.

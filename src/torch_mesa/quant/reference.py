@@ -45,9 +45,10 @@ large norm) keeps its precision:
 Every range is a min or max, which any reduction order computes exactly,
 and the channel scale a max or a power of two (a sum computed in another
 order changes it only where its cap lies within a rounding of a power of two
-or of the max): the fused path matches the reference bit for bit. Every division written
-above is computed as a multiplication by the divisor's reciprocal (one per
-channel, row or group; :func:`_inverse`), in both paths alike.
+or of the max): the fused path matches the reference bit for bit. Every
+division written above is computed as a multiplication by the divisor's
+reciprocal (one per channel, row or group; :func:`_inverse`), in both paths
+alike.
 
 Values outside the range (possible with running estimates) saturate at the
 nearest end; they never wrap around. A group whose range is not finite gets
