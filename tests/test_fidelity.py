@@ -278,7 +278,7 @@ def test_mlp_chains_on_trained_like_inputs(chain, kind):
 # value in those channels rounded to 0: the weight gradient's columns kept
 # only the large tokens' share. Where those tokens' own output gradients are
 # small, as an attention sink's are, that was most of the gradient (Linear
-# weight SQNR 7 dB with one token 1000x at 512 channels). The variants:
+# weight SQNR 6 dB with one token 1000x at 512 channels). The variants:
 # where the large values sit (every channel of one token, two channels of
 # several, one position of a feature map), the op that keeps them, the
 # width, the dtype; and a token far *smaller* than the rest as a control.
