@@ -189,7 +189,7 @@ def _power_of_two_below(t: Tensor) -> Tensor:
 _SPREAD = 8  # (see channel_scale)
 
 
-def channel_scale(x: Tensor, axes: Tuple[int, ...], capped: bool = True) -> Tensor:
+def channel_scale(x: Tensor, axes: Tuple[int, ...]) -> Tensor:
     """Each channel's scale: its largest magnitude over every other
     dimension, or where that exceeds ``_SPREAD`` times the mean magnitude of
     the channel's nonzero values, that cap rounded down to a power of two
@@ -216,23 +216,23 @@ def channel_scale(x: Tensor, axes: Tuple[int, ...], capped: bool = True) -> Tens
     magnitude. The row scale that follows bounds every value again
     (:func:`scaled_row_stats`).
 
-    ``capped=False``: the largest magnitude alone, for tensors kept per head
-    (queries, keys, values, attention maps): a key's few large probabilities
-    are what an attention map is made of, not outliers to discount (capped,
-    a briefly trained ViT's class token fell from 0.9996 to 0.9983 under
-    compiled saving, which keeps the maps this way), and massive tokens
-    show in attention as large probabilities, not as large queries or keys."""
+    Tensors kept per head (two channel axes: queries, keys, values,
+    attention maps) keep the largest magnitude alone: a key's few large
+    probabilities are what an attention map is made of, not outliers to
+    discount (capped, a briefly trained ViT's class token fell from 0.9996
+    to 0.9983 under compiled saving, which keeps the maps this way), and
+    massive tokens show in attention as large probabilities, not as large
+    queries or keys."""
     others = [d for d in range(x.dim()) if d not in axes]
     a = x.float().abs()
-    if others and not capped:
-        a = _over_rows(a, others, _amax, torch.maximum, _wide(x))
-    elif others:
+    if others:
         wide = _wide(x)
-        nonzero = _over_rows((a != 0).float(), others, _sum, torch.add, wide)
-        mean = _over_rows(a, others, _sum, torch.add, wide) / torch.clamp(nonzero, min=1.0)
         largest = _over_rows(a, others, _amax, torch.maximum, wide)
-        cap = mean * _SPREAD
-        a = torch.where(largest > cap, _power_of_two_below(torch.clamp(cap, min=_TINY)), largest)
+        if len(axes) == 1:  # a token's channels (not per head): capped
+            nonzero = _over_rows((a != 0).float(), others, _sum, torch.add, wide)
+            cap = _over_rows(a, others, _sum, torch.add, wide) / torch.clamp(nonzero, min=1.0) * _SPREAD
+            largest = torch.where(largest > cap, _power_of_two_below(torch.clamp(cap, min=_TINY)), largest)
+        a = largest
     return torch.clamp(a, min=_TINY)
 
 
@@ -563,8 +563,7 @@ def quantize_core(
         centre, width = row_stats(x)
         frame, kept_rows = {"centre": centre, "width": width}, (centre, width)
     elif rows == "scaled":
-        # (capped for a token's channels, not per head: see channel_scale)
-        chan = channel_scale(x, axes, capped=len(axes) == 1)
+        chan = channel_scale(x, axes)
         width = scaled_row_stats(x, chan)
         frame, kept_rows = {"width": width, "chan": chan}, (width, chan)
     cmin, cmax = channel_minmax(x, axes, group_size is None, **frame)
