@@ -164,9 +164,10 @@ def test_masked_activations_are_exact_in_every_dtype(name, dtype):
     give PyTorch's forward and gradient bit for bit, in each dtype, on
     outlier-heavy values with elements exactly on every kink and bound (and
     on each bound as it rounds in the dtype, and next to it). A clamp's
-    gradient is 0 on a bound, and a leaky ReLU's negative slope multiplies
-    each gradient in fp32 before one rounding: both differed in bf16 and
-    fp16, and the clamp on exact bounds in fp32 too."""
+    gradient on a bound is what the installed PyTorch gives (0 in 2.14, 1 in
+    2.11 and older), and a leaky ReLU's negative slope multiplies each
+    gradient in fp32 before one rounding: both differed in bf16 and fp16,
+    and the clamp on exact bounds in fp32 too."""
     op, ref_fn = MASKED[name]
     x = with_outliers(6, 8, 96, seed=7, requires_grad=False) * 3
     kinks = torch.tensor([-3.0, 0.0, -0.0, 3.0, 6.0, -1.0, 2.0, 0.7, -1.3, 2.1])

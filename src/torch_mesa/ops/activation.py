@@ -282,6 +282,18 @@ def tanh(x: Tensor, *, config=None, states: Optional[RangeStates] = None) -> Ten
 
 
 # -------------------------------------------------------------------- clamp
+def _clamp_grad_passes_at_bounds() -> bool:
+    """Whether this PyTorch's gradient of ``clamp`` passes at an element equal
+    to a bound (PyTorch 2.11 and older: yes; 2.14: no, strictly inside)."""
+    x = torch.zeros(1, requires_grad=True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(torch.clamp(x, 0.0, 1.0).sum(), x)
+    return bool(g.item() == 1.0)
+
+
+_CLAMP_PASSES_AT_BOUNDS = _clamp_grad_passes_at_bounds()
+
+
 def _clamped(x: Tensor, *, lo, hi) -> Tensor:
     return torch.clamp(x, lo, hi)
 
@@ -294,14 +306,15 @@ class _ClampFn(OpFunction):
     @staticmethod
     def forward(ctx, x, lo, hi, spec: QuantSpec):
         out = torch.clamp(x, lo, hi)
-        # where PyTorch's gradient of clamp passes: strictly inside the
-        # bounds (an element equal to a bound gets 0), each compared in x's
-        # dtype, as the bound rounds there
+        # where PyTorch's gradient of clamp passes: inside the bounds, an
+        # element equal to a bound as this PyTorch treats it, each compared
+        # in x's dtype, as the bound rounds there
+        above, below = (operator.ge, operator.le) if _CLAMP_PASSES_AT_BOUNDS else (operator.gt, operator.lt)
         inside = torch.ones_like(x, dtype=torch.bool)
         if lo is not None:
-            inside &= x > lo
+            inside &= above(x, lo)
         if hi is not None:
-            inside &= x < hi
+            inside &= below(x, hi)
         _save_mask(ctx, inside)
         kept = kept_of(x) if spec.keep_once else None
         if kept is not None:
