@@ -1,117 +1,155 @@
 """Everything only a GPU shows, in one run: for a session lent a GPU machine.
 
-1. Checks on CUDA: the fused quantizer compiled to Triton against the eager
-   reference, bit for bit, in every row mode; and ``torch_mesa.verify`` of a
-   DeiT-S and a Llama-style model on the GPU, fp32 and bf16 autocast
-   (forward identical, every gradient cosine, bytes kept). The test suite
-   itself runs on CPU (CI has no GPU).
-2. The GPU benchmark: DeiT-B, batch 128, bf16 autocast, unconverted vs
-   torch-mesa 8-bit: bytes kept, peak memory of a training step
+1. The CUDA tests (``tests/test_cuda.py``, skipped without a GPU): the
+   quantizer compiled to Triton against the eager reference bit for bit,
+   every op against PyTorch's CUDA kernels, attention dropout's replayed
+   mask, models verified, compiled and briefly trained on the GPU.
+2. DeiT-B, batch 128, 224 x 224, bf16 autocast: unconverted, checkpointed
+   and torch-mesa 8-bit, eager: bytes kept, peak memory of a training step
    (``max_memory_allocated``) and throughput, side by side
-   (``torch-mesa bench``; the original Mesa reported 0.49x peak memory);
-   then Mesa's whole results table at its batch 128
-   (``torch-mesa bench --suite mesa``), its published ratios beside ours.
+   (``torch-mesa bench``; the original Mesa reported 0.49x peak memory at
+   about -29% throughput).
+3. A Llama-style model (hidden 2048, 8 layers, 32 heads, 4 key-value heads,
+   vocabulary 32000) at sequence length 4096, batch 2, bf16 autocast: the same rows.
+4. DeiT-B compiled: ``torch.compile`` of the unconverted model beside
+   ``torch_mesa.compile`` by block (the quantizer inside the graphs).
+5. Mesa's results table at its batch 128 (``torch-mesa bench --suite mesa``).
 
-Writes ``gpu.json`` and ``gpu.md`` (the benchmark section, device named) to
-``--out`` (default ``$OUT`` or ``gpu-out``); copy the section into
-docs/benchmarks.md.
+Each stage runs in its own process under a share of ``--budget`` seconds, so
+a slow stage costs its own figures and not the rest; the log, the tests'
+report and the tables are written to ``--out`` (default ``$OUT`` or
+``gpu-out``) as they come. Copy the tables into docs/benchmarks.md.
 
-    python benchmarks/gpu.py                   # on the GPU machine
-    python benchmarks/gpu.py --quick           # smaller batch, fewer repeats (a dry run)
+    python benchmarks/gpu.py                       # on the GPU machine
+    python benchmarks/gpu.py --quick --device cpu  # a dry run of every stage, small sizes, on the CPU
 """
 
 import argparse
 import json
 import os
+import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 
-
-def _run(cmd, log):
-    print("$", " ".join(cmd), flush=True)
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    log.append({"cmd": cmd, "rc": proc.returncode, "seconds": round(time.perf_counter() - t, 1),
-                "tail": (proc.stdout + proc.stderr)[-4000:]})
-    print(proc.stdout[-3000:], proc.stderr[-2000:], flush=True)
-    return proc.returncode
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 
 
-def fused_matches_reference_on_cuda() -> dict:
-    """The Triton quantizer equals the eager reference bit for bit (nearest)."""
-    from torch_mesa.quant import fused
-    from torch_mesa.quant import reference as ref
-
-    out = {}
-    for rows in (None, "row", "scaled"):
-        for dtype in (torch.float32, torch.bfloat16):
-            x = torch.randn(4, 6, 197, 64, device="cuda").to(dtype)
-            a = ref.quantize(x, 8, (1, 3), 1, False, rows=rows)
-            b = ref.quantize(x, 8, (1, 3), 1, False, rows=rows, prims=fused.PRIMS)
-            out[f"{rows}-{dtype}"] = all(torch.equal(u, v) for u, v in zip(a, b))
-    return out
-
-
-def verify_on_cuda() -> dict:
-    """torch_mesa.verify on a few models, on the GPU, fp32 and bf16 autocast."""
-    import timm
+def llama(seq_len: int = 4096):
+    """The Llama-style model of stage 3, built on the GPU where there is one
+    (random initialisation of half a billion parameters on the CPU takes
+    seconds per build, and the benchmark builds it once per measurement)."""
     import transformers
 
-    import torch_mesa
+    quick = os.environ.get("MESA_GPU_QUICK") == "1"
+    sizes = (dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=1000) if quick else
+             dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=32,
+                  num_key_value_heads=4, vocab_size=32000))
+    cfg = transformers.LlamaConfig(**sizes, max_position_embeddings=max(seq_len, 4096))
+    cfg._attn_implementation = "sdpa"
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        return transformers.LlamaForCausalLM(cfg)
 
-    out = {}
-    torch.manual_seed(0)
-    vit = timm.create_model("deit_small_patch16_224", pretrained=False, num_classes=10).cuda()
-    x = torch.randn(8, 3, 224, 224, device="cuda")
-    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512)
-    llama = transformers.LlamaForCausalLM(cfg).cuda()
-    ids = torch.randint(0, 1000, (2, 512), device="cuda")
-    for name, model, inputs in (("deit_small", vit, x), ("llama", llama, {"input_ids": ids, "labels": ids})):
-        for amp in (None, torch.bfloat16):
-            r = torch_mesa.verify(model, inputs, autocast_dtype=amp, by_op=False)
-            out[f"{name}-{amp}"] = {"ok": r.ok, "forward_equal": r.forward_equal,
-                                    "worst_cosine": r.worst.cosine if r.worst else 1.0,
-                                    "kept_ratio": r.kept_converted / max(1, r.kept_exact)}
-    return out
+
+class Run:
+    def __init__(self, out: Path, budget: float):
+        self.out, self.start, self.budget = out, time.monotonic(), budget
+        self.log = (out / "log.txt").open("a")
+        self.stages = []
+
+    def left(self) -> float:
+        return self.budget - (time.monotonic() - self.start)
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+        self.log.write(text + "\n")
+        self.log.flush()
+
+    def stage(self, name: str, cmd, share: float, env=None) -> int:
+        """Run ``cmd`` for at most ``share`` of the time left; its output goes
+        to the log as it comes."""
+        limit = max(0.0, min(share, self.left()))
+        if limit < 20:
+            self.say(f"\n## {name}: skipped, {self.left():.0f} s left")
+            self.stages.append({"stage": name, "rc": None, "seconds": 0, "skipped": True})
+            return -1
+        self.say(f"\n## {name} (at most {limit:.0f} s)\n$ {' '.join(map(str, cmd))}")
+        t = time.monotonic()
+        proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
+                                start_new_session=True)
+        reader = threading.Thread(target=lambda: [self.say(line.rstrip("\n")) for line in proc.stdout])
+        reader.start()
+        try:
+            proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            self.say(f"  stopped at its limit ({limit:.0f} s)")
+        reader.join()
+        rc = proc.wait()
+        seconds = round(time.monotonic() - t, 1)
+        self.stages.append({"stage": name, "rc": rc, "seconds": seconds})
+        self.say(f"  rc {rc}, {seconds} s")
+        return rc
+
+
+def bench(args, docs, *options):
+    """``torch-mesa bench`` under bf16 autocast, its table written to ``md/DOCS.md``
+    (one file per stage: two runs of one model would share a section)."""
+    return [sys.executable, "-m", "torch_mesa", "bench", "--device", args.device, "--amp", "bf16",
+            "--docs", args.out / "md" / f"{docs}.md", *options]
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.environ.get("OUT", "gpu-out"))
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-out")))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--budget", type=float, default=540.0, help="seconds for all stages together")
+    p.add_argument("--quick", action="store_true", help="small batches and models (DeiT-Ti), few repeats")
     args = p.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not torch.cuda.is_available():
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing to do here (every CPU check runs in the test suite)")
         return 2
-    device = torch.cuda.get_device_name(0)
-    result = {"device": device, "torch": torch.__version__, "log": []}
-    print(f"# {device}, torch {torch.__version__}", flush=True)
-    result["fused_equals_reference"] = fused_matches_reference_on_cuda()
-    result["verify"] = verify_on_cuda()
-    batch = "16" if args.quick else "128"
-    repeats = "3" if args.quick else "10"
-    docs = out / "gpu.md"
-    docs.write_text(f"## GPU ({device})\n\n")
-    rc = _run([sys.executable, "-m", "torch_mesa", "bench", "--model", "timm:deit_base_patch16_224",
-               "--batch-size", batch, "--device", "cuda", "--amp", "bf16",
-               "--configs", "baseline,checkpoint,mesa8,baseline+compile,mesa8+compile,native8,native8+blocks",
-               "--repeats", repeats, "--csv", str(out / "results.csv"), "--docs", str(docs)], result["log"])
-    result["bench_rc"] = rc
-    # Mesa's results table (DeiT-Ti/S/B, Swin-T, PVT-v2-b1) at Mesa's batch 128
-    result["mesa_suite_rc"] = _run([sys.executable, "-m", "torch_mesa", "bench", "--suite", "mesa",
-                                    "--batch-size", batch, "--device", "cuda", "--amp", "bf16",
-                                    "--docs", str(docs)], result["log"])
-    (out / "gpu.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k != "log"}, indent=1))
-    ok = rc == 0 and result["mesa_suite_rc"] == 0 and all(result["fused_equals_reference"].values())
-    return 0 if ok else 1
+    run = Run(args.out, args.budget)
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else f"{platform.machine()} CPU"
+    run.say(f"# {device}, torch {torch.__version__}, python {platform.python_version()}, {os.cpu_count()} cores")
+    (args.out / "md").mkdir(exist_ok=True)
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(HERE), os.environ.get("PYTHONPATH", "")])}
+    if args.quick:
+        env["MESA_GPU_QUICK"] = "1"
+    if args.device != "cuda":
+        env["MESA_TEST_DEVICE"] = args.device
+    big = "4" if args.quick else "128"
+    repeats = "2" if args.quick else "10"
+    workers = str(min(6, max(1, (os.cpu_count() or 2) // 2)))
+    run.stage("CUDA tests", [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_cuda.py", "-p",
+                             "no:cacheprovider", "-n", workers, "--dist", "load", "-rfEs", "-v",
+                             f"--junitxml={args.out / 'tests.xml'}"], share=0.33 * args.budget, env=env)
+    deit = ("--model", "timm:deit_tiny_patch16_224" if args.quick else "timm:deit_base_patch16_224", "--batch-size", big, "--repeats", repeats,
+            "--csv", args.out / "results.csv")
+    run.stage("DeiT-B, eager", bench(args, "deit-eager", *deit, "--configs", "baseline,checkpoint,mesa8"),
+              share=0.17 * args.budget, env=env)
+    run.stage("Llama-style, sequence 4096, eager",
+              bench(args, "llama-eager", "--model", "gpu:llama", "--batch-size", "2", "--repeats", repeats,
+                    "--seq-len", "256" if args.quick else "4096", "--csv", args.out / "results.csv",
+                    "--configs", "baseline,checkpoint,mesa8"), share=0.17 * args.budget, env=env)
+    run.stage("DeiT-B, compiled", bench(args, "deit-compiled", *deit, "--configs",
+                                        "baseline,baseline+compile,native8+blocks"), share=0.28 * args.budget, env=env)
+    run.stage("Mesa's results table", bench(args, "mesa-suite", "--suite", "mesa", "--batch-size", big),
+              share=args.budget, env=env)
+    summary = {"device": device, "torch": torch.__version__, "stages": run.stages}
+    (args.out / "gpu.json").write_text(json.dumps(summary, indent=1))
+    run.say(json.dumps(summary, indent=1))
+    return 0 if all(s["rc"] == 0 for s in run.stages) else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,202 @@
+"""On a CUDA device: what the CPU suite cannot show.
+
+The quantizer compiled to Triton against the eager reference; every op's
+forward against PyTorch's CUDA kernels and its gradients against the exact
+ones (the bars of test_ops); attention dropout, whose mask the CUDA kernels
+draw inside themselves, so the backward must replay the forward's random
+state; whole models converted, compiled and briefly trained on the GPU.
+
+Skipped as one module without a CUDA device (CI has none);
+``benchmarks/gpu.py`` runs it on a GPU machine: ``pytest -m gpu tests/test_cuda.py``.
+``MESA_TEST_DEVICE=cpu`` runs it on the CPU instead: a dry run of the
+module itself (the CPU suite covers what it checks there).
+"""
+
+import copy
+import functools
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CUDA = torch.device(os.environ.get("MESA_TEST_DEVICE", "cuda"))
+if CUDA.type == "cuda" and not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+import torch_mesa  # noqa: E402
+from torch_mesa import MesaConfig, compiled, ops  # noqa: E402
+from torch_mesa.quant import fused  # noqa: E402
+
+from conftest import cosine, sqnr_db, with_outliers  # noqa: E402
+from test_fidelity import _arithmetic_text, _lm, _train_briefly  # noqa: E402
+from test_ops import CASES, CFG8, _check, _dropout_case  # noqa: E402
+from test_quant import _round_trip  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+def _cuda(t):
+    return t.detach().to(CUDA).requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,axes,group_size,rows", [
+    (bits, axes, group_size, None) for bits in (8, 2) for axes, group_size in (((3,), 1), ((1, 3), 1), ((3,), None),
+                                                                               ((2,), 5))
+] + [(8, (3,), 1, "row"), (8, (3,), 1, "scaled")])
+def test_triton_quantizer_equals_reference_bit_for_bit(dtype, bits, axes, group_size, rows):
+    """Codes, ranges and expanded values of the Triton quantizer, bit for bit
+    those of the eager reference on the same device: the layouts and row
+    modes the ops use (row modes at 8 bits alone; 4 bits runs the packing
+    code 2 bits runs)."""
+    x = with_outliers(3, 7, 197, 65, dtype=dtype, requires_grad=False).to(CUDA)
+    a, ya = _round_trip(x, bits, axes, group_size, rows=rows)
+    b, yb = _round_trip(x, bits, axes, group_size, rows=rows, impl=fused)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    assert torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize("kernel", ["compiled", "reference"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_op_on_cuda(name, kernel, monkeypatch):
+    """Forward identical to PyTorch's CUDA op; gradients >= 30 dB against
+    the exact fp32 ones (test_ops' bar)."""
+    monkeypatch.setenv("TORCH_MESA_KERNEL", kernel)
+    mesa_fn, torch_fn, inputs = CASES[name]
+    _check(mesa_fn, torch_fn, [_cuda(t) for t in inputs], what=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["linear", "layer_norm", "rms_norm", "gelu", "swiglu", "softmax", "matmul", "sdpa",
+                                  "sdpa_causal"])
+def test_op_on_cuda_low_precision(name, dtype):
+    """In bf16 and fp16 (the GPU's flash kernels run here): within 6 dB of
+    PyTorch's own low-precision gradient where that is below 30 dB."""
+    mesa_fn, torch_fn, inputs = CASES[name]
+    _check(mesa_fn, torch_fn, [_cuda(t) for t in inputs], dtype=dtype, what=f"{name}/{dtype}")
+
+
+def _dropout_grads(fn, inputs, g, p, kw, dtype):
+    leaves = [t.detach().to(CUDA, dtype).requires_grad_() for t in inputs]
+    kw = {k: (v.to(CUDA, dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v)
+          for k, v in kw.items()}
+    torch.manual_seed(7)
+    out = fn(*leaves, dropout_p=p, **kw)
+    out.float().backward(g.to(CUDA))
+    return out, [t.grad.float() for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["plain", "gqa", "bool mask, a row fully masked", "-inf float mask",
+                                     "causal, scaled", "no heads (3-D)", "long sequence"])
+def test_sdpa_dropout_same_mask_in_backward_on_cuda(variant, dtype):
+    """The CUDA kernels draw the dropout mask inside themselves; the
+    converted op reruns attention in backward from the replayed random
+    state. The same forward as PyTorch's from the same seed, and gradients
+    within 3 dB of what the same codes give without dropout (a wrong mask
+    gives about 0 dB)."""
+    q, k, v, kw = _dropout_case(variant)
+    g = torch.randn(q.shape[:-1] + v.shape[-1:])
+    mesa_fn = functools.partial(ops.scaled_dot_product_attention, config=CFG8)
+    out, mesa = _dropout_grads(mesa_fn, (q, k, v), g, 0.3, kw, dtype)
+    want, exact = _dropout_grads(F.scaled_dot_product_attention, (q, k, v), g, 0.3, kw, dtype)
+    assert torch.equal(out, want)
+    _, mesa0 = _dropout_grads(mesa_fn, (q, k, v), g, 0.0, kw, dtype)
+    _, exact0 = _dropout_grads(F.scaled_dot_product_attention, (q, k, v), g, 0.0, kw, dtype)
+    for i in range(3):
+        bar = min(30.0, sqnr_db(mesa0[i], exact0[i]) - 3.0)
+        assert sqnr_db(mesa[i], exact[i]) >= bar, (variant, i, sqnr_db(mesa[i], exact[i]), bar)
+
+
+def _models():
+    timm = pytest.importorskip("timm")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    vit = timm.create_model("deit_small_patch16_224", pretrained=False, num_classes=10)
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512)
+    llama = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 1000, (2, 512), generator=torch.Generator().manual_seed(1)).to(CUDA)
+    return {"deit_small": (vit.to(CUDA), torch.randn(8, 3, 224, 224).to(CUDA)),
+            "llama": (llama.to(CUDA), {"input_ids": ids, "labels": ids})}
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16 autocast"])
+@pytest.mark.parametrize("name", ["deit_small", "llama"])
+def test_verify_on_cuda(name, amp):
+    """``torch_mesa.verify`` on the GPU: forward identical, every gradient
+    within the 8-bit bar, fewer bytes kept."""
+    model, inputs = _models()[name]
+    report = torch_mesa.verify(model, inputs, autocast_dtype=amp, by_op=False)
+    assert report.forward_equal, str(report)
+    assert report.ok, str(report)
+    assert report.kept_converted < 0.5 * report.kept_exact, str(report)
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "torch_mesa.compile, by block", "torch_mesa.compile, whole"])
+def test_compiled_on_cuda(how):
+    """Converted and compiled with Inductor (Triton kernels, the quantizer
+    fused into them for torch_mesa.compile): the loss within compiled
+    rounding of the exact model's, gradients within cosine 0.999, fewer bytes
+    kept than the compiled unconverted model."""
+    model, inputs = _models()["llama"]
+    model.train()
+    plain = copy.deepcopy(model)
+    torch._dynamo.reset()
+    if how == "torch.compile":
+        converted = copy.deepcopy(model)
+        torch_mesa.compress_(converted)
+        run = torch.compile(converted)
+    else:
+        run = torch_mesa.compile(copy.deepcopy(model), MesaConfig(bits=8), blocks=how.endswith("by block"))
+    outs = {}
+    for key, m in (("plain", plain), ("compiled", run)):
+        torch.manual_seed(0)
+        outs[key] = m(**inputs)
+        outs[key].loss.backward()
+    # (the converted model computes the loss without its logits: compare losses)
+    torch.testing.assert_close(outs["compiled"].loss, outs["plain"].loss, rtol=1e-5, atol=0)
+    got = {n.replace("_orig_mod.", ""): p.grad for n, p in run.named_parameters() if p.grad is not None}
+    worst = min((cosine(got[n], p.grad), n) for n, p in plain.named_parameters() if p.grad is not None)
+    assert worst[0] >= 0.999, worst
+    kept = {k: torch_mesa.measure(m, **inputs).total_bytes for k, m in (("plain", torch.compile(plain)),
+                                                                        ("compiled", run))}
+    assert kept["compiled"] < 0.6 * kept["plain"], kept
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_briefly_trained_language_model_on_cuda(kind):
+    """Trained on the GPU until attention is sharp and channels uneven
+    (test_fidelity's run), then verified there, fp32 and bf16 autocast."""
+    text = _arithmetic_text()
+    chars = sorted(set(text))
+    data = torch.tensor([chars.index(c) for c in text], device=CUDA)
+
+    def batch(step):
+        starts = torch.randint(0, len(data) - 49, (8,), generator=torch.Generator().manual_seed(step))
+        return torch.stack([data[s:s + 48] for s in starts.tolist()])
+
+    def loss_fn(model, ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    model = _lm(kind).to(CUDA)
+    first = loss_fn(model, batch(0)).item()
+    last = _train_briefly(model, batch, loss_fn)
+    assert last < 0.6 * first
+    ids = batch(10**6)
+    for amp in (None, torch.bfloat16):
+        report = torch_mesa.verify(model, lambda m: loss_fn(m, ids), by_op=False, autocast_dtype=amp)
+        assert report.forward_equal and report.ok, str(report)
+
+
+def test_compiled_saving_keeps_quantized_values_on_cuda():
+    """The plan of torch_mesa.compile on the GPU quantizes what it does on
+    the CPU (the rules do not depend on the device)."""
+    model, inputs = _models()["llama"]
+    run = torch_mesa.compile(model, MesaConfig(bits=8), blocks=True)
+    run(**inputs).loss.backward()
+    plan = compiled.saving_of(run).plan()
+    assert sum(e.kept == "8 bits" for e in plan) >= 3, torch_mesa.plan(run)
