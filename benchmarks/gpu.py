@@ -111,7 +111,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-out")))
     p.add_argument("--device", default="cuda")
-    p.add_argument("--budget", type=float, default=540.0, help="seconds for all stages together")
+    p.add_argument("--budget", type=float, default=540.0, help="seconds for all stages together (each stage gets a share of it, and what an earlier stage leaves)")
     p.add_argument("--quick", action="store_true", help="small batches and models (DeiT-Ti), few repeats")
     args = p.parse_args()
     args.out = args.out.resolve()
@@ -133,7 +133,7 @@ def main():
     workers = str(min(6, max(1, (os.cpu_count() or 2) // 2)))
     run.stage("CUDA tests", [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_cuda.py", "-p",
                              "no:cacheprovider", "-n", workers, "--dist", "load", "-rfEs", "-v",
-                             f"--junitxml={args.out / 'tests.xml'}"], share=0.33 * args.budget, env=env)
+                             f"--junitxml={args.out / 'tests.xml'}"], share=0.3 * args.budget, env=env)
     deit = ("--model", "timm:deit_tiny_patch16_224" if args.quick else "timm:deit_base_patch16_224", "--batch-size", big, "--repeats", repeats,
             "--csv", args.out / "results.csv")
     run.stage("DeiT-B, eager", bench(args, "deit-eager", *deit, "--configs", "baseline,checkpoint,mesa8"),
