@@ -73,9 +73,9 @@ class Run:
         self.log.flush()
 
     def stage(self, name: str, cmd, share: float, env=None) -> int:
-        """Run ``cmd`` for at most ``share`` of the time left; its output goes
-        to the log as it comes."""
-        limit = max(0.0, min(share, self.left()))
+        """Run ``cmd`` for at most ``share`` (a fraction) of the time left; its
+        output goes to the log as it comes."""
+        limit = max(0.0, share * self.left())
         if limit < 20:
             self.say(f"\n## {name}: skipped, {self.left():.0f} s left")
             self.stages.append({"stage": name, "rc": None, "seconds": 0, "skipped": True})
@@ -111,7 +111,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-out")))
     p.add_argument("--device", default="cuda")
-    p.add_argument("--budget", type=float, default=540.0, help="seconds for all stages together (each stage gets a share of it, and what an earlier stage leaves)")
+    p.add_argument("--budget", type=float, default=540.0,
+                   help="seconds for all stages together (each gets a share of what the earlier ones left)")
     p.add_argument("--quick", action="store_true", help="small batches and models (DeiT-Ti), few repeats")
     args = p.parse_args()
     args.out = args.out.resolve()
@@ -131,21 +132,22 @@ def main():
     big = "4" if args.quick else "128"
     repeats = "2" if args.quick else "10"
     workers = str(min(6, max(1, (os.cpu_count() or 2) // 2)))
-    run.stage("CUDA tests", [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_cuda.py", "-p",
-                             "no:cacheprovider", "-n", workers, "--dist", "load", "-rfEs", "-v",
-                             f"--junitxml={args.out / 'tests.xml'}"], share=0.3 * args.budget, env=env)
-    deit = ("--model", "timm:deit_tiny_patch16_224" if args.quick else "timm:deit_base_patch16_224", "--batch-size", big, "--repeats", repeats,
-            "--csv", args.out / "results.csv")
-    run.stage("DeiT-B, eager", bench(args, "deit-eager", *deit, "--configs", "baseline,checkpoint,mesa8"),
-              share=0.17 * args.budget, env=env)
-    run.stage("Llama-style, sequence 4096, eager",
-              bench(args, "llama-eager", "--model", "gpu:llama", "--batch-size", "2", "--repeats", repeats,
-                    "--seq-len", "256" if args.quick else "4096", "--csv", args.out / "results.csv",
-                    "--configs", "baseline,checkpoint,mesa8"), share=0.17 * args.budget, env=env)
-    run.stage("DeiT-B, compiled", bench(args, "deit-compiled", *deit, "--configs",
-                                        "baseline,baseline+compile,native8+blocks"), share=0.28 * args.budget, env=env)
-    run.stage("Mesa's results table", bench(args, "mesa-suite", "--suite", "mesa", "--batch-size", big),
-              share=args.budget, env=env)
+    deit = ("--model", "timm:deit_tiny_patch16_224" if args.quick else "timm:deit_base_patch16_224",
+            "--batch-size", big, "--repeats", repeats, "--csv", args.out / "results.csv")
+    stages = [  # (name, command, weight: its share of the time left is its weight over the weights left)
+        ("CUDA tests", [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_cuda.py", "-p", "no:cacheprovider",
+                        "-n", workers, "--dist", "load", "-rfEs", "-v", f"--junitxml={args.out / 'tests.xml'}"], 0.3),
+        ("DeiT-B, eager", bench(args, "deit-eager", *deit, "--configs", "baseline,checkpoint,mesa8"), 0.17),
+        ("Llama-style, sequence 4096, eager",
+         bench(args, "llama-eager", "--model", "gpu:llama", "--batch-size", "2", "--repeats", repeats, "--seq-len",
+               "256" if args.quick else "4096", "--csv", args.out / "results.csv",
+               "--configs", "baseline,checkpoint,mesa8"), 0.17),
+        ("DeiT-B, compiled", bench(args, "deit-compiled", *deit, "--configs",
+                                   "baseline,baseline+compile,native8+blocks"), 0.28),
+        ("Mesa's results table", bench(args, "mesa-suite", "--suite", "mesa", "--batch-size", big), 0.08),
+    ]
+    for i, (name, cmd, weight) in enumerate(stages):
+        run.stage(name, cmd, weight / sum(w for _, _, w in stages[i:]), env=env)
     summary = {"device": device, "torch": torch.__version__, "stages": run.stages}
     (args.out / "gpu.json").write_text(json.dumps(summary, indent=1))
     run.say(json.dumps(summary, indent=1))
