@@ -59,6 +59,10 @@ def llama(seq_len: int = 4096):
 
 
 class Run:
+    """The stages of one run under one time budget, logged to ``out/log.txt``."""
+
+    MIN_STAGE = 20.0  # seconds: a stage that would get less is skipped
+
     def __init__(self, out: Path, budget: float):
         self.out, self.start, self.budget = out, time.monotonic(), budget
         self.log = (out / "log.txt").open("a")
@@ -76,7 +80,7 @@ class Run:
         """Run ``cmd`` for at most ``share`` (a fraction) of the time left; its
         output goes to the log as it comes."""
         limit = max(0.0, share * self.left())
-        if limit < 20:
+        if limit < self.MIN_STAGE:
             self.say(f"\n## {name}: skipped, {self.left():.0f} s left")
             self.stages.append({"stage": name, "rc": None, "seconds": 0, "skipped": True})
             return -1

@@ -5,6 +5,8 @@ summary's gaps and targets are what their definitions say."""
 import importlib.util
 import math
 import statistics
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +149,24 @@ def test_demo_ablation_switches_off_what_it_names():
     with redraw():
         assert draws_in_backward() > 0
     assert draws_in_backward() == 0
+
+
+def test_gpu_run_stops_a_stage_at_its_share_and_goes_on(tmp_path, monkeypatch):
+    """benchmarks/gpu.py's stages (the script itself needs a GPU): a stage
+    that outlives its share of the budget is stopped with its children, its
+    output up to then logged, and the next stage still runs."""
+    gpu = _benchmark("gpu")
+    monkeypatch.setattr(gpu.Run, "MIN_STAGE", 0.5)
+    run = gpu.Run(tmp_path, budget=4.0)
+    child = "import subprocess, sys, time; print('started', flush=True); " \
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    t = time.monotonic()
+    assert run.stage("slow", [sys.executable, "-c", child], share=0.5) != 0
+    assert time.monotonic() - t < 10
+    assert run.stage("quick", [sys.executable, "-c", "print('done')"], share=1.0) == 0
+    log = (tmp_path / "log.txt").read_text()
+    assert "started" in log and "stopped at its limit" in log and "done" in log
+    assert [s["stage"] for s in run.stages] == ["slow", "quick"]
+    run.budget = 0.0
+    assert run.stage("late", [sys.executable, "-c", "pass"], share=1.0) == -1  # no time left: skipped
+    assert run.stages[-1]["skipped"]

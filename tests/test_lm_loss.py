@@ -242,8 +242,14 @@ def _grads_of(model, loss):
 
 
 def test_every_table_family_is_tested_here():
-    names = {r.class_name for r in causal_lm.RULES}
-    classes = {type(_causal(case)).__name__ for case in _FAMILIES}
+    transformers = pytest.importorskip("transformers")
+    names = {r.class_name for r in causal_lm.RULES if hasattr(transformers, r.class_name)}  # (this version's)
+    classes = set()
+    for case in _FAMILIES:
+        try:
+            classes.add(type(_causal(case)).__name__)
+        except pytest.skip.Exception:  # a family this transformers lacks
+            pass
     assert names <= classes, sorted(names - classes)
 
 

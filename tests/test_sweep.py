@@ -418,7 +418,12 @@ def _hf_model(model_type, overrides, head, attn):
             kw.pop(k)
     kw.update(overrides)
     kw = {k: v for k, v in kw.items() if v is not None}
-    cfg = _zero_dropout(transformers.AutoConfig.for_model(model_type, **kw))
+    try:
+        cfg = _zero_dropout(transformers.AutoConfig.for_model(model_type, **kw))
+    except ValueError as err:  # a family newer than the installed transformers
+        if "Unrecognized model identifier" not in str(err):
+            raise
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type!r}")
     if attn is not None:
         cfg._attn_implementation = attn
     torch.manual_seed(0)
