@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 import torch_mesa
 from torch_mesa import MesaConfig, compress_, measure, ops
+from torch_mesa.ops.saving import OpFunction
 
 from conftest import assert_grads_close, cosine
 
@@ -562,3 +563,47 @@ def test_llama4_with_padding_tokens():
     report = torch_mesa.verify(model, {"input_ids": ids, "attention_mask": mask},
                                loss_fn=lambda out: out.logits.float().square().mean(), by_op=False, remedy=False)
     assert report.ok, str(report)
+
+
+class _SharedWeight(nn.Module):
+    """One op of ``kind`` whose weight a plain PyTorch op outside the model
+    uses again (a tied head, a weight shared across calls)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        shape = {"linear": (48, 48), "conv2d": (32, 32, 3, 3), "matmul": (48, 48)}[kind]
+        self.w = nn.Parameter(torch.randn(shape) * shape[1] ** -0.5)
+
+    def forward(self, x):
+        return self.plain(x) if self.kind != "matmul" else x @ self.w
+
+    def plain(self, x):
+        if self.kind == "conv2d":
+            return F.conv2d(x, self.w, padding=1)
+        return F.linear(x, self.w) if self.kind == "linear" else torch.matmul(x, self.w)
+
+
+@pytest.mark.parametrize("order", ["converted first", "plain first"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "matmul"])
+def test_a_weight_shared_with_plain_ops_under_autocast_gets_every_gradient(kind, order):
+    """Under autocast, a weight used by a converted op and by a plain PyTorch
+    op of the same autocast region gets the gradient of both, as without
+    torch-mesa. (PyTorch 2.8's autocast handed the plain op the weight's cast
+    that the converted op's forward had made without gradients: the plain
+    op's share of the weight's gradient was silently missing.)"""
+    shape = (2, 32, 12, 12) if kind == "conv2d" else (4, 24, 48)
+    x, y = torch.randn(shape), torch.randn(shape)
+    grads = {}
+    for convert in (False, True):
+        torch.manual_seed(0)
+        m = _SharedWeight(kind)
+        if convert:
+            compress_(m, MesaConfig(bits=8))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = (m(x), m.plain(y)) if order == "converted first" else (m.plain(y), m(x))
+        ours = outs[0 if order == "converted first" else 1].grad_fn
+        assert issubclass(getattr(ours, "_forward_cls", type), OpFunction) == convert, ours  # (converted op ran)
+        sum(o.float().square().mean() for o in outs).backward()
+        grads[convert] = m.w.grad
+    assert cosine(grads[True], grads[False]) >= 0.999

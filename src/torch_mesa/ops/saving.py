@@ -48,6 +48,43 @@ def _unrouted(fn):
     return run
 
 
+def _autocast_reuses_casts_made_without_grad() -> bool:
+    """Whether this PyTorch's autocast hands an op that records gradients a
+    weight's cast it cached while gradients were off. An op's forward runs
+    without them; its autocast cast of a weight (a leaf) would then reach
+    every later op of the autocast region that uses the same weight (tied
+    or shared weights), with no gradient path back to it: that weight's
+    gradient from those ops silently missing. PyTorch 2.8 does this; 2.11
+    and 2.14 cache no cast made without gradients."""
+    w = torch.ones(1, 1, requires_grad=True)
+    x = torch.ones(1, 1)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.no_grad():
+                torch.mm(x, w)
+            return torch.mm(x, w).grad_fn is None
+    except RuntimeError:  # (no CPU autocast in this build: nothing to work around)
+        return False
+
+
+_STALE_CASTS = _autocast_reuses_casts_made_without_grad()
+
+
+def _forgetting_casts(fn):
+    """``fn``, then autocast's cache cleared (where :func:`_autocast_reuses_casts_made_without_grad`):
+    the casts it made without gradients are forgotten before any later op
+    can reuse them (later ops cast again: time, on those versions alone)."""
+
+    @functools.wraps(fn)
+    def run(*args):
+        try:
+            return fn(*args)
+        finally:
+            torch.clear_autocast_cache()
+
+    return run
+
+
 class OpFunction(torch.autograd.Function):
     """The base of every op's ``autograd.Function``: its forward and backward
     run as Python, never traced by ``torch.compile``, and outside the
@@ -62,7 +99,10 @@ class OpFunction(torch.autograd.Function):
         for name in ("forward", "backward"):
             fn = cls.__dict__.get(name)
             if isinstance(fn, staticmethod):
-                setattr(cls, name, staticmethod(torch._dynamo.disable(_unrouted(fn.__func__))))
+                fn = _unrouted(fn.__func__)
+                if name == "forward" and _STALE_CASTS:
+                    fn = _forgetting_casts(fn)
+                setattr(cls, name, staticmethod(torch._dynamo.disable(fn)))
 
 
 def as_spec(config: Union[None, MesaConfig, QuantSpec]) -> Optional[QuantSpec]:
