@@ -29,7 +29,7 @@ from torch_mesa import MesaConfig, compiled, ops  # noqa: E402
 from torch_mesa.quant import fused  # noqa: E402
 
 from conftest import cosine, sqnr_db, with_outliers  # noqa: E402
-from test_fidelity import _arithmetic_text, _lm, _train_briefly  # noqa: E402
+from test_fidelity import _briefly_trained_lm  # noqa: E402
 from test_ops import CASES, CFG8, _check, _dropout_case  # noqa: E402
 from test_quant import _round_trip  # noqa: E402
 
@@ -171,24 +171,9 @@ def test_compiled_on_cuda(how):
 def test_briefly_trained_language_model_on_cuda(kind):
     """Trained on the GPU until attention is sharp and channels uneven
     (test_fidelity's run), then verified there, fp32 and bf16 autocast."""
-    text = _arithmetic_text()
-    chars = sorted(set(text))
-    data = torch.tensor([chars.index(c) for c in text], device=CUDA)
-
-    def batch(step):
-        starts = torch.randint(0, len(data) - 49, (8,), generator=torch.Generator().manual_seed(step))
-        return torch.stack([data[s:s + 48] for s in starts.tolist()])
-
-    def loss_fn(model, ids):
-        return model(input_ids=ids, labels=ids).loss
-
-    model = _lm(kind).to(CUDA)
-    first = loss_fn(model, batch(0)).item()
-    last = _train_briefly(model, batch, loss_fn)
-    assert last < 0.6 * first
-    ids = batch(10**6)
+    model, loss = _briefly_trained_lm(kind, CUDA)
     for amp in (None, torch.bfloat16):
-        report = torch_mesa.verify(model, lambda m: loss_fn(m, ids), by_op=False, autocast_dtype=amp)
+        report = torch_mesa.verify(model, loss, by_op=False, autocast_dtype=amp)
         assert report.forward_equal and report.ok, str(report)
 
 

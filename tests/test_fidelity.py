@@ -71,11 +71,12 @@ def _train_briefly(model, batches, loss_fn, steps=80, lr=1e-2):
     return loss.item()
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_briefly_trained_language_model(kind):
+def _briefly_trained_lm(kind, device="cpu"):
+    """A character-level language model of ``kind`` trained briefly on the
+    arithmetic text on ``device``; returns it, a held-out batch and its loss."""
     text = _arithmetic_text()
     chars = sorted(set(text))
-    data = torch.tensor([chars.index(c) for c in text])
+    data = torch.tensor([chars.index(c) for c in text], device=device)
 
     def batch(step):
         starts = torch.randint(0, len(data) - 49, (8,), generator=torch.Generator().manual_seed(step))
@@ -84,12 +85,18 @@ def test_briefly_trained_language_model(kind):
     def loss_fn(model, ids):
         return model(input_ids=ids, labels=ids).loss
 
-    model = _lm(kind)
+    model = _lm(kind).to(device)
     first = loss_fn(model, batch(0)).item()
     last = _train_briefly(model, batch, loss_fn)
     assert last < 0.6 * first  # it did learn
     ids = batch(10**6)
-    report = verify(model, lambda m: loss_fn(m, ids), by_op=False)
+    return model, lambda m: loss_fn(m, ids)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_briefly_trained_language_model(kind):
+    model, loss = _briefly_trained_lm(kind)
+    report = verify(model, loss, by_op=False)
     assert report.forward_equal
     assert report.ok, str(report)
 
