@@ -100,8 +100,10 @@ def test_sdpa_dropout_same_mask_in_backward_on_cuda(variant, dtype):
     q, k, v, kw = _dropout_case(variant)
     g = torch.randn(q.shape[:-1] + v.shape[-1:])
     mesa_fn = functools.partial(ops.scaled_dot_product_attention, config=CFG8)
-    out, mesa = _dropout_grads(mesa_fn, (q, k, v), g, 0.3, kw, dtype)
     want, exact = _dropout_grads(F.scaled_dot_product_attention, (q, k, v), g, 0.3, kw, dtype)
+    if not all(t.isfinite().all() for t in [want] + exact):
+        pytest.skip("PyTorch's own kernel gives non-finite values here (a fully masked row): nothing to compare")
+    out, mesa = _dropout_grads(mesa_fn, (q, k, v), g, 0.3, kw, dtype)
     assert torch.equal(out, want)
     _, mesa0 = _dropout_grads(mesa_fn, (q, k, v), g, 0.0, kw, dtype)
     _, exact0 = _dropout_grads(F.scaled_dot_product_attention, (q, k, v), g, 0.0, kw, dtype)
