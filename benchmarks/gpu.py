@@ -94,8 +94,11 @@ class Run:
         try:
             proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
             self.say(f"  stopped at its limit ({limit:.0f} s)")
+        try:  # the stage's process group, whatever of it is left (compile workers holding the pipe)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         reader.join()
         rc = proc.wait()
         seconds = round(time.monotonic() - t, 1)
