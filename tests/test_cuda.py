@@ -30,7 +30,7 @@ from torch_mesa.quant import fused  # noqa: E402
 
 from conftest import cosine, sqnr_db, with_outliers  # noqa: E402
 from test_fidelity import _briefly_trained_lm  # noqa: E402
-from test_ops import CASES, CFG8, _check, _dropout_case  # noqa: E402
+from test_ops import CASES, CFG8, _check, _dropout_case, _dropout_grads  # noqa: E402
 from test_quant import _round_trip  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -78,16 +78,6 @@ def test_op_on_cuda_low_precision(name, dtype):
     _check(mesa_fn, torch_fn, [_cuda(t) for t in inputs], dtype=dtype, what=f"{name}/{dtype}")
 
 
-def _dropout_grads(fn, inputs, g, p, kw, dtype):
-    leaves = [t.detach().to(CUDA, dtype).requires_grad_() for t in inputs]
-    kw = {k: (v.to(CUDA, dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v)
-          for k, v in kw.items()}
-    torch.manual_seed(7)
-    out = fn(*leaves, dropout_p=p, **kw)
-    out.float().backward(g.to(CUDA))
-    return out, [t.grad.float() for t in leaves]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", ["plain", "gqa", "bool mask, a row fully masked", "-inf float mask",
                                      "causal, scaled", "no heads (3-D)", "long sequence"])
@@ -100,29 +90,32 @@ def test_sdpa_dropout_same_mask_in_backward_on_cuda(variant, dtype):
     q, k, v, kw = _dropout_case(variant)
     g = torch.randn(q.shape[:-1] + v.shape[-1:])
     mesa_fn = functools.partial(ops.scaled_dot_product_attention, config=CFG8)
-    want, exact = _dropout_grads(F.scaled_dot_product_attention, (q, k, v), g, 0.3, kw, dtype)
+    on = dict(device=CUDA, dtype=dtype)
+    want, exact, _ = _dropout_grads(F.scaled_dot_product_attention, (q, k, v), g, 0.3, kw, **on)
     if not all(t.isfinite().all() for t in [want] + exact):
         pytest.skip("PyTorch's own kernel gives non-finite values here (a fully masked row): nothing to compare")
-    out, mesa = _dropout_grads(mesa_fn, (q, k, v), g, 0.3, kw, dtype)
+    out, mesa, _ = _dropout_grads(mesa_fn, (q, k, v), g, 0.3, kw, **on)
     assert torch.equal(out, want)
-    _, mesa0 = _dropout_grads(mesa_fn, (q, k, v), g, 0.0, kw, dtype)
-    _, exact0 = _dropout_grads(F.scaled_dot_product_attention, (q, k, v), g, 0.0, kw, dtype)
+    _, mesa0, _ = _dropout_grads(mesa_fn, (q, k, v), g, 0.0, kw, **on)
+    _, exact0, _ = _dropout_grads(F.scaled_dot_product_attention, (q, k, v), g, 0.0, kw, **on)
     for i in range(3):
         bar = min(30.0, sqnr_db(mesa0[i], exact0[i]) - 3.0)
         assert sqnr_db(mesa[i], exact[i]) >= bar, (variant, i, sqnr_db(mesa[i], exact[i]), bar)
 
 
-def _models():
-    timm = pytest.importorskip("timm")
-    transformers = pytest.importorskip("transformers")
+def _model(name):
+    """``(model on the device, its inputs)``: a DeiT-S or a two-layer Llama."""
     torch.manual_seed(0)
-    vit = timm.create_model("deit_small_patch16_224", pretrained=False, num_classes=10)
+    if name == "deit_small":
+        timm = pytest.importorskip("timm")
+        vit = timm.create_model("deit_small_patch16_224", pretrained=False, num_classes=10)
+        return vit.to(CUDA), torch.randn(8, 3, 224, 224).to(CUDA)
+    transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512)
     llama = transformers.LlamaForCausalLM(cfg)
     ids = torch.randint(0, 1000, (2, 512), generator=torch.Generator().manual_seed(1)).to(CUDA)
-    return {"deit_small": (vit.to(CUDA), torch.randn(8, 3, 224, 224).to(CUDA)),
-            "llama": (llama.to(CUDA), {"input_ids": ids, "labels": ids})}
+    return llama.to(CUDA), {"input_ids": ids, "labels": ids}
 
 
 @pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16 autocast"])
@@ -130,7 +123,7 @@ def _models():
 def test_verify_on_cuda(name, amp):
     """``torch_mesa.verify`` on the GPU: forward identical, every gradient
     within the 8-bit bar, fewer bytes kept."""
-    model, inputs = _models()[name]
+    model, inputs = _model(name)
     report = torch_mesa.verify(model, inputs, autocast_dtype=amp, by_op=False)
     assert report.forward_equal, str(report)
     assert report.ok, str(report)
@@ -143,7 +136,7 @@ def test_compiled_on_cuda(how):
     fused into them for torch_mesa.compile): the loss within compiled
     rounding of the exact model's, gradients within cosine 0.999, fewer bytes
     kept than the compiled unconverted model."""
-    model, inputs = _models()["llama"]
+    model, inputs = _model("llama")
     model.train()
     plain = copy.deepcopy(model)
     torch._dynamo.reset()
@@ -182,7 +175,7 @@ def test_briefly_trained_language_model_on_cuda(kind):
 def test_compiled_saving_keeps_quantized_values_on_cuda():
     """The plan of torch_mesa.compile on the GPU quantizes what it does on
     the CPU (the rules do not depend on the device)."""
-    model, inputs = _models()["llama"]
+    model, inputs = _model("llama")
     run = torch_mesa.compile(model, MesaConfig(bits=8), blocks=True)
     run(**inputs).loss.backward()
     plan = compiled.saving_of(run).plan()

@@ -260,13 +260,18 @@ _DROPOUT_VARIANTS = ["plain", "gqa", "bool mask, a row fully masked", "-inf floa
                      "float mask that needs its gradient", "causal, scaled", "no heads (3-D)", "long sequence"]
 
 
-def _dropout_grads(fn, inputs, g, p, kw, amp=False):
-    leaves = [t.detach().requires_grad_() for t in inputs]
+def _dropout_grads(fn, inputs, g, p, kw, amp=False, device="cpu", dtype=None):
+    """Output, input gradients and random draws of the backward of ``fn``
+    with dropout ``p``, from one seed; inputs (and tensor keywords of a
+    floating dtype) moved to ``device`` and ``dtype``."""
+    leaves = [t.detach().to(device, dtype).requires_grad_() for t in inputs]
+    kw = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v
+          for k, v in kw.items()}
     torch.manual_seed(7)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
         out = fn(*leaves, dropout_p=p, **kw)
-    draws = draws_in(lambda: out.float().backward(g))
-    return out, [t.grad for t in leaves], draws
+    draws = draws_in(lambda: out.float().backward(g.to(device)))
+    return out, [t.grad.float() for t in leaves], draws
 
 
 @pytest.mark.parametrize("variant", _DROPOUT_VARIANTS)

@@ -291,7 +291,8 @@ def _clamp_grad_passes_at_bounds() -> bool:
     return bool(g.item() == 1.0)
 
 
-_CLAMP_PASSES_AT_BOUNDS = _clamp_grad_passes_at_bounds()
+# where the gradient passes: (above the lower bound, below the upper), as this PyTorch compares
+_CLAMP_INSIDE = (operator.ge, operator.le) if _clamp_grad_passes_at_bounds() else (operator.gt, operator.lt)
 
 
 def _clamped(x: Tensor, *, lo, hi) -> Tensor:
@@ -309,7 +310,7 @@ class _ClampFn(OpFunction):
         # where PyTorch's gradient of clamp passes: inside the bounds, an
         # element equal to a bound as this PyTorch treats it, each compared
         # in x's dtype, as the bound rounds there
-        above, below = (operator.ge, operator.le) if _CLAMP_PASSES_AT_BOUNDS else (operator.gt, operator.lt)
+        above, below = _CLAMP_INSIDE
         inside = torch.ones_like(x, dtype=torch.bool)
         if lo is not None:
             inside &= above(x, lo)
