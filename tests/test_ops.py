@@ -9,6 +9,7 @@ to be finite and ordered, since their SQNR is a property of the bit width.
 
 
 import functools
+import itertools
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from torch_mesa import MesaConfig, compress_, ops
 from torch_mesa.ops import recipes as _saved
+from torch_mesa.quant import reference as quant_ref
 
 from conftest import assert_grads_close, draws_in, sqnr_db, with_outliers
 
@@ -390,25 +392,33 @@ def test_fewer_bits_report(name, capsys):
     assert figures[8] > figures[4] > figures[2] > -10
 
 
-def test_stochastic_rounding_gives_unbiased_gradients():
-    """The mean of 2-bit stochastic gradients converges to the exact gradient:
-    the error power of the mean of n draws falls like 1/n (an unbiased
-    estimate), judged against the average error power of a single draw."""
+def test_stochastic_rounding_gives_unbiased_gradients(monkeypatch):
+    """The mean of 2-bit stochastic gradients converges to the exact gradient.
+
+    Element by element: over n draws, the mean error divided by its standard
+    error is Student's t with n - 1 degrees of freedom when the rounding is
+    unbiased, so its square averages (n - 1) / (n - 3) = 1.03 over the 1024
+    elements (standard deviation about 0.05 for independent elements). A
+    bias of b standard errors adds b**2. Per element, each element weighs
+    the same: the error power of the whole gradient (an earlier form of this
+    test) is dominated by the few elements of the outlier channel and spread
+    too widely to judge. The rounding's stream starts afresh, so the test
+    draws the same numbers whatever ran before it in the process."""
+    monkeypatch.setattr(quant_ref, "_seeds", itertools.count())
+    torch.manual_seed(0)
     cfg = MesaConfig(bits=2, rounding="stochastic")
     x = with_outliers(2, 33, 64)
     w = torch.randn(16, 64, requires_grad=True)
     g = torch.randn(2, 33, 16)
     (exact,) = torch.autograd.grad(F.linear(x, w), w, g)
-    single, total = [], torch.zeros_like(exact)
-    for n in range(1, 257):
-        (gw,) = torch.autograd.grad(ops.linear(x, w, config=cfg), w, g)
-        single.append((gw - exact).pow(2).sum().item())
-        total += gw
-        if n in (16, 256):
-            mean_power = (total / n - exact).pow(2).sum().item()
-            expected = sum(single) / len(single) / n  # unbiased: power / n
-            # within 3 dB of the 1/n law (a bias would stop the fall)
-            assert mean_power <= 2.0 * expected, (n, mean_power, expected)
+    n = 64
+    errors = torch.stack([torch.autograd.grad(ops.linear(x, w, config=cfg), w, g)[0].double() - exact.double()
+                          for _ in range(n)])
+    assert (errors.std(0) > 0).all(), "every element should vary from draw to draw"
+    t = errors.mean(0) / (errors.std(0) / n**0.5)
+    # 1.5: ten standard deviations above 1.03, and a bias of 0.7 standard
+    # errors per element on average fails
+    assert t.pow(2).mean().item() < 1.5, t.pow(2).mean().item()
 
 
 def test_keep_once_shares_storages():
