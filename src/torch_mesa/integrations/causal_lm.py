@@ -268,6 +268,11 @@ def _without_logits(out, call: _Call):
     return out
 
 
+# Kept out of Dynamo: the caller's frame runs as Python, but a frame it
+# calls is compiled on its own, and Dynamo fails on ``get_rng_state_all``
+# (an assertion in PyTorch 2.11 under ``torch.compile`` of a converted model
+# on CUDA).
+@torch._dynamo.disable
 def _rng_state():
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -275,6 +280,7 @@ def _rng_state():
     return state
 
 
+@torch._dynamo.disable
 def _set_rng_state(state) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state:
