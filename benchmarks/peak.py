@@ -5,8 +5,8 @@ on CPU the resident-set high-water mark of the second step, with glibc
 returning large freed blocks at once; on CUDA ``max_memory_allocated``),
 without the rest of ``bench`` (bytes, fidelity, step times): for comparing
 the peaks of designs whose other figures come from ``benchmarks/compile.py``.
-On the CPU it also gives the forward's and the backward's peaks apart, and
-what the forward leaves held (what backward needs).
+It also gives the forward's and the backward's peaks apart, and what the
+forward leaves held (what backward needs).
 
     python benchmarks/peak.py --configs baseline,baseline+compile,mesa8+compile,native8,native8+blocks
 """
@@ -36,7 +36,7 @@ def main(argv=None):
         rise = r["peak"] - r["rest"]
         print(f"| {c} | {r['peak'] / 2**20:,.1f} | {rise / 2**20:,.1f} | "
               f"{rise / (base['peak'] - base['rest']):.2f}x |")
-    if all("forward_peak" in r for r in rows.values()):  # (CPU: each half of the step apart)
+    if all("forward_peak" in r for r in rows.values()):  # each half of the step apart
         print("\nRises above what was held before the step (MiB):\n")
         print("| configuration | forward's peak | held after the forward | backward's peak |")
         print("|---|---:|---:|---:|")

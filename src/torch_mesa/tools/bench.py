@@ -210,27 +210,15 @@ def timed(models: Dict[str, nn.Module], spec, batch, device, amp, repeats, progr
 
 
 def peak_memory(args, config: str) -> Dict[str, int]:
-    """``{"peak": bytes, "rest": bytes}`` of one training step after a warm-up
-    step: the highest memory during the step, and what was held just before it
-    (weights, runtime). CUDA: allocator statistics in this process. CPU: a
-    fresh process per configuration, with glibc returning large freed blocks
-    to the system at once (``MALLOC_MMAP_THRESHOLD_``) and the resident-set
-    high-water mark reset after the warm-up (``/proc/self/clear_refs``), so
-    compilation and the warm-up step do not count."""
-    if torch.device(args.device).type == "cuda":
-        spec = _spec(args)
-        model = build(spec, config, args.device)
-        batch = spec.batch(args.batch_size, args.device)
-        train_step(model, spec, batch, args.device, args.amp)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        rest = torch.cuda.memory_allocated()
-        train_step(model, spec, batch, args.device, args.amp)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        del model
-        torch.cuda.empty_cache()
-        return {"peak": peak, "rest": rest}
+    """``{"peak": bytes, "rest": bytes, ...}`` of one training step after a
+    warm-up step, in a fresh process per configuration (so nothing an
+    earlier measurement left behind counts): the highest memory during the
+    step, what was held just before it (weights, runtime), and the forward's
+    and the backward's peaks apart. CUDA: the allocator's statistics. CPU:
+    the resident set, with glibc returning large freed blocks to the system
+    at once (``MALLOC_MMAP_THRESHOLD_``) and its high-water mark reset after
+    the warm-up (``/proc/self/clear_refs``), so compilation and the warm-up
+    step do not count."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     cmd = [sys.executable, "-m", "torch_mesa.tools.bench", "--peak-child", config] + _child_argv(args)
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -453,16 +441,37 @@ def _peak_child(argv) -> None:
     batch = spec.batch(args.batch_size, args.device)
     train_step(model, spec, batch, args.device, args.amp)  # warm-up: compiles
     gc.collect()
-    rest = process_memory("VmRSS")
+    cuda = torch.device(args.device).type == "cuda"
+
+    def now() -> int:
+        if cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated()
+        return process_memory("VmRSS")
+
+    def since_reset() -> int:
+        if cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        return process_memory("VmHWM")
+
+    def reset() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            reset_peak_rss()
+
+    rest = now()
     # the step as train_step runs it, its forward's and backward's peaks apart
     inputs, kwargs, target = batch
-    reset_peak_rss()
+    reset()
     with _autocast(args.device, args.amp):
         loss = spec.loss(model(*inputs, **kwargs), target)
-    forward, held = process_memory("VmHWM"), process_memory("VmRSS")
-    reset_peak_rss()
+    forward, held = since_reset(), now()
+    reset()
     loss.backward()
-    backward = process_memory("VmHWM")
+    backward = since_reset()
     model.zero_grad(set_to_none=True)
     print(json.dumps({"peak": max(forward, backward), "rest": rest, "forward_peak": forward, "held": held,
                       "backward_peak": backward}))
