@@ -9,11 +9,14 @@
    (``max_memory_allocated``) and throughput, side by side
    (``torch-mesa bench``; the original Mesa reported 0.49x peak memory at
    about -29% throughput).
-3. A Llama-style model (hidden 2048, 8 layers, 32 heads, 4 key-value heads,
+3. Where DeiT-B's eager step spends its time, unconverted against
+   converted (``benchmarks/step_profile.py``: the kernels' time by kind, the
+   time the GPU waits for the host, the busiest kernels; in the log).
+4. A Llama-style model (hidden 2048, 8 layers, 32 heads, 4 key-value heads,
    vocabulary 32000) at sequence length 4096, batch 2, bf16 autocast: the same rows.
-4. DeiT-B compiled: ``torch.compile`` of the unconverted model beside
+5. DeiT-B compiled: ``torch.compile`` of the unconverted model beside
    ``torch_mesa.compile`` by block (the quantizer inside the graphs).
-5. Mesa's results table at its batch 128 (``torch-mesa bench --suite mesa``).
+6. Mesa's results table at its batch 128 (``torch-mesa bench --suite mesa``).
 
 Each stage runs in its own process under a share of ``--budget`` seconds, so
 a slow stage costs its own figures and not the rest; the log, the tests'
@@ -145,6 +148,10 @@ def main():
         ("CUDA tests", [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_cuda.py", "-p", "no:cacheprovider",
                         "-n", workers, "--dist", "load", "-rfEs", "-v", f"--junitxml={args.out / 'tests.xml'}"], 0.3),
         ("DeiT-B, eager", bench(args, "deit-eager", *deit, "--configs", "baseline,checkpoint,mesa8"), 0.17),
+        ("Where DeiT-B's eager step spends its time",
+         [sys.executable, str(HERE / "step_profile.py"), "--device", args.device, "--mode", "eager", "--amp", "bf16",
+          "--model", deit[1], "--batch-size", big, "--repeats", "3" if args.quick else "5",
+          "--profile-steps", "1" if args.quick else "3"], 0.1),
         ("Llama-style, sequence 4096, eager",
          bench(args, "llama-eager", "--model", "gpu:llama", "--batch-size", "2", "--repeats", repeats, "--seq-len",
                "256" if args.quick else "4096", "--csv", args.out / "results.csv",

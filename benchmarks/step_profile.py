@@ -1,6 +1,6 @@
 """Where a converted training step spends its time beyond the unconverted one, by kind of work.
 
-ViT-S/16 (batch 16 by default) on the CPU, the unconverted model and the converted one side by
+A model (ViT-S/16, batch 16, on the CPU by default), the unconverted model and the converted one side by
 side: eager (``compress_``) or compiled (``torch.compile`` against ``torch_mesa.compile``, by
 block). Each model is warmed up, the two are timed in interleaved steps (median, without the
 profiler), then each is profiled for a few steps with ``torch.profiler`` and every operator's
@@ -15,10 +15,16 @@ self time is put in one of these kinds:
 * torch-mesa ops (Python): the autograd Functions' own time (routing, recipes, bookkeeping);
 * other ATen ops (elementwise, norms, copies) and everything else (the autograd engine).
 
+On CUDA (``--device cuda``) the kinds are those of the GPU kernels' own time (matrix products,
+attention, Inductor's Triton kernels: in an eager converted model the quantizer, other kernels),
+with the time the GPU waited for the host (the step's wall time less its kernels' time) as a row
+of its own, and the busiest kernels of each model listed below the table.
+
 For deciding what to make cheaper, not a target. With ``--docs``, the table replaces the block
 between ``<!-- step-profile:start -->`` and ``<!-- step-profile:end -->``.
 
     python benchmarks/step_profile.py --mode eager,compiled --amp none,bf16
+    python benchmarks/step_profile.py --device cuda --model timm:deit_base_patch16_224 --batch-size 128 --amp bf16
 """
 
 import argparse
@@ -34,6 +40,8 @@ from torch_mesa.tools.zoo import resolve
 
 KINDS = ("matrix products", "attention forward", "attention backward", "Inductor kernels",
          "compiled-call overhead", "torch-mesa ops (Python)", "other ATen ops", "everything else")
+GPU_KINDS = ("matrix products", "attention forward", "attention backward", "Inductor kernels", "other kernels",
+             "GPU waiting for the host")
 
 _PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
              "aten::convolution_backward", "aten::_convolution", "aten::linear"}
@@ -57,38 +65,72 @@ def kind_of(key: str) -> str:
     return "everything else"
 
 
-def profile(model, spec, batch, amp: str, steps: int) -> dict:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+def kernel_kind(name: str) -> str:
+    """The kind of a CUDA kernel, by its name (flash, memory-efficient and
+    cuDNN attention; cuBLAS and CUTLASS products; Inductor's Triton)."""
+    low = name.lower()
+    if any(k in low for k in ("flash", "fmha", "attention", "sdpa")):
+        backward = any(k in low for k in ("bwd", "backward", "cutlassb", "bprop"))
+        return "attention backward" if backward else "attention forward"
+    if any(k in low for k in ("gemm", "xmma", "cutlass", "cublas", "_mma", "splitk")):
+        return "matrix products"
+    if low.startswith("triton_"):
+        return "Inductor kernels"
+    return "other kernels"
+
+
+def profile(model, spec, batch, amp: str, steps: int, device: str, wall_ms: float) -> tuple:
+    """``(ms per step by kind, ms per step by CUDA kernel)``: operators' self
+    times on the CPU, kernels' own times on CUDA."""
+    cuda = torch.device(device).type == "cuda"
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=acts) as prof:
         for _ in range(steps):
-            bench.train_step(model, spec, batch, "cpu", amp)
-    per_kind = collections.Counter()
+            bench.train_step(model, spec, batch, device, amp)
+        if cuda:
+            torch.cuda.synchronize()
+    per_kind, kernels = collections.Counter(), collections.Counter()
     for event in prof.key_averages():
-        per_kind[kind_of(event.key)] += event.self_cpu_time_total / 1e3 / steps  # ms per step
-    return per_kind
+        if not cuda:
+            per_kind[kind_of(event.key)] += event.self_cpu_time_total / 1e3 / steps  # ms per step
+        elif event.device_type == torch.autograd.DeviceType.CUDA:  # a kernel, a copy or a fill
+            ms = event.self_device_time_total / 1e3 / steps
+            per_kind[kernel_kind(event.key)] += ms
+            kernels[event.key] += ms
+    if cuda:
+        per_kind["GPU waiting for the host"] = max(0.0, wall_ms - sum(per_kind.values()))
+    return per_kind, kernels
 
 
 def run(mode: str, amp: str, args) -> tuple:
-    spec = resolve("vit:small", image_size=224, seq_len=128)
-    batch = spec.batch(args.batch_size, "cpu")
+    spec = resolve(args.model, image_size=224, seq_len=args.seq_len)
+    batch = spec.batch(args.batch_size, args.device)
     configs = {"eager": ("baseline", "mesa8"), "compiled": ("baseline+compile", "native8+blocks")}[mode]
-    models = {config: bench.build(spec, config, "cpu") for config in configs}
-    walls = {c: t * 1e3 for c, t in bench.timed(models, spec, batch, "cpu", amp, args.repeats, None).items()}
-    kinds = {c: profile(m, spec, batch, amp, args.profile_steps) for c, m in models.items()}
-    return configs, walls, kinds
+    models = {config: bench.build(spec, config, args.device) for config in configs}
+    walls = {c: t * 1e3 for c, t in
+             bench.timed(models, spec, batch, args.device, amp, args.repeats, None).items()}
+    found = {c: profile(m, spec, batch, amp, args.profile_steps, args.device, walls[c]) for c, m in models.items()}
+    kinds = {c: f[0] for c, f in found.items()}
+    kernels = {c: f[1] for c, f in found.items()}
+    return configs, walls, kinds, kernels
 
 
-def table(mode: str, amp: str, configs, walls, kinds) -> str:
+def table(mode: str, amp: str, configs, walls, kinds, kernels, top: int = 12) -> str:
     base, conv = configs
-    lines = [f"**{mode}, autocast {amp}**: step {walls[base]:.0f} ms unconverted, {walls[conv]:.0f} ms converted "
+    gpu = bool(kernels[base])
+    lines = [f"**{mode}, autocast {amp}**: step {walls[base]:.1f} ms unconverted, {walls[conv]:.1f} ms converted "
              f"({walls[conv] / walls[base]:.3f}x; median of interleaved steps without the profiler)\n",
              "| kind of work | unconverted (ms/step) | converted (ms/step) | difference (ms/step) | "
              "difference / unconverted step |",
              "|---|---:|---:|---:|---:|"]
-    for kind in KINDS:
+    for kind in (GPU_KINDS if gpu else KINDS):
         a, b = kinds[base][kind], kinds[conv][kind]
         lines.append(f"| {kind} | {a:.1f} | {b:.1f} | {b - a:+.1f} | {(b - a) / walls[base]:+.1%} |")
     a, b = sum(kinds[base].values()), sum(kinds[conv].values())
     lines.append(f"| all (profiled) | {a:.1f} | {b:.1f} | {b - a:+.1f} | {(b - a) / walls[base]:+.1%} |")
+    for c in (configs if gpu else ()):
+        lines += [f"\nBusiest kernels, {c} (ms/step):\n", "| kernel | ms/step |", "|---|---:|"]
+        lines += [f"| `{name[:110]}` | {ms:.2f} |" for name, ms in kernels[c].most_common(top)]
     return "\n".join(lines)
 
 
@@ -96,6 +138,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", default="eager,compiled", help="comma-separated: eager, compiled")
     p.add_argument("--amp", default="none,bf16", help="comma-separated: none, bf16")
+    p.add_argument("--model", default="vit:small", help="a `torch-mesa bench` model (e.g. timm:deit_base_patch16_224)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5, help="interleaved timed steps of each model")
     p.add_argument("--profile-steps", type=int, default=3)
@@ -110,7 +155,7 @@ def main(argv=None) -> int:
         for amp in args.amp.split(","):
             parts.append(table(mode, amp, *run(mode, amp, args)))
             print(parts[-1] + "\n", flush=True)
-    head = (f"ViT-S/16, batch {args.batch_size}, {bench.device_name('cpu')}, torch {torch.__version__}, "
+    head = (f"{args.model}, batch {args.batch_size}, {bench.device_name(args.device)}, torch {torch.__version__}, "
             f"{time.strftime('%Y-%m-%d')}; eager: unconverted against `compress_` (8 bits); compiled: "
             "`torch.compile` against `torch_mesa.compile` (by block). Operator self times from "
             f"`torch.profiler` over {args.profile_steps} steps per model; the whole command took "

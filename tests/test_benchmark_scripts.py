@@ -111,6 +111,30 @@ def test_step_profile_sorts_a_converted_steps_operators(step_profile):
     assert step_profile.kind_of("graph_3_cpp_fused_gelu_view_4") == "Inductor kernels"
 
 
+@pytest.mark.parametrize("name,kind", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_cublas", "matrix products"),
+    ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>(Params)",
+     "matrix products"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>, true>(Flash_fwd_params)",
+     "attention forward"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<64>>(Params)",
+     "attention backward"),
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>::Params)",
+     "attention forward"),
+    ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80(PyTorchMemEffAttention::AttentionBackwardKernel<...>::Params)",
+     "attention backward"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_3_64x64x128", "attention backward"),
+    ("triton_red_fused__to_copy_amax_amin_0", "Inductor kernels"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>(int, ...)",
+     "other kernels"),
+])
+def test_step_profile_sorts_cuda_kernels_by_name(step_profile, name, kind):
+    """On CUDA the profile sorts kernels, not operators: attention before
+    products (memory-efficient attention's kernels are CUTLASS ones)."""
+    assert step_profile.kernel_kind(name) == kind
+    assert kind in step_profile.GPU_KINDS
+
+
 def test_demo_ablation_switches_off_what_it_names():
     """benchmarks/compile.py --demo-ablation times the demo model with each
     cut of its overhead switched off; each switch must switch off that cut
