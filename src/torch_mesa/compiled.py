@@ -482,7 +482,9 @@ class CompiledSaving:
         if ctx is None:  # uncompiled code inside the call (a graph break): kept exact, or by the hooks ours hide
             stack = self._stack()
             outer = stack[-1][1] if stack else None
-            return x if outer is None else _Outer(outer[0](x), outer[1])
+            # (detached: kept with its grad_fn, a saved output is a reference
+            # cycle through C++ that a graph dropped without a backward never frees)
+            return x.detach() if outer is None else _Outer(outer[0](x), outer[1])
         node = ctx["_node"]
         module, kind = _module_of(node)
         name = _join(self.prefix, module)

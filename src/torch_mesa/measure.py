@@ -170,7 +170,10 @@ def measure_call(
             seen.add(key)
             owner = stack[-1] if stack else outside
             by_module[owner] = by_module.get(owner, 0) + nbytes
-        return t
+        # (detached: a saved output kept with its grad_fn is a reference
+        # cycle through C++, and this graph is dropped without a backward,
+        # so it would never be reclaimed)
+        return t.detach()
 
     if _compiled_saving(model) is not None:
         return _measure_compiled_saving(model, fn, excluded, autocast_dtype, device_hint)

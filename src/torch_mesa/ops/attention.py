@@ -285,6 +285,13 @@ def _same(t):
     return t
 
 
+def _detached(t):
+    # (a pack hook keeping the live tensor would keep its grad_fn: for a
+    # saved output, a reference cycle through C++ that nothing reclaims
+    # when the graph is dropped without a backward, as this one is)
+    return t.detach()
+
+
 def _sdpa_as_called(q, k, v, mask, *, kwargs):
     """The forward's SDPA, run as the caller's own call runs it. PyTorch
     picks SDPA's kernel by grad mode too, which a Function's forward turns
@@ -296,9 +303,12 @@ def _sdpa_as_called(q, k, v, mask, *, kwargs):
     path for SAM's 3-D inputs, which the call itself does not take.) So it
     runs with grad on, and the output is detached: the small graph it makes
     is dropped at once, and saved-tensor hooks of the caller's (a
-    measurement, offloading) never see what it saves."""
+    measurement, offloading) never see what it saves. What that graph saves
+    is detached: kept as it was, the output it saves would hold its own
+    grad_fn, and the dropped graph (the qkv projection's output, q, k, v,
+    this output) would live on, a leak of every call."""
     enabled = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", lambda: True)()
-    own = torch.autograd.graph.saved_tensors_hooks(_same, _same) if enabled else contextlib.nullcontext()
+    own = torch.autograd.graph.saved_tensors_hooks(_detached, _same) if enabled else contextlib.nullcontext()
     with torch.enable_grad(), own:
         return _sdpa(q, k, v, mask, kwargs=kwargs).detach()
 
