@@ -1,7 +1,8 @@
 """Soak: train a small converted model for many steps; memory must stay flat.
 
-Trains the reference ViT (width 96, depth 4, 32 px, 65 tokens, batch 16) converted at 8 bits
-for ``--steps`` steps (default 2,000) and samples, every ``--every`` steps:
+Trains the reference ViT (width 96, depth 4, 32 px, 65 tokens, batch 16, dropout ``--dropout``,
+default 0.1) converted at 8 bits for ``--steps`` steps (default 2,000) and samples, every
+``--every`` steps:
 
 * live tensor bytes: the distinct storages of every tensor reachable from
   Python (gc), which includes anything a cache or statistic would accumulate;
@@ -12,7 +13,7 @@ statistic that grew with steps would show as a slope. Prints a table, the
 growth from the first to the last sample, and writes ``soak.png`` if
 matplotlib is installed.
 
-    python benchmarks/soak.py [--steps 2000] [--range running]
+    python benchmarks/soak.py [--steps 2000] [--range running] [--dropout 0]
 """
 
 import argparse
@@ -57,10 +58,14 @@ def main(argv=None):
     p.add_argument("--range", choices=["dynamic", "running"], default="running")
     p.add_argument("--png", default="soak.png")
     p.add_argument("--plain", action="store_true", help="do not convert (the reference for RSS drift)")
+    p.add_argument("--dropout", type=float, default=0.1,
+                   help="the model's dropout; attention with and without it runs different code (0 found a leak "
+                        "the default missed)")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
-    model = VisionTransformer(image_size=32, patch_size=4, num_classes=10, dim=96, depth=4, heads=3, drop=0.1)
+    model = VisionTransformer(image_size=32, patch_size=4, num_classes=10, dim=96, depth=4, heads=3,
+                              drop=args.dropout)
     if not args.plain:
         torch_mesa.compress_(model, torch_mesa.MesaConfig(range_estimate=args.range))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
