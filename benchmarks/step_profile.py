@@ -72,7 +72,7 @@ def kernel_kind(name: str) -> str:
     if any(k in low for k in ("flash", "fmha", "attention", "sdpa")):
         backward = any(k in low for k in ("bwd", "backward", "cutlassb", "bprop"))
         return "attention backward" if backward else "attention forward"
-    if any(k in low for k in ("gemm", "xmma", "cutlass", "cublas", "_mma", "splitk")):
+    if any(k in low for k in ("gemm", "xmma", "cutlass", "cublas", "_mma", "splitk", "nvjet")):
         return "matrix products"
     if low.startswith("triton_"):
         return "Inductor kernels"
@@ -90,13 +90,18 @@ def profile(model, spec, batch, amp: str, steps: int, device: str, wall_ms: floa
         if cuda:
             torch.cuda.synchronize()
     per_kind, kernels = collections.Counter(), collections.Counter()
-    for event in prof.key_averages():
-        if not cuda:
+    if not cuda:
+        for event in prof.key_averages():
             per_kind[kind_of(event.key)] += event.self_cpu_time_total / 1e3 / steps  # ms per step
-        elif event.device_type == torch.autograd.DeviceType.CUDA:  # a kernel, a copy or a fill
-            ms = event.self_device_time_total / 1e3 / steps
-            per_kind[kernel_kind(event.key)] += ms
-            kernels[event.key] += ms
+    else:
+        # each kernel, copy or fill on the GPU's timeline; not the annotated
+        # ranges drawn there too (a compiled region's), which span kernels
+        for event in prof.events():
+            on_gpu = event.device_type == torch.autograd.DeviceType.CUDA
+            if on_gpu and not getattr(event, "is_user_annotation", False):
+                ms = event.self_device_time_total / 1e3 / steps
+                per_kind[kernel_kind(event.name)] += ms
+                kernels[event.name] += ms
     if cuda:
         per_kind["GPU waiting for the host"] = max(0.0, wall_ms - sum(per_kind.values()))
     return per_kind, kernels

@@ -113,6 +113,7 @@ def test_step_profile_sorts_a_converted_steps_operators(step_profile):
 
 @pytest.mark.parametrize("name,kind", [
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_cublas", "matrix products"),
+    ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_TNN", "matrix products"),
     ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>(Params)",
      "matrix products"),
     ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>, true>(Flash_fwd_params)",

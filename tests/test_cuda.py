@@ -56,8 +56,10 @@ def test_triton_quantizer_equals_reference_bit_for_bit(dtype, bits, axes, group_
     2.11, H200: 14 of 20 layouts differed in some bits), so a range can move
     by an ulp and a value on a rounding boundary get the neighbouring code.
     Both are then valid quantizations of ``x``: the test asks the Triton
-    one for the reference's accuracy, within 0.05 dB over the tensor and
-    never more than a quarter of a step worse at any element."""
+    one for the reference's accuracy, within 0.05 dB over the tensor, and
+    for the same expanded value (beyond rounding of the arithmetic) at all
+    but 0.5% of the elements: a value on a boundary is rare, an error in
+    the arithmetic is not."""
     x = with_outliers(3, 7, 197, 65, dtype=dtype, requires_grad=False).to(CUDA)
     a, ya = _round_trip(x, bits, axes, group_size, rows=rows)
     b, yb = _round_trip(x, bits, axes, group_size, rows=rows, impl=fused)
@@ -69,12 +71,12 @@ def test_triton_quantizer_equals_reference_bit_for_bit(dtype, bits, axes, group_
     for u, v in zip(a, b):
         assert u.shape == v.shape and u.dtype == v.dtype
     assert sqnr_db(yb.float(), x.float()) >= sqnr_db(ya.float(), x.float()) - 0.05
-    err_a, err_b = (ya.float() - x.float()).abs(), (yb.float() - x.float()).abs()
-    # a step, per element: where the reference's error is half a step at most
-    # (nearest rounding), a quarter step more bounds a neighbouring code's
-    # boundary case (an ulp from the boundary) with room to spare
-    step = 2 * err_a.amax()
-    assert (err_b <= err_a + 0.25 * step + 1e-6).all()
+    # a neighbouring code moves a value by a whole step (at least 1/255 of
+    # its range at 8 bits); an ulp of a range moves it by about 1e-7 of it
+    # (fp32) and a bf16 value that rounds the other way is as rare as a
+    # boundary: 1e-4 of the largest value lies between
+    moved = (ya.float() - yb.float()).abs() > 1e-4 * x.float().abs().amax()
+    assert moved.float().mean().item() <= 0.005, moved.float().mean().item()
 
 
 @pytest.mark.parametrize("kernel", ["compiled", "reference"])
@@ -118,10 +120,10 @@ def test_sdpa_dropout_same_mask_in_backward_on_cuda(variant, dtype):
     _, mesa0, _ = _dropout_grads(mesa_fn, (q, k, v), g, 0.0, kw, **on)
     _, exact0, _ = _dropout_grads(F.scaled_dot_product_attention, (q, k, v), g, 0.0, kw, **on)
     for i in range(3):
-        # 6 dB under the figure without dropout: dropout scales what it
-        # keeps by 1 / (1 - p), which multiplies the stored probabilities'
-        # error power by about 2 (3 dB) where the comparison without dropout
-        # has none; a wrong mask lands near 0 dB
+        # 6 dB under the figure without dropout: with dropout the gradient is
+        # another function (a random part of the map, rescaled), and on the
+        # GPU (H200, GQA, bf16) it measured 3.5 dB under the figure without;
+        # a wrong mask lands near 0 dB, far below either bar
         bar = min(30.0, sqnr_db(mesa0[i], exact0[i]) - 6.0)
         assert sqnr_db(mesa[i], exact[i]) >= bar, (variant, i, sqnr_db(mesa[i], exact[i]), bar)
 

@@ -219,6 +219,8 @@ def peak_memory(args, config: str) -> Dict[str, int]:
     at once (``MALLOC_MMAP_THRESHOLD_``) and its high-water mark reset after
     the warm-up (``/proc/self/clear_refs``), so compilation and the warm-up
     step do not count."""
+    if torch.device(args.device).type == "cuda" and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()  # (this process's cached blocks would sit beside the child's)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     cmd = [sys.executable, "-m", "torch_mesa.tools.bench", "--peak-child", config] + _child_argv(args)
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -383,8 +385,8 @@ def run_mesa_suite(args, progress=print) -> int:
     """``torch-mesa bench --suite mesa``: Mesa's results table, side by side.
     Per model: bytes kept for backward by the whole model and the peak memory
     of a training step above what is held before it (activations,
-    gradients, temporaries; a fresh process each on CPU, where the runtime's
-    own few hundred MiB would otherwise dominate small batches), unconverted
+    gradients, temporaries; a fresh process each, see :func:`peak_memory`),
+    unconverted
     vs torch-mesa 8-bit, with Mesa's published memory ratio beside ours."""
     rows = []
     for label, name, (before, after) in MESA_SUITE:
