@@ -25,30 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import torch_mesa
+from torch_mesa.measure import live_tensor_bytes, process_memory
 from torch_mesa.tools.models import VisionTransformer
-
-
-def live_tensor_bytes() -> int:
-    seen, total = set(), 0
-    for obj in gc.get_objects():
-        try:
-            # compiler caches hold fake tensors: they have no memory of their own
-            if isinstance(obj, torch.Tensor) and type(obj).__name__ != "FakeTensor" and obj.device.type != "meta":
-                st = obj.untyped_storage()
-                if st.data_ptr() not in seen:
-                    seen.add(st.data_ptr())
-                    total += st.nbytes()
-        except (RuntimeError, ReferenceError):
-            continue
-    return total
-
-
-def rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def main(argv=None):
@@ -82,7 +60,7 @@ def main(argv=None):
         if step % args.every == 0:
             del loss
             gc.collect()
-            samples.append((step, live_tensor_bytes(), rss(), len(gc.get_objects())))
+            samples.append((step, live_tensor_bytes(), process_memory("VmRSS"), len(gc.get_objects())))
             print(f"step {step:5d}  live tensors {samples[-1][1] / 2**20:8.2f} MiB  "
                   f"RSS {samples[-1][2] / 2**20:8.1f} MiB  Python objects {samples[-1][3]:,}  "
                   f"({time.time() - t0:.0f} s)", flush=True)

@@ -12,16 +12,15 @@ above what the model keeps). ``measure`` and the compiled saving's hook for
 uncompiled code had the same pattern.
 
 Each case runs a few steps (a warm-up, then the measured steps) and counts
-the bytes of every distinct storage of a tensor Python can reach, as
-``benchmarks/soak.py`` does: a leak of even one tensor per step shows.
+the bytes of every distinct storage of a tensor Python can reach
+(``torch_mesa.measure.live_tensor_bytes``, as ``benchmarks/soak.py`` does):
+a leak of even one tensor per step shows.
 Variants: the attention op's kinds of call (masks, causal, grouped, dropout,
 no heads) in fp32 and under bf16 autocast; models (timm ViT with attention
 dropout, a Llama with the fused language-model loss); training steps and
 forwards without a backward (a validation loss computed with gradients on);
-``measure``; and ``torch_mesa.compile`` with a graph break inside a block.
+``measure``; and ``torch_mesa.compile`` with code Dynamo leaves uncompiled inside a block.
 """
-
-import gc
 
 import pytest
 import torch
@@ -30,24 +29,12 @@ import torch.nn.functional as F
 
 import torch_mesa
 from torch_mesa import MesaConfig, compress_, ops
+from torch_mesa.measure import live_tensor_bytes
 
 from conftest import with_outliers
 from test_ops import _dropout_case
 
 CFG8 = MesaConfig(bits=8)
-
-
-def live_tensor_bytes() -> int:
-    gc.collect()
-    seen = {}
-    for obj in gc.get_objects():
-        try:
-            if issubclass(type(obj), torch.Tensor) and type(obj).__name__ != "FakeTensor" and obj.device.type != "meta":
-                st = obj.untyped_storage()
-                seen[st.data_ptr()] = st.nbytes()
-        except (RuntimeError, ReferenceError):
-            continue
-    return sum(seen.values())
 
 
 def _growth(step, warmup: int = 2, steps: int = 3) -> int:

@@ -28,7 +28,8 @@ from torch import nn
 
 from .units import format_bytes
 
-__all__ = ["MemoryReport", "measure", "measure_call", "process_memory", "reset_peak_rss"]
+__all__ = ["MemoryReport", "live_tensor_bytes", "measure", "measure_call", "memory_in_use", "peak_since_reset",
+           "process_memory", "reset_peak", "reset_peak_rss"]
 
 
 @dataclass
@@ -272,3 +273,51 @@ def reset_peak_rss() -> None:
             f.write("5")
     except OSError:
         pass
+
+
+def memory_in_use(device) -> int:
+    """Bytes in use now on ``device``: CUDA's allocated memory, else this
+    process's resident set."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+    return process_memory("VmRSS")
+
+
+def reset_peak(device) -> None:
+    """Start a new peak for :func:`peak_since_reset` on ``device``."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()
+
+
+def peak_since_reset(device) -> int:
+    """The highest :func:`memory_in_use` since :func:`reset_peak` (CPU: the
+    resident-set high-water mark)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return process_memory("VmHWM")
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every distinct storage of a tensor Python can reach (after a
+    collection), fake and meta tensors aside (compiler caches hold those):
+    flat from step to step unless something keeps what a step made."""
+    import gc
+
+    gc.collect()
+    sizes = {}
+    for obj in gc.get_objects():
+        try:
+            # (type(), not isinstance: some objects answer isinstance through a
+            # deprecated module attribute, with a warning)
+            if issubclass(type(obj), torch.Tensor) and type(obj).__name__ != "FakeTensor" \
+                    and obj.device.type != "meta":
+                st = obj.untyped_storage()
+                sizes[st.data_ptr()] = st.nbytes()
+        except (RuntimeError, ReferenceError):
+            continue
+    return sum(sizes.values())

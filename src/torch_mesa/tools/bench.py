@@ -55,7 +55,7 @@ from torch_mesa import MesaConfig, compress_, measure
 from torch_mesa.verify import cosine
 from torch_mesa.compiled import compile as mesa_compile
 from torch_mesa.compiled import find_blocks as _find_blocks
-from torch_mesa.measure import process_memory, reset_peak_rss
+from torch_mesa.measure import memory_in_use, peak_since_reset, reset_peak
 from .zoo import ModelError, resolve
 
 __all__ = ["run_bench", "run_mesa_suite"]
@@ -443,37 +443,16 @@ def _peak_child(argv) -> None:
     batch = spec.batch(args.batch_size, args.device)
     train_step(model, spec, batch, args.device, args.amp)  # warm-up: compiles
     gc.collect()
-    cuda = torch.device(args.device).type == "cuda"
-
-    def now() -> int:
-        if cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.memory_allocated()
-        return process_memory("VmRSS")
-
-    def since_reset() -> int:
-        if cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated()
-        return process_memory("VmHWM")
-
-    def reset() -> None:
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            reset_peak_rss()
-
-    rest = now()
+    rest = memory_in_use(args.device)
     # the step as train_step runs it, its forward's and backward's peaks apart
     inputs, kwargs, target = batch
-    reset()
+    reset_peak(args.device)
     with _autocast(args.device, args.amp):
         loss = spec.loss(model(*inputs, **kwargs), target)
-    forward, held = since_reset(), now()
-    reset()
+    forward, held = peak_since_reset(args.device), memory_in_use(args.device)
+    reset_peak(args.device)
     loss.backward()
-    backward = since_reset()
+    backward = peak_since_reset(args.device)
     model.zero_grad(set_to_none=True)
     print(json.dumps({"peak": max(forward, backward), "rest": rest, "forward_peak": forward, "held": held,
                       "backward_peak": backward}))

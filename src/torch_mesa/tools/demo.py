@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from torch_mesa.units import format_bytes
 from torch_mesa import MesaConfig, compress_, measure
-from torch_mesa.measure import process_memory, reset_peak_rss
+from torch_mesa.measure import memory_in_use, peak_since_reset, reset_peak
 from .models import VisionTransformer
 
 __all__ = ["DemoResult", "run_demo"]
@@ -147,24 +147,15 @@ def _peak_of_one_step(bits: Optional[int], batch_size: int, device: str, seed: i
         compress_(model, MesaConfig(bits=bits))
     x = torch.rand(batch_size, 1, 8, 8, device=dev)
     y = torch.randint(0, 10, (batch_size,), device=dev)
-    if dev.type == "cuda":
-        F.cross_entropy(model(x), y).backward()  # warm-up (compilation)
-        model.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        F.cross_entropy(model(x), y).backward()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    # CPU: a warm-up step (compiles the quantizer), then the rise of the
-    # resident set during a second step, with the high-water mark reset in
-    # between and glibc returning freed blocks at once (see _peak_child).
+    # a warm-up step (compiles the quantizer), then the rise during a second
+    # step (CPU: of the resident set, glibc returning freed blocks at once,
+    # see _peak_child)
     F.cross_entropy(model(x), y).backward()
     model.zero_grad(set_to_none=True)
-    before = process_memory("VmRSS")
-    reset_peak_rss()
+    before = memory_in_use(dev)
+    reset_peak(dev)
     F.cross_entropy(model(x), y).backward()
-    return max(0, process_memory("VmHWM") - before)
+    return max(0, peak_since_reset(dev) - before)
 
 
 
