@@ -89,21 +89,19 @@ def profile(model, spec, batch, amp: str, steps: int, device: str, wall_ms: floa
             bench.train_step(model, spec, batch, device, amp)
         if cuda:
             torch.cuda.synchronize()
-    per_kind, kernels = collections.Counter(), collections.Counter()
+    per_kind, kernels = collections.Counter(), collections.Counter()  # ms per step
     if not cuda:
         for event in prof.key_averages():
-            per_kind[kind_of(event.key)] += event.self_cpu_time_total / 1e3 / steps  # ms per step
-    else:
-        # each kernel, copy or fill on the GPU's timeline; not the annotated
-        # ranges drawn there too (a compiled region's), which span kernels
-        for event in prof.events():
-            on_gpu = event.device_type == torch.autograd.DeviceType.CUDA
-            if on_gpu and not getattr(event, "is_user_annotation", False):
-                ms = event.self_device_time_total / 1e3 / steps
-                per_kind[kernel_kind(event.name)] += ms
-                kernels[event.name] += ms
-    if cuda:
-        per_kind["GPU waiting for the host"] = max(0.0, wall_ms - sum(per_kind.values()))
+            per_kind[kind_of(event.key)] += event.self_cpu_time_total / 1e3 / steps
+        return per_kind, kernels
+    # each kernel, copy or fill on the GPU's timeline; not the annotated
+    # ranges drawn there too (a compiled region's), which span kernels
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False):
+            kernels[event.name] += event.self_device_time_total / 1e3 / steps
+    for name, ms in kernels.items():
+        per_kind[kernel_kind(name)] += ms
+    per_kind["GPU waiting for the host"] = max(0.0, wall_ms - sum(kernels.values()))
     return per_kind, kernels
 
 
