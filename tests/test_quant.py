@@ -618,6 +618,78 @@ def test_a_graph_compiled_for_one_tensor_passed_twice_never_serves_two():
         assert torch.equal(compiled(*args), fn(*args))
 
 
+@pytest.mark.parametrize("fails", ["every size dynamic", "every size dynamic, then automatic too"])
+def test_a_failed_dynamic_trace_tries_sizes_made_dynamic_as_they_vary(monkeypatch, fails):
+    """PyTorch 2.11's Dynamo failed to trace a setting's third layout with
+    every size dynamic, after its first two were compiled directly ("RuntimeError
+    when making fake tensor call"): the setting fell back to the eager
+    reference for the rest of the process, with a warning. Dynamo's default
+    (sizes made dynamic as they vary) traces it there, so that is tried
+    before giving up; where it fails too, the reference takes over as before,
+    with the warning. Simulated here (this PyTorch traces it): the compile
+    with every size dynamic raises Dynamo's error."""
+    import warnings
+
+    monkeypatch.setattr(fused, "_broken", None)
+    monkeypatch.setattr(fused, "_failed", set())
+    real_make = fused._Compiled._make
+
+    def make(self, dynamic):
+        if dynamic is True or fails.endswith("too"):
+            def broken(*args):
+                raise RuntimeError("TorchRuntimeError: RuntimeError when making fake tensor call")
+            return broken
+        return real_make(self, dynamic)
+
+    monkeypatch.setattr(fused._Compiled, "_make", make)
+
+    def keep(x):
+        return ref.quantize_core(x, None, None, None, None, bits=8, axes=(2,), group_size=1, rows=None, running=None)
+
+    compiled = fused._Compiled(keep, f"test_automatic_{len(fails)}")
+    shapes = [(2, 9, 24), (3, 9, 24), (4, 9, 24), (5, 11, 24), (6, 7, 24)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for shape in shapes:
+            x = with_outliers(*shape, requires_grad=False)
+            got = fused._run(compiled, keep, x)
+            for u, v in zip(keep(x), got):
+                assert torch.equal(u, v)
+    fell_back = [w for w in caught if "compiling the fused quantizer failed" in str(w.message)]
+    if fails.endswith("too"):
+        assert len(fell_back) == 1 and compiled in fused._failed
+    else:
+        assert not fell_back and fused.available() and compiled not in fused._failed
+        assert compiled.automatic and len(compiled.direct) == fused._DIRECT_LAYOUTS
+
+
+@pytest.mark.parametrize("names", [("optimization_hint", "size_hint", "hint_int"), ("size_hint", "hint_int"),
+                                   ("hint_int",)])
+def test_symbolic_sizes_are_read_with_the_newest_hint_function(monkeypatch, names):
+    """A symbolic size's example value is read with the newest of PyTorch's
+    names for it: 2.11 has ``size_hint`` and still ``hint_int``, which warns
+    (FutureWarning) on every call, once per graph the quantizer compiled."""
+    import warnings
+
+    from torch.fx.experimental import symbolic_shapes
+
+    def hint(value, name):
+        def read(n, fallback=None):
+            if name != names[0]:
+                warnings.warn(f"{name} used instead of {names[0]}", FutureWarning)
+            return value
+        return read
+
+    for i, name in enumerate(("optimization_hint", "size_hint", "hint_int")):
+        if name in names:
+            monkeypatch.setattr(symbolic_shapes, name, hint(7 + i, name), raising=False)
+        else:
+            monkeypatch.delattr(symbolic_shapes, name, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fused._size_hint(object()) == 7 + ("optimization_hint", "size_hint", "hint_int").index(names[0])
+
+
 def test_compile_failure_falls_back_to_the_reference_with_one_warning(monkeypatch):
     import warnings
 

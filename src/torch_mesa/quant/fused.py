@@ -58,7 +58,10 @@ class _Compiled:
       layouts per setting.
     * *Through Dynamo*, for any further layout: compiled with every size
       dynamic, so the shapes of a varying workload (padded batches of any
-      length) cost one more compilation, not one each.
+      length) cost one more compilation, not one each. Where that trace
+      fails (PyTorch 2.11's Dynamo, after the direct compiles), with sizes
+      made dynamic as they vary instead (Dynamo's default: two more
+      compilations), before the setting is given up for the eager reference.
 
     Each setting's Dynamo function gets a code object of its own (same
     bytecode, own name): Dynamo keeps at most 8 variants per code object
@@ -72,6 +75,7 @@ class _Compiled:
         self.fn, self.tag, self.serial = fn, tag, serial
         self.direct: Optional[dict] = {}  # (None once a direct compile failed)
         self.dynamic = False
+        self.automatic = False  # (every size dynamic failed: sizes made dynamic as they vary)
         self.impl = None
 
     def _make(self, dynamic):
@@ -139,11 +143,24 @@ class _Compiled:
             with _quiet_codegen():
                 return self.impl(*args)
         except Exception as err:  # Dynamo's limit error has moved between modules
-            if self.dynamic or "limit" not in f"{type(err).__name__} {err}".lower():
+            if not self.dynamic and "limit" in f"{type(err).__name__} {err}".lower():
+                self.dynamic = True
+                self.impl = self._make(True)
+                return self.impl(*args)
+            if not self.dynamic or self.automatic:
                 raise
-            self.dynamic = True
-            self.impl = self._make(True)
-            return self.impl(*args)
+            # PyTorch 2.11's Dynamo failed to trace some settings with every
+            # size dynamic once they had been compiled directly ("RuntimeError
+            # when making fake tensor call", a reshape of a reduced tensor),
+            # where sizes marked dynamic as they vary (Dynamo's default)
+            # compile: try that before giving the setting up for the eager
+            # reference.
+            _log.info("torch-mesa: %s is compiled with sizes made dynamic as they vary (every size dynamic "
+                      "failed: %s)", self.tag, _summary(err))
+            self.automatic = True
+            self.impl = self._make(None)
+            with _quiet_codegen():
+                return self.impl(*args)
 
 
 @contextlib.contextmanager
@@ -228,7 +245,9 @@ def _size_hint(n) -> int:
         return n
     from torch.fx.experimental import symbolic_shapes
 
-    hint = getattr(symbolic_shapes, "optimization_hint", None) or getattr(symbolic_shapes, "hint_int", None)
+    # (newest name first: 2.11 still has hint_int, and warns on every call of it)
+    hint = next((getattr(symbolic_shapes, name) for name in ("optimization_hint", "size_hint", "hint_int")
+                 if hasattr(symbolic_shapes, name)), None)
     try:
         return int(hint(n, fallback=0)) if hint is not None else 0
     except Exception:  # (a size with no hint)
