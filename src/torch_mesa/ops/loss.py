@@ -127,11 +127,22 @@ def _statistics(x2: Tensor, weight: Tensor, bias: Optional[Tensor], t: Optional[
     return lse, zt, zsum
 
 
-def _check_targets(t: Tensor, vocab: int, ignore_index: int) -> None:
-    bad = (t != ignore_index) & ((t < 0) | (t >= vocab))
-    if bool(bad.any()):
+def _check_targets(t: Tensor, vocab: int, o: _Opts) -> list:
+    """Raise on a target outside the vocabulary (as ``F.cross_entropy``
+    does); return the token chunks that have a target (backward skips the
+    others). One read of values on the host for both, in the forward: on a
+    GPU every such read waits for the kernels queued before it, and backward
+    makes none (it read one per token chunk, and a ``nonzero`` per block)."""
+    valid = t != o.ignore_index
+    bad = valid & ((t < 0) | (t >= vocab))
+    spans = _spans(t.numel(), o.token_chunk)
+    pad = spans[-1][0] + o.token_chunk - t.numel() if spans else 0
+    chunks = F.pad(valid, (0, pad)).reshape(len(spans), o.token_chunk).any(1)
+    facts = torch.cat([bad.any().reshape(1), chunks]).tolist()
+    if facts[0]:
         value = int(t[bad][0])
         raise IndexError(f"linear_cross_entropy: target {value} is out of bounds for a vocabulary of {vocab}")
+    return [span for span, has in zip(spans, facts[1:]) if has]
 
 
 class _LinearCrossEntropyFn(OpFunction):
@@ -140,7 +151,7 @@ class _LinearCrossEntropyFn(OpFunction):
         vocab = weight.shape[0]
         x2 = x.reshape(-1, x.shape[-1])
         t = target.reshape(-1)
-        _check_targets(t, vocab, o.ignore_index)
+        token_spans = _check_targets(t, vocab, o)
         with torch.no_grad():
             lse, zt, zsum = _statistics(x2, weight, bias, t, o)
             valid = t != o.ignore_index
@@ -168,6 +179,7 @@ class _LinearCrossEntropyFn(OpFunction):
         ctx.x_dtype = x.dtype
         ctx.x_shape = x.shape
         ctx.o = o
+        ctx.token_spans = token_spans
         return loss
 
     @staticmethod
@@ -193,7 +205,7 @@ class _LinearCrossEntropyFn(OpFunction):
         grad_x = torch.zeros(x2.shape, dtype=torch.float32, device=x2.device) if need_x else None
         grad_w = torch.empty_like(weight) if need_w else None
         grad_b = torch.empty_like(bias) if need_b else None
-        token_spans = [(t0, t1) for t0, t1 in _spans(x2.shape[0], o.token_chunk) if bool(valid[t0:t1].any())]
+        token_spans = ctx.token_spans
         vocab_spans = _spans(vocab, o.vocab_chunk)
         # The log-sum-exp of the logits recomputed here, from the rebuilt
         # input: softmax normalised over the very logits it is applied to
@@ -214,8 +226,10 @@ class _LinearCrossEntropyFn(OpFunction):
                         g -= o.smoothing / vocab
                     local = tc - v0
                     inside = (local >= 0) & (local < v1 - v0)
-                    rows = torch.nonzero(inside).squeeze(1)
-                    g[rows, local[rows]] -= 1.0 - o.smoothing
+                    # (every row indexed, the ones without their target in
+                    # this chunk less 0: no nonzero, whose size the host reads)
+                    rows = torch.arange(t1 - t0, device=g.device)
+                    g[rows, local.clamp(0, v1 - v0 - 1)] -= inside.to(g.dtype) * (1.0 - o.smoothing)
                     d = _change_grad(z, o)
                     if d is not None:
                         g *= d
