@@ -22,11 +22,13 @@ vocabulary; it reads both once a step, in the forward, whatever the
 numbers of tokens and vocabulary chunks (its backward read once per token
 chunk and made a ``nonzero`` per block of logits before).
 
-Variants: timm ViT (with and without dropout: the kept masks), a Llama with
-the fused language-model loss, fp32 and bf16 autocast, 8 bits with
-nearest rounding, 4 bits (stochastic rounding, packed codes) and running
-range estimates; the loss op alone over many blocks; and the probe itself,
-on a step that reads a value.
+Variants: timm ViT (with and without dropout: the kept masks) and a Llama
+with the fused language-model loss, at 8 bits with nearest rounding, 4 bits
+(stochastic rounding, packed codes) and with running range estimates; at 8
+bits also BERT with a padded sequence, GPT-2 (the fused loss too), a
+ResNet-18 (ReLU masks, convolutions) and ``nn.MultiheadAttention`` with a
+padding mask and dropout; each in fp32 and under bf16 autocast; the loss op
+alone over many blocks; and the probe itself, on a step that reads a value.
 """
 
 import collections
@@ -90,10 +92,63 @@ def _training_step(model, args, kwargs, loss_of, amp):
     return step
 
 
-@pytest.mark.parametrize("config", list(_CONFIGS))
+def _bert_padded():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  vocab_size=200, max_position_embeddings=64)
+    ids = torch.randint(0, 200, (2, 20), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0  # (a padded sequence)
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    return (transformers.BertForMaskedLM(cfg), (), {"input_ids": ids, "attention_mask": mask, "labels": labels},
+            lambda out: out.loss)
+
+
+def _gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=200, n_positions=64)
+    ids = torch.randint(0, 200, (2, 20), generator=torch.Generator().manual_seed(1))
+    return transformers.GPT2LMHeadModel(cfg), (), {"input_ids": ids, "labels": ids}, lambda out: out.loss
+
+
+def _resnet():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return (timm.create_model("resnet18", pretrained=False, num_classes=10), (torch.randn(2, 3, 32, 32),), {},
+            lambda out: out.float().sum())
+
+
+class _MHA(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(32, 4, batch_first=True, dropout=0.1)
+        self.norm, self.fc = torch.nn.LayerNorm(32), torch.nn.Linear(32, 32)
+
+    def forward(self, x, pad):
+        h = self.norm(x)
+        return x + self.fc(self.attn(h, h, h, key_padding_mask=pad, need_weights=False)[0])
+
+
+def _mha():
+    torch.manual_seed(0)
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[0, 7:] = True
+    return _MHA(), (torch.randn(3, 10, 32), pad), {}, lambda out: out.float().sum()
+
+
+# builder, whether the model is a causal LM with the fused loss (its reads: _LM_LOSS_READS)
+_MODELS = {"timm ViT": (_vit, False), "timm ViT with dropout": (_vit_dropout, False), "Llama": (_llama, True)}
+_MORE_MODELS = {"BERT, padded": (_bert_padded, False), "GPT-2": (_gpt2, True), "ResNet-18": (_resnet, False),
+                "nn.MultiheadAttention, padded": (_mha, False)}
+
+
+@pytest.mark.parametrize("config,model", [(c, m) for c in _CONFIGS for m in _MODELS] +
+                         [("8 bits", m) for m in _MORE_MODELS])
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16 autocast"])
-@pytest.mark.parametrize("build", [_vit, _vit_dropout, _llama], ids=["timm ViT", "timm ViT with dropout", "Llama"])
-def test_a_converted_step_reads_no_value_on_the_host(build, amp, config):
+def test_a_converted_step_reads_no_value_on_the_host(model, amp, config):
+    build, lm_loss = {**_MODELS, **_MORE_MODELS}[model]
     counts = {}
     for converted in (False, True):
         model, args, kwargs, loss_of = build()
@@ -105,7 +160,7 @@ def test_a_converted_step_reads_no_value_on_the_host(build, amp, config):
             step()
         counts[converted] = _reads(step)
     extra = counts[True] - counts[False]
-    if build is _llama:
+    if lm_loss:
         assert extra == _LM_LOSS_READS, f"the fused loss reads {dict(extra)}"
         extra -= _LM_LOSS_READS
     assert not extra, f"reads added by the conversion: {dict(extra)} (unconverted: {dict(counts[False])})"
