@@ -27,8 +27,8 @@ with the fused language-model loss, at 8 bits with nearest rounding, 4 bits
 (stochastic rounding, packed codes) and with running range estimates; at 8
 bits also BERT with a padded sequence, GPT-2 (the fused loss too), a
 ResNet-18 (ReLU masks, convolutions) and ``nn.MultiheadAttention`` with a
-padding mask and dropout; each in fp32 and under bf16 autocast; the loss op
-alone over many blocks; and the probe itself, on a step that reads a value.
+padding mask and dropout; each in fp32 and under bf16 autocast; a ViT
+compiled by ``torch_mesa.compile``; the loss op alone over many blocks; and the probe itself, on a step that reads a value.
 """
 
 import collections
@@ -164,6 +164,24 @@ def test_a_converted_step_reads_no_value_on_the_host(model, amp, config):
         assert extra == _LM_LOSS_READS, f"the fused loss reads {dict(extra)}"
         extra -= _LM_LOSS_READS
     assert not extra, f"reads added by the conversion: {dict(extra)} (unconverted: {dict(counts[False])})"
+
+
+def test_a_compiled_converted_step_reads_no_more_than_the_compiled_model():
+    """``torch_mesa.compile`` (by block) against ``torch.compile`` of the
+    same model: the compiled saving adds no read (PyTorch's compiled code
+    reads a few values of its own, on the CPU; the same for both)."""
+    import torch_mesa
+
+    counts = {}
+    for converted in (False, True):
+        model, args, kwargs, loss_of = _vit()
+        compiled = torch_mesa.compile(model, _CONFIGS["8 bits"]) if converted else torch.compile(model)
+        step = _training_step(compiled, args, kwargs, loss_of, False)
+        for _ in range(2):
+            step()
+        counts[converted] = _reads(step)
+    extra = counts[True] - counts[False]
+    assert not extra, f"reads added by the compiled saving: {dict(extra)} (torch.compile: {dict(counts[False])})"
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
