@@ -154,7 +154,7 @@ def main():
           "--profile-steps", "1" if args.quick else "3"], 0.1),
         ("Llama-style, sequence 4096, eager",
          bench(args, "llama-eager", "--model", "gpu:llama", "--batch-size", "2", "--repeats", repeats, "--seq-len",
-               "256" if args.quick else "4096", "--csv", args.out / "results.csv",
+               "256" if args.quick else "4096", "--csv", args.out / "results.csv", "--labels",
                "--configs", "baseline,checkpoint,mesa8"), 0.17),
         ("DeiT-B, compiled", bench(args, "deit-compiled", *deit, "--configs",
                                    "baseline,baseline+compile,native8+blocks"), 0.28),

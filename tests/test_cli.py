@@ -78,6 +78,7 @@ def test_report_callable_model(capsys):
         (["report", "hf:gpt2", "--size", "layers"], ["KEY=VALUE"]),
         (["demo", "--epochs", "0"], ["epochs=0"]),
         (["bench", "--configs", "mesa8"], ["baseline"]),
+        (["bench", "--model", "vit:tiny", "--image-size", "32", "--labels"], ["--labels", "language models"]),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, words, capsys):
@@ -125,6 +126,38 @@ def test_bench_tiny_writes_csv_and_docs(tmp_path, capsys):
     text = md.read_text()
     assert text.count("bench:vit:tiny|cpu|none|b2:start") == 1
     assert "| baseline |" in text and "| mesa8 |" not in text
+
+
+def test_bench_labels_runs_the_models_own_loss(tmp_path, capsys, monkeypatch):
+    """``--labels``: a causal LM's batch passes labels and the loss is the
+    model's own, as Hugging Face's trainers run it; converted, that is the
+    fused head and loss, which keeps no logits: fewer bytes than the same
+    model scored from its logits outside. Its own section of the docs, and
+    the peak child (a fresh process) gets the flag too."""
+    pytest.importorskip("transformers")
+    from pathlib import Path
+    import os
+
+    benchmarks = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    monkeypatch.setenv("MESA_GPU_QUICK", "1")  # (gpu.llama's small sizes)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([benchmarks, os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(benchmarks)
+    md = tmp_path / "b.md"
+    rows = {}
+    for labels in (False, True):
+        csv_path = tmp_path / f"r{labels}.csv"
+        argv = ["bench", "--model", "gpu:llama", "--seq-len", "64", "--batch-size", "2", "--repeats", "1",
+                "--configs", "baseline,mesa8", "--csv", str(csv_path), "--docs", str(md)]
+        code, out, err = run(argv + (["--labels"] if labels else ["--skip-peak"]), capsys)
+        assert code == 0, err
+        with csv_path.open() as f:
+            rows[labels] = {r["config"]: json.loads(r["metrics"]) for r in csv.DictReader(f)}
+    assert rows[True]["mesa8"]["total"] < rows[False]["mesa8"]["total"]
+    assert rows[True]["mesa8"]["worst_cos"] > 0.999 and rows[True]["mesa8"]["rise"] > 0
+    text = md.read_text()
+    assert text.count("bench:gpu:llama|cpu|none|b2:start") == 1
+    assert text.count("bench:gpu:llama|cpu|none|b2|labels:start") == 1
+    assert "Loss: the model's own, from `labels`" in text
 
 
 def test_bench_compiled_rows(tmp_path, capsys):

@@ -32,6 +32,7 @@ model, device and autocast setting, with the command that produced them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import gc
 import datetime
@@ -232,11 +233,16 @@ def peak_memory(args, config: str) -> Dict[str, int]:
 def _child_argv(args) -> List[str]:
     return ["--model", args.model, "--batch-size", str(args.batch_size), "--image-size",
             str(args.image_size), "--seq-len", str(args.seq_len), "--device", args.device, "--amp", args.amp,
-            "--compile-backend", COMPILE_BACKEND]
+            "--compile-backend", COMPILE_BACKEND] + (["--labels"] if getattr(args, "labels", False) else [])
 
 
 def _spec(args):
-    return resolve(args.model, image_size=args.image_size, seq_len=args.seq_len)
+    spec = resolve(args.model, image_size=args.image_size, seq_len=args.seq_len)
+    if getattr(args, "labels", False):
+        if spec.kind != "tokens":
+            raise ModelError(f"--labels is for language models; {spec.name} takes images")
+        spec = dataclasses.replace(spec, labels=True)
+    return spec
 
 
 def _commit() -> str:
@@ -283,6 +289,9 @@ def format_markdown(results: dict) -> str:
     head = (f"{results['model']}, batch {results['batch_size']}, autocast {amp}, on {results['device']}; "
             f"torch {results['torch']}, commit {results['commit']}, {results['date'][:10]}; "
             f"step time is the median of {results['repeats']} interleaved repeats.")
+    if results.get("labels"):
+        head += (" Loss: the model's own, from `labels` (the input ids), as Hugging Face's trainers run it: "
+                 "a converted causal LM's fused head and loss.")
     if any(_is_compiled(c) for c in rows):
         head += (f" `+compile`: `torch.compile(model)` ({results.get('compile_backend', COMPILE_BACKEND)}), "
                  "compilation in the warm-up; `budget`: compiled by Inductor with "
@@ -310,6 +319,7 @@ def replace_section(path, name: str, body: str, heading: Optional[str] = None) -
 
 def update_docs(path: Path, results: dict, command: str) -> None:
     key = f"{results['model']}|{results['device_kind']}|{results['amp']}|b{results['batch_size']}"
+    key += "|labels" if results.get("labels") else ""
     replace_section(path, f"bench:{key}", f"```\n{command}\n```\n\n{format_markdown(results)}")
 
 
@@ -346,7 +356,7 @@ def run_bench(args, progress=print) -> int:
         "machine": platform.node(), "device": device_name(args.device),
         "device_kind": torch.device(args.device).type, "torch": torch.__version__, "commit": _commit(),
         "model": spec.name, "batch_size": args.batch_size, "amp": args.amp, "repeats": args.repeats,
-        "rows": rows, "fidelity": fid, "compile_backend": COMPILE_BACKEND,
+        "rows": rows, "fidelity": fid, "compile_backend": COMPILE_BACKEND, "labels": spec.labels,
     }
     print(format_markdown(results))
     path = Path(args.csv)
@@ -435,6 +445,7 @@ def _peak_child(argv) -> None:
         p.add_argument(a)
     for a in ("--batch-size", "--image-size", "--seq-len"):
         p.add_argument(a, type=int)
+    p.add_argument("--labels", action="store_true")
     args = p.parse_args(argv)
     global COMPILE_BACKEND
     COMPILE_BACKEND = args.compile_backend or COMPILE_BACKEND

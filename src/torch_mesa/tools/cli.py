@@ -166,6 +166,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--image-size", type=int, default=224)
     b.add_argument("--seq-len", type=int, default=512)
+    b.add_argument("--labels", action="store_true",
+                   help="language models: pass labels and use the model's own loss, as Hugging Face's trainers "
+                        "do (a converted causal LM then runs its fused head and loss)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
     b.add_argument("--repeats", type=int, default=5)

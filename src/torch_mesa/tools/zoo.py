@@ -45,6 +45,10 @@ class ModelSpec:
     num_classes: int = 1000
     seq_len: int = 512
     vocab_size: int = 0
+    # a language model trained as Hugging Face's trainers do: the batch
+    # passes labels (the input ids) and the loss is the model's own (a
+    # converted causal LM's fused head and loss); else the logits' cross-entropy
+    labels: bool = False
 
     def batch(self, batch_size: int, device="cpu", seed: int = 0):
         """``(inputs, kwargs, targets)`` for one training batch."""
@@ -54,9 +58,14 @@ class ModelSpec:
             y = torch.randint(0, self.num_classes, (batch_size,), generator=g)
             return (x.to(device),), {}, y.to(device)
         ids = torch.randint(0, self.vocab_size, (batch_size, self.seq_len), generator=g).to(device)
-        return (), {"input_ids": ids}, ids
+        return (), {"input_ids": ids, **({"labels": ids} if self.labels else {})}, ids
 
     def loss(self, output, target):
+        if self.labels:
+            loss = getattr(output, "loss", None)
+            if loss is None:
+                raise ModelError(f"{self.name} returned no loss for its labels")
+            return loss
         logits = _logits(output)
         if self.kind == "image":
             return F.cross_entropy(logits.float(), target)
