@@ -205,3 +205,44 @@ def test_compiled_saving_keeps_quantized_values_on_cuda():
     run(**inputs).loss.backward()
     plan = compiled.saving_of(run).plan()
     assert sum(e.kept == "8 bits" for e in plan) >= 3, torch_mesa.plan(run)
+
+
+@pytest.mark.parametrize("config", ["8 bits", "4 bits, stochastic"])
+@pytest.mark.parametrize("model", ["timm ViT with dropout", "Llama", "GPT-2"])
+def test_a_converted_step_waits_for_the_gpu_no_more_than_the_unconverted(model, config):
+    """What tests/test_host_sync.py counts on the CPU, seen by CUDA itself:
+    ``torch.cuda.set_sync_debug_mode("warn")`` warns at every call that
+    waits for the device (a read, a copy from pageable host memory). The
+    converted step may wait no more often than the unconverted one, less
+    the fused loss's two reads a step (the probe's comparison and the
+    targets' check) for causal LMs."""
+    if CUDA.type != "cuda":
+        pytest.skip("synchronisation is a CUDA matter")
+    import warnings
+
+    from test_host_sync import _CONFIGS, _MODELS, _MORE_MODELS, _training_step
+
+    build, lm_loss = {**_MODELS, **_MORE_MODELS}[model]
+    waits = {}
+    for converted in (False, True):
+        m, args, kwargs, loss_of = build()
+        m = m.to(CUDA)
+        args = tuple(a.to(CUDA) for a in args)
+        kwargs = {k: v.to(CUDA) for k, v in kwargs.items()}
+        if converted:
+            torch_mesa.compress_(m, _CONFIGS[config])
+        m.train()
+        step = _training_step(m, args, kwargs, loss_of, False)
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        waits[converted] = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    allowed = 2 if lm_loss else 0
+    assert len(waits[True]) <= len(waits[False]) + allowed, waits

@@ -14,6 +14,11 @@ unconverted one (the models' own code may make some).
 Python's reads of a CPU tensor (``tolist``, ``item``, ``bool``) make no
 ATen call there; a function mode counts those.
 
+A tensor made from Python data on a GPU is a copy from the host, which
+waits the same way: ATen's ``lift_fresh`` (``torch.tensor``) counts as a
+read (the seed of stochastic rounding and the causal LM's probe were made
+so, once per keep and once per step; they are filled on the device now).
+
 One kind of call reads on purpose: the fused language-model loss of a
 converted causal LM (:mod:`torch_mesa.integrations.causal_lm`) proves on
 every call that the model changed its logits as its table says (a probe
@@ -42,10 +47,13 @@ from torch_mesa import MesaConfig, compress_, ops
 from test_memory_stays_flat import _llama, _vit, _vit_dropout
 
 # ATen calls whose result depends on a tensor's values as the host sees
-# them: each waits for the device on a GPU.
+# them: each waits for the device on a GPU. And a tensor made from Python
+# data (``torch.tensor(v, device=...)``, ATen's ``lift_fresh``): on a GPU a
+# copy from the host, which waits for the queued kernels too.
 _READS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::nonzero_static",
           "aten::equal", "aten::allclose", "aten::masked_select", "aten::_unique2", "aten::unique_dim",
-          "aten::unique_consecutive", "aten::repeat_interleave", "aten::_assert_async", "aten::tolist"}
+          "aten::unique_consecutive", "aten::repeat_interleave", "aten::_assert_async", "aten::tolist",
+          "aten::lift_fresh"}
 
 _CONFIGS = {
     "8 bits": MesaConfig(bits=8),
@@ -156,8 +164,9 @@ def test_a_converted_step_reads_no_value_on_the_host(model, amp, config):
             compress_(model, _CONFIGS[config])
         model.train()
         step = _training_step(model, args, kwargs, loss_of, amp)
-        for _ in range(2):  # (the first steps compile the quantizer and start the running ranges)
-            step()
+        with _PythonReads():  # (the first steps compile, under the mode the counted step runs in)
+            for _ in range(2):
+                step()
         counts[converted] = _reads(step)
     extra = counts[True] - counts[False]
     if lm_loss:
@@ -177,8 +186,9 @@ def test_a_compiled_converted_step_reads_no_more_than_the_compiled_model():
         model, args, kwargs, loss_of = _vit()
         compiled = torch_mesa.compile(model, _CONFIGS["8 bits"]) if converted else torch.compile(model)
         step = _training_step(compiled, args, kwargs, loss_of, False)
-        for _ in range(2):
-            step()
+        with _PythonReads():  # (Dynamo guards on the mode stack: compiled under the mode the counted step runs in)
+            for _ in range(2):
+                step()
         counts[converted] = _reads(step)
     extra = counts[True] - counts[False]
     assert not extra, f"reads added by the compiled saving: {dict(extra)} (torch.compile: {dict(counts[False])})"
@@ -203,7 +213,8 @@ def test_the_loss_op_reads_once_whatever_its_number_of_blocks(amp, smoothing):
             loss = ops.linear_cross_entropy(x, w, target, label_smoothing=smoothing, token_chunk=8, vocab_chunk=16)
         loss.backward()
 
-    step()
+    with _PythonReads():
+        step()
     assert _reads(step) == collections.Counter({"tolist": 1})
 
 

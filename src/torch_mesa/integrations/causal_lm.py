@@ -203,9 +203,18 @@ class HeadForward:
         if call is None or call.head is not head or args or kwargs or call.x is not None:
             return type(head).forward(head, x, *args, **kwargs)
         call.x = _whole(x)
-        probes = torch.tensor(_PROBES, dtype=_logits_dtype(x), device=x.device)
-        call.probe = probes.expand(*x.shape[:-1], len(_PROBES))
+        call.probe = _probe_values(_logits_dtype(x), x.device).expand(*x.shape[:-1], len(_PROBES))
         return call.probe
+
+
+def _probe_values(dtype: torch.dtype, device) -> torch.Tensor:
+    """The probe's values, filled on the device one by one: ``torch.tensor``
+    of a list is a copy from the host, which on a GPU waits for every kernel
+    queued before it (the model's whole forward, here)."""
+    out = torch.empty(len(_PROBES), dtype=dtype, device=device)
+    for i, v in enumerate(_PROBES):
+        out[i].fill_(v)
+    return out
 
 
 class FusedLoss:

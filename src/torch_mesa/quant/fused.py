@@ -142,6 +142,8 @@ class _Compiled:
         try:
             with _quiet_codegen():
                 return self.impl(*args)
+        except torch.OutOfMemoryError:
+            raise
         except Exception as err:  # Dynamo's limit error has moved between modules
             if not self.dynamic and "limit" in f"{type(err).__name__} {err}".lower():
                 self.dynamic = True

@@ -453,7 +453,9 @@ def next_seed(device) -> Tensor:
     n = next(_seeds)
     s = (torch.initial_seed() * 0x9E3779B97F4A7C15 + (n + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     s ^= s >> 31
-    return torch.tensor(s & 0x7FFFFFFF, dtype=torch.int64, device=device)
+    # (filled on the device: torch.tensor(s, device=...) is a copy from the
+    # host, which on a GPU waits for every kernel queued before it)
+    return torch.full((), s & 0x7FFFFFFF, dtype=torch.int64, device=device)
 
 
 def quantize_codes(

@@ -340,7 +340,12 @@ def run_bench(args, progress=print) -> int:
              f"autocast {args.amp}, torch {torch.__version__}")
     rows: Dict[str, dict] = {}
     for c in configs:
-        rows[c] = kept_bytes(build(spec, c, args.device), spec, batch, args.amp)
+        try:
+            rows[c] = kept_bytes(build(spec, c, args.device), spec, batch, args.amp)
+        except TypeError as err:
+            if spec.labels and "labels" in str(err):
+                raise ModelError(f"--labels: {spec.name} takes no labels ({err})") from None
+            raise
     progress("  bytes kept for backward: measured")
     fid = fidelity(spec, batch, args.device, configs)
     progress("  gradient fidelity: measured")
@@ -370,7 +375,7 @@ def run_bench(args, progress=print) -> int:
         meta = [results[k] for k in ("date", "machine", "device", "torch", "commit", "model", "batch_size",
                                      "amp", "repeats")]
         for c, r in rows.items():
-            w.writerow(meta + [c, json.dumps({**r, **fid.get(c, {})})])
+            w.writerow(meta + [c, json.dumps({**r, **fid.get(c, {}), **({"labels": True} if spec.labels else {})})])
     if args.docs:
         command = "torch-mesa " + " ".join(shlex.quote(a) for a in getattr(args, "argv", None) or ["bench"])
         update_docs(Path(args.docs), results, command.strip())
