@@ -127,10 +127,10 @@ def _statistics(x2: Tensor, weight: Tensor, bias: Optional[Tensor], t: Optional[
     return lse, zt, zsum
 
 
-def _check_targets(t: Tensor, vocab: int, o: _Opts) -> list:
+def _check_targets(t: Tensor, vocab: int, o: _Opts):
     """Raise on a target outside the vocabulary (as ``F.cross_entropy``
-    does); return the token chunks that have a target (backward skips the
-    others). One read of values on the host for both, in the forward: on a
+    does); return which targets count (not ``ignore_index``) and the token
+    chunks that have one (backward skips the others). One read of values on the host for both, in the forward: on a
     GPU every such read waits for the kernels queued before it, and backward
     makes none (it read one per token chunk, and a ``nonzero`` per block)."""
     valid = t != o.ignore_index
@@ -142,7 +142,7 @@ def _check_targets(t: Tensor, vocab: int, o: _Opts) -> list:
     if facts[0]:
         value = int(t[bad][0])
         raise IndexError(f"linear_cross_entropy: target {value} is out of bounds for a vocabulary of {vocab}")
-    return [span for span, has in zip(spans, facts[1:]) if has]
+    return valid, [span for span, has in zip(spans, facts[1:]) if has]
 
 
 class _LinearCrossEntropyFn(OpFunction):
@@ -151,10 +151,9 @@ class _LinearCrossEntropyFn(OpFunction):
         vocab = weight.shape[0]
         x2 = x.reshape(-1, x.shape[-1])
         t = target.reshape(-1)
-        token_spans = _check_targets(t, vocab, o)
+        valid, token_spans = _check_targets(t, vocab, o)
         with torch.no_grad():
             lse, zt, zsum = _statistics(x2, weight, bias, t, o)
-            valid = t != o.ignore_index
             per_token = lse - zt
             if zsum is not None:
                 per_token = (1.0 - o.smoothing) * per_token + o.smoothing * (lse - zsum / vocab)
@@ -207,6 +206,7 @@ class _LinearCrossEntropyFn(OpFunction):
         grad_b = torch.empty_like(bias) if need_b else None
         token_spans = ctx.token_spans
         vocab_spans = _spans(vocab, o.vocab_chunk)
+        every_row = torch.arange(min(o.token_chunk, x2.shape[0]), device=x2.device)  # (sliced per token chunk)
         # The log-sum-exp of the logits recomputed here, from the rebuilt
         # input: softmax normalised over the very logits it is applied to
         # (the forward's, from the exact input, would leave a mismatch as
@@ -228,8 +228,7 @@ class _LinearCrossEntropyFn(OpFunction):
                     inside = (local >= 0) & (local < v1 - v0)
                     # (every row indexed, the ones without their target in
                     # this chunk less 0: no nonzero, whose size the host reads)
-                    rows = torch.arange(t1 - t0, device=g.device)
-                    g[rows, local.clamp(0, v1 - v0 - 1)] -= inside.to(g.dtype) * (1.0 - o.smoothing)
+                    g[every_row[:t1 - t0], local.clamp(0, v1 - v0 - 1)] -= inside.to(g.dtype) * (1.0 - o.smoothing)
                     d = _change_grad(z, o)
                     if d is not None:
                         g *= d
