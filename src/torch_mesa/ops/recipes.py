@@ -448,11 +448,14 @@ def combined(a: Recipe, b: Recipe, combine: Callable[[Tensor, Tensor], Tensor]) 
 # without backward leaves nothing.
 _uses: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # Rebuilt tensors still wanted, oldest first: rebuild -> (tensor, its
-# version, the backward pass). For the process, not per thread: the engine
-# may finish a pass on another thread than the one that rebuilt.
-_held: Dict[Callable, Tuple[Tensor, int, int]] = {}
+# version, the backward pass); the tensor None where only the place is kept
+# (an expansion done again where needed: see rebuilt). For the process, not
+# per thread: the engine may finish a pass on another thread than the one
+# that rebuilt.
+_held: Dict[Callable, Tuple[Optional[Tensor], int, int]] = {}
 _MAX_HELD = 4  # (q, k and their scores; an activation's input and its dropout mask)
 _callbacks: Set[int] = set()  # backward passes whose end clears what they hold
+_depth: ContextVar[int] = ContextVar("torch_mesa_rebuild_depth", default=0)  # (see rebuilt)
 
 
 def _nested(rebuild) -> Tuple[Callable, ...]:
@@ -520,23 +523,48 @@ def rebuilt(rebuild, tensors) -> Tensor:
     gets the input it rebuilt. A rebuilt tensor is held while other saved
     plans still call the same rebuild, and dropped when the last of them has
     run or the backward pass ends; at most a few are held (the oldest is
-    dropped first), and one changed in place since is rebuilt again."""
+    dropped first), and one changed in place since is rebuilt again.
+
+    Except a tensor expanded from its codes alone (a rebuild that calls no
+    other), which is expanded again where it is used rather than held across
+    other ops' backwards, where it would sit beside their gradients at what
+    may be the step's peak: one expanded two or more rebuilds below a saved
+    plan's (a PVT MLP's fc2 rebuilds GELU's output from the depthwise
+    convolution's kept input, through the convolution: the convolution's
+    backward, two ops later, expands that input again), and a plan's own
+    input expanded for a result that sibling consumers still read (a norm's
+    input, under the output its q, k and v projections share: the norm's
+    backward comes after theirs). It keeps its place among the held (the
+    same tensors are dropped first as if it were held). Results of recomputed
+    ops, which cost more than an expansion, are held as before."""
     if rebuild is _identity:
         return tensors[0]
+    depth = _depth.get()
     entry = _held.get(rebuild)
-    if entry is not None and entry[0]._version == entry[1]:
+    if entry is not None and entry[0] is not None and entry[0]._version == entry[1]:
         out = entry[0]
         for inner in _nested(rebuild):
             _skip(inner)
     else:
-        out = rebuild(tensors)  # (the rebuilds it calls come through here too)
+        token = _depth.set(depth + 1)
+        try:
+            out = rebuild(tensors)  # (the rebuilds it calls come through here too)
+        finally:
+            _depth.reset(token)
     if _done(rebuild) > 0 and isinstance(out, Tensor) and (entry is None or entry[0] is not out):
         task = _graph_task()
         if task != -1 and task not in _callbacks:
             _callbacks.add(task)
             torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_clear, task))
         _held.pop(rebuild, None)
-        _held[rebuild] = (out, out._version, task)
+        inner = _nested(rebuild)
+        # (an expansion deep in a chain: its place only, see above)
+        _held[rebuild] = (out if depth <= 1 or inner else None, out._version, task)
+        if depth == 0:  # (siblings read this result: the expansion under it waits for them)
+            for leaf in inner:
+                held = _held.get(leaf)
+                if held is not None and not _nested(leaf):
+                    _held[leaf] = (None,) + held[1:]
         while len(_held) > _MAX_HELD:
             del _held[next(iter(_held))]
     return out
