@@ -79,6 +79,7 @@ def test_report_callable_model(capsys):
         (["demo", "--epochs", "0"], ["epochs=0"]),
         (["bench", "--configs", "mesa8"], ["baseline"]),
         (["bench", "--model", "vit:tiny", "--image-size", "32", "--labels"], ["--labels", "language models"]),
+        (["bench", "--suite", "mesa", "--labels"], ["--labels", "Mesa's image models"]),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, words, capsys):

@@ -403,6 +403,8 @@ def run_mesa_suite(args, progress=print) -> int:
     gradients, temporaries; a fresh process each, see :func:`peak_memory`),
     unconverted
     vs torch-mesa 8-bit, with Mesa's published memory ratio beside ours."""
+    if getattr(args, "labels", False):
+        raise ModelError("--labels is for language models; --suite mesa runs Mesa's image models")
     rows = []
     for label, name, (before, after) in MESA_SUITE:
         sub = argparse.Namespace(**{**vars(args), "model": name})
