@@ -456,6 +456,8 @@ _held: Dict[Callable, Tuple[Optional[Tensor], int, int]] = {}
 _MAX_HELD = 4  # (q, k and their scores; an activation's input and its dropout mask)
 _callbacks: Set[int] = set()  # backward passes whose end clears what they hold
 _depth: ContextVar[int] = ContextVar("torch_mesa_rebuild_depth", default=0)  # (see rebuilt)
+# The expansions held while a saved plan's rebuild runs: (rebuild, depth).
+_expansions: ContextVar[Optional[list]] = ContextVar("torch_mesa_rebuilt_expansions", default=None)
 
 
 def _nested(rebuild) -> Tuple[Callable, ...]:
@@ -534,12 +536,28 @@ def rebuilt(rebuild, tensors) -> Tensor:
     backward, two ops later, expands that input again), and a plan's own
     input expanded for a result that sibling consumers still read (a norm's
     input, under the output its q, k and v projections share: the norm's
-    backward comes after theirs). It keeps its place among the held (the
-    same tensors are dropped first as if it were held). Results of recomputed
+    backward comes after theirs). It is held while the plan's rebuild runs
+    (its consumers there share it), then keeps only its place among the
+    held: the same entries are dropped first as if it were held, and an
+    emptied place still counts towards the limit. Results of recomputed
     ops, which cost more than an expansion, are held as before."""
     if rebuild is _identity:
         return tensors[0]
     depth = _depth.get()
+    if depth:
+        return _rebuilt(rebuild, tensors, depth)
+    expansions: list = []
+    token = _expansions.set(expansions)
+    try:
+        out = _rebuilt(rebuild, tensors, depth)
+    finally:
+        _expansions.reset(token)
+    entry = _held.get(rebuild)
+    _forget(expansions, siblings=entry is not None and entry[0] is out)
+    return out
+
+
+def _rebuilt(rebuild, tensors, depth: int):
     entry = _held.get(rebuild)
     if entry is not None and entry[0] is not None and entry[0]._version == entry[1]:
         out = entry[0]
@@ -557,14 +575,25 @@ def rebuilt(rebuild, tensors) -> Tensor:
             _callbacks.add(task)
             torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_clear, task))
         _held.pop(rebuild, None)
-        inner = _nested(rebuild)
-        # (an expansion deep in a chain: its place only, see above)
-        _held[rebuild] = (out if depth <= 1 or inner else None, out._version, task)
-        if depth == 0:  # (siblings read this result: the expansion under it waits for them)
-            for leaf in inner:
-                held = _held.get(leaf)
-                if held is not None and not _nested(leaf):
-                    _held[leaf] = (None,) + held[1:]
+        _held[rebuild] = (out, out._version, task)
+        if depth and not _nested(rebuild):
+            _expansions.get().append((rebuild, depth))
         while len(_held) > _MAX_HELD:
             del _held[next(iter(_held))]
     return out
+
+
+def _forget(expansions, siblings: bool) -> None:
+    """After a saved plan's rebuild: of the expansions it held, keep only
+    the place of those a later backward than the next one reads (see
+    :func:`rebuilt`), unless another held tensor is a view of the same
+    storage (q, k and v picked from one expansion: dropping it would free
+    nothing)."""
+    for rebuild, depth in expansions:
+        entry = _held.get(rebuild)
+        if entry is None or entry[0] is None or (depth < 2 and not siblings):
+            continue
+        storage = entry[0].untyped_storage().data_ptr()
+        if not any(other is not rebuild and e[0] is not None and e[0].untyped_storage().data_ptr() == storage
+                   for other, e in _held.items()):
+            _held[rebuild] = (None,) + entry[1:]
