@@ -536,11 +536,12 @@ def rebuilt(rebuild, tensors) -> Tensor:
     backward, two ops later, expands that input again), and a plan's own
     input expanded for a result that sibling consumers still read (a norm's
     input, under the output its q, k and v projections share: the norm's
-    backward comes after theirs). It is held while the plan's rebuild runs
-    (its consumers there share it), then keeps only its place among the
-    held: the same entries are dropped first as if it were held, and an
-    emptied place still counts towards the limit. Results of recomputed
-    ops, which cost more than an expansion, are held as before."""
+    backward comes after theirs). It is held while the rebuild of the saved
+    plan's input that made it runs (its consumers there share it: q and k
+    of ``q @ k^T``), then keeps only its place among the held, filled again
+    where it is: the same entries are dropped first as if it were held, and
+    a kept place counts towards the limit. Results of recomputed ops, which
+    cost more than an expansion, are held as before."""
     if rebuild is _identity:
         return tensors[0]
     depth = _depth.get()
@@ -574,7 +575,8 @@ def _rebuilt(rebuild, tensors, depth: int):
         if task != -1 and task not in _callbacks:
             _callbacks.add(task)
             torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_clear, task))
-        _held.pop(rebuild, None)
+        if entry is None or entry[0] is not None:  # (a place kept is filled where it is)
+            _held.pop(rebuild, None)
         _held[rebuild] = (out, out._version, task)
         if depth and not _nested(rebuild):
             _expansions.get().append((rebuild, depth))
@@ -584,16 +586,28 @@ def _rebuilt(rebuild, tensors, depth: int):
 
 
 def _forget(expansions, siblings: bool) -> None:
-    """After a saved plan's rebuild: of the expansions it held, keep only
-    the place of those a later backward than the next one reads (see
-    :func:`rebuilt`), unless another held tensor is a view of the same
+    """After a saved plan's rebuild of one input: of the expansions it held,
+    keep only the place of those a later backward than the next one reads
+    (see :func:`rebuilt`), unless another held tensor is a view of the same
     storage (q, k and v picked from one expansion: dropping it would free
     nothing)."""
+    held = list(_held.items())  # (another device's engine thread may change it meanwhile)
     for rebuild, depth in expansions:
         entry = _held.get(rebuild)
         if entry is None or entry[0] is None or (depth < 2 and not siblings):
             continue
-        storage = entry[0].untyped_storage().data_ptr()
-        if not any(other is not rebuild and e[0] is not None and e[0].untyped_storage().data_ptr() == storage
-                   for other, e in _held.items()):
+        storage = _storage(entry[0])
+        if storage is not None and not any(other is not rebuild and e[0] is not None and _storage(e[0]) == storage
+                                           for other, e in held):
             _held[rebuild] = (None,) + entry[1:]
+
+
+def _storage(t: Tensor) -> Optional[int]:
+    """Where ``t``'s data lies, or None where that cannot be said (a tensor
+    without data, a subclass that keeps it elsewhere): then nothing is forgotten."""
+    if quant.without_data(t):
+        return None
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:
+        return None
