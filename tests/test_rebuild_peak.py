@@ -55,8 +55,7 @@ def _model(kind: str) -> torch.nn.Module:
     if kind == "pvt mlp, extra relu":
         return MlpWithDepthwiseConv(_WIDTH, _HIDDEN, extra_relu=True)
     if kind == "vit mlp":
-        m = Mlp(_WIDTH, _HIDDEN)
-        return _FeatSize(m)
+        return _FeatSize(Mlp(_WIDTH, _HIDDEN))
     if kind == "norm to q, k, v":
         return _Qkv()
     raise ValueError(kind)

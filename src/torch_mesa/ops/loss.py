@@ -130,9 +130,10 @@ def _statistics(x2: Tensor, weight: Tensor, bias: Optional[Tensor], t: Optional[
 def _check_targets(t: Tensor, vocab: int, o: _Opts):
     """Raise on a target outside the vocabulary (as ``F.cross_entropy``
     does); return which targets count (not ``ignore_index``) and the token
-    chunks that have one (backward skips the others). One read of values on the host for both, in the forward: on a
-    GPU every such read waits for the kernels queued before it, and backward
-    makes none (it read one per token chunk, and a ``nonzero`` per block)."""
+    chunks that have one (backward skips the others). One read of values on
+    the host for both, in the forward: on a GPU every such read waits for the
+    kernels queued before it, and backward makes none (it read one per token
+    chunk, and a ``nonzero`` per block)."""
     valid = t != o.ignore_index
     bad = valid & ((t < 0) | (t >= vocab))
     spans = _spans(t.numel(), o.token_chunk)

@@ -553,8 +553,9 @@ def rebuilt(rebuild, tensors) -> Tensor:
         out = _rebuilt(rebuild, tensors, depth)
     finally:
         _expansions.reset(token)
-    entry = _held.get(rebuild)
-    _forget(expansions, siblings=entry is not None and entry[0] is out)
+    if expansions:  # (most rebuilds hold no expansion: nothing to look at)
+        entry = _held.get(rebuild)
+        _forget(expansions, siblings=entry is not None and entry[0] is out)
     return out
 
 
